@@ -1,0 +1,82 @@
+"""Shared plumbing of the MoE callbacks: pending metrics that are merged into ``Trainer.log``.
+
+A callback computes its metrics *before* the Trainer logs (e.g. in ``on_step_end`` when
+``control.should_log`` is set, or in ``on_prediction_step`` for evaluation) and stores them with
+:meth:`MoEMetricsCallback.push_metrics`. The trainer then merges them into the ``logs`` dict it is about
+to hand to every reporter:
+
+* :class:`hf_moe_tuning.MoETrainer` does it in its ``log`` override;
+* a plain ``transformers.Trainer`` or TRL ``SFTTrainer`` gets the same with
+  :func:`hf_moe_tuning.trainer.enable_moe_logging` (``MoETrainer`` needs nothing).
+
+Callbacks never mutate ``logs`` inside ``on_log`` (reporters such as TensorBoard have already run by
+then). If nothing merged the metrics, the callback keeps them in ``state.log_history`` (so they reach
+``trainer_state.json``) and warns once that reporters did not see them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+TRAIN = "train"
+EVAL = "eval"
+
+
+def log_kind(logs: dict) -> str:
+    """``"eval"`` for an evaluation log dict (keys prefixed ``eval_``), else ``"train"``."""
+    return EVAL if any(str(k).startswith("eval_") for k in logs) else TRAIN
+
+
+class MoEMetricsCallback(TrainerCallback):
+    """Base class for callbacks whose metrics are merged into ``Trainer.log``."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, dict[str, float]] = {TRAIN: {}, EVAL: {}}
+        self._merged_by_trainer = False
+        self._warned_unmerged = False
+
+    # -- producer side ------------------------------------------------------------------------
+    def push_metrics(self, metrics: dict[str, float], kind: str = TRAIN) -> None:
+        """Queue ``metrics`` for the next train (or eval) log; eval keys get the ``eval_`` prefix on merge."""
+        self._pending[kind].update(metrics)
+
+    # -- consumer side (the trainer) ----------------------------------------------------------
+    def pop_metrics(self, kind: str = TRAIN) -> dict[str, float]:
+        """Return and clear the queued metrics of ``kind`` (eval keys prefixed with ``eval_``)."""
+        metrics = self._pending[kind]
+        self._pending[kind] = {}
+        self._merged_by_trainer = True
+        if kind == EVAL:
+            return {f"eval_{k}": v for k, v in metrics.items()}
+        return metrics
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        kind = log_kind(logs or {})
+        if not self._pending[kind]:
+            return
+        metrics = self.pop_metrics(kind)
+        self._merged_by_trainer = False
+        if state.log_history:
+            state.log_history[-1].update(metrics)
+        if not self._warned_unmerged:
+            self._warned_unmerged = True
+            logger.warning(
+                "%s: metrics %s were kept in trainer_state.json but not sent to reporters (TensorBoard, W&B). "
+                "Use hf_moe_tuning.MoETrainer or call hf_moe_tuning.enable_moe_logging(trainer).",
+                type(self).__name__,
+                sorted(metrics)[:4],
+            )
+
+
+def merge_pending_metrics(callbacks, logs: dict) -> dict:
+    """Return ``logs`` updated with the pending metrics of every :class:`MoEMetricsCallback` in ``callbacks``."""
+    kind = log_kind(logs)
+    merged = dict(logs)
+    for cb in callbacks:
+        if isinstance(cb, MoEMetricsCallback):
+            merged.update(cb.pop_metrics(kind))
+    return merged
