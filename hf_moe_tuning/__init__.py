@@ -1,0 +1,37 @@
+"""hf_moe_tuning: fine-tune Mixture-of-Experts models with Hugging Face ``Trainer``.
+
+Public API (re-exports only):
+
+* anatomy: :func:`describe_moe`, :func:`classify_parameters`, :class:`ParamGroup`
+* freezing: :func:`apply_freezing`, :func:`plan_freezing`, :class:`MoEFreezingCallback`
+* training: :class:`MoETrainingArguments`, :class:`MoETrainer`, :func:`enable_moe_logging`
+* tiny models: :func:`build_tiny_model`
+"""
+
+from .anatomy import MoEAnatomy, MoELayer, ParamGroup, classify_parameters, describe_moe
+from .callbacks.freezing import MoEFreezingCallback
+from .config import MoETrainingArguments
+from .freezing import FreezingError, FreezePlan, FreezeReport, apply_freezing, plan_freezing
+from .models import build_tiny_model
+from .trainer import MoETrainer, build_moe_callbacks, enable_moe_logging
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FreezePlan",
+    "FreezeReport",
+    "FreezingError",
+    "MoEAnatomy",
+    "MoEFreezingCallback",
+    "MoELayer",
+    "MoETrainer",
+    "MoETrainingArguments",
+    "ParamGroup",
+    "apply_freezing",
+    "build_moe_callbacks",
+    "build_tiny_model",
+    "classify_parameters",
+    "describe_moe",
+    "enable_moe_logging",
+    "plan_freezing",
+]

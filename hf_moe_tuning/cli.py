@@ -1,0 +1,118 @@
+"""``hf-moe-tuning`` command line.
+
+Subcommands:
+
+* ``describe MODEL`` – parameter-group table of a tiny model name, local path or Hub id (Hub models are
+  built on the meta device from their config, so no weights are downloaded or allocated);
+* ``demo`` – train a tiny Switch Transformer with a freezing preset on an embedded task and print the
+  trainable-parameter table and the final loss;
+* the study commands (``train``, ``compare``, ``ablate``, ``sweep-experts``, ``validate``) and the Hub
+  commands (``card``, ``push``), registered by their modules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from typing import Callable, Sequence
+
+logger = logging.getLogger(__name__)
+
+#: Modules exposing ``register(subparsers)``; each adds its own subcommands.
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "hf_moe_tuning.study.cli",
+    "hf_moe_tuning.cards",
+    "hf_moe_tuning.routing.upcycling",
+)
+
+
+def _describe(args: argparse.Namespace) -> int:
+    from .anatomy import describe_moe  # noqa: PLC0415 - keep `--help` fast
+    from .models import load_model  # noqa: PLC0415
+
+    model = load_model(args.model, meta=not args.materialize)
+    anatomy = describe_moe(model)
+    if args.json:
+        counts = {g.value: n for g, n in anatomy.group_counts().items()}
+        layers = [
+            {
+                "index": layer.index,
+                "path": layer.path,
+                "num_experts": layer.num_experts,
+                "top_k": layer.top_k,
+                "router": layer.router_path,
+                "fused_experts": layer.fused_experts,
+                "num_per_expert_params": len(layer.per_expert),
+                "stack": layer.stack,
+            }
+            for layer in anatomy.layers
+        ]
+        print(json.dumps({"model_type": anatomy.model_type, "groups": counts, "layers": layers}, indent=2))
+    else:
+        print(f"{args.model} (model_type={anatomy.model_type})")
+        print(anatomy.format_table())
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo  # noqa: PLC0415
+
+    result = run_demo(
+        strategy=args.strategy,
+        model_name=args.model,
+        max_steps=args.max_steps,
+        output_dir=args.output_dir,
+        seed=args.seed,
+    )
+    print(f"final train loss: {result.final_loss:.4f} (first logged: {result.first_loss:.4f}) after {result.steps} steps")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-moe-tuning", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("describe", help="print the parameter-group table of a model")
+    p.add_argument("model", help="tiny model name (switch, t5, mixtral, ...), local path or Hub id")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--materialize", action="store_true", help="allocate real weights instead of the meta device")
+    p.set_defaults(func=_describe)
+
+    p = sub.add_parser("demo", help="train a tiny Switch with a freezing preset and print the table and loss")
+    p.add_argument("--strategy", default="non_moe", help="all, non_moe, moe, attention or ffn")
+    p.add_argument("--model", default="switch", help="tiny model name")
+    p.add_argument("--max-steps", type=int, default=60)
+    p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_demo)
+
+    for module_name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name is not None and module_name.startswith(err.name):
+                continue  # optional feature module not present
+            raise
+        register: Callable | None = getattr(module, "register", None)
+        if register is not None:
+            register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""``MoETrainer``: a ``transformers.Trainer`` that wires the MoE callbacks from ``MoETrainingArguments``.
+
+* builds the callbacks the arguments ask for (freezing, router losses, expert-load logging, ...);
+* merges their metrics into ``Trainer.log`` so every reporter (console, TensorBoard, W&B, ...) sees them.
+
+Plain ``Trainer`` / TRL ``SFTTrainer`` users pass the callbacks themselves and call
+:func:`enable_moe_logging` once to get the same merged logging.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from typing import Any, Callable
+
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from .anatomy import NoMoELayersError, describe_moe
+from .callbacks.base import MoEMetricsCallback, merge_pending_metrics
+from .callbacks.freezing import MoEFreezingCallback
+from .config import MoETrainingArguments
+
+logger = logging.getLogger(__name__)
+
+#: Factories ``(args, model, trainer_kwargs) -> callback | None`` run by :func:`build_moe_callbacks`,
+#: in order. Feature modules append theirs here (router losses, expert load, expert controls, ...).
+CallbackFactory = Callable[[MoETrainingArguments, Any, dict], "TrainerCallback | None"]
+CALLBACK_FACTORIES: list[CallbackFactory] = []
+
+
+def _freezing_factory(args: MoETrainingArguments, model: Any, trainer_kwargs: dict) -> TrainerCallback | None:
+    uses_freezing = (
+        args.moe_freeze_strategy != "all"
+        or args.moe_train_router is not None
+        or args.moe_experts != "all"
+        or args.moe_extra_trainable
+        or args.moe_extra_frozen
+    )
+    if not uses_freezing:
+        return MoEFreezingCallback.from_args(args) if describe_moe(model).is_moe else None
+    resolver = None
+    if isinstance(args.moe_experts, str) and args.moe_experts.startswith("esft-"):
+        from .routing.esft import make_resolver  # noqa: PLC0415 - optional feature, imported when asked for
+
+        resolver = make_resolver(args, trainer_kwargs.get("train_dataset"), trainer_kwargs.get("data_collator"))
+    return MoEFreezingCallback.from_args(args, expert_resolver=resolver)
+
+
+CALLBACK_FACTORIES.append(_freezing_factory)
+
+
+def build_moe_callbacks(args: MoETrainingArguments, model: Any, **trainer_kwargs: Any) -> list[TrainerCallback]:
+    """The MoE callbacks ``args`` asks for, for ``model`` (validated: MoE options on a dense model raise)."""
+    if model is None:
+        raise ValueError("MoETrainer needs a model (model_init is not supported)")
+    anatomy = describe_moe(model)
+    if not anatomy.is_moe:
+        asked = [
+            name
+            for name, on in (
+                ("router_aux_loss_coef", args.router_aux_loss_coef > 0),
+                ("router_z_loss_coef", args.router_z_loss_coef > 0),
+                ("moe_experts", args.moe_experts != "all"),
+                ("moe_train_router", args.moe_train_router is not None),
+                ("moe_expert_dropout", args.moe_expert_dropout > 0),
+                ("moe_bias_balancing", args.moe_bias_balancing),
+                ("moe_capacity_factor_train", args.moe_capacity_factor_train is not None),
+                ("moe_capacity_factor_eval", args.moe_capacity_factor_eval is not None),
+            )
+            if on
+        ]
+        if asked:
+            raise NoMoELayersError(
+                f"{', '.join(asked)} set, but model_type={anatomy.model_type!r} has no MoE layers"
+            )
+    callbacks = []
+    for factory in CALLBACK_FACTORIES:
+        cb = factory(args, model, trainer_kwargs)
+        if cb is not None:
+            callbacks.append(cb)
+    return callbacks
+
+
+class MoETrainer(Trainer):
+    """``Trainer`` with MoE freezing, router losses and expert-load logging from :class:`MoETrainingArguments`.
+
+    Example:
+        >>> args = MoETrainingArguments("out", moe_freeze_strategy="non_moe", router_z_loss_coef=1e-3)
+        >>> trainer = MoETrainer(model=model, args=args, train_dataset=ds)
+        >>> trainer.train()
+    """
+
+    def __init__(self, model: Any = None, args: MoETrainingArguments | None = None, callbacks=None, **kwargs: Any):
+        if args is None:
+            args = MoETrainingArguments(output_dir="tmp_trainer")
+        if not isinstance(args, MoETrainingArguments):
+            raise TypeError(f"MoETrainer needs MoETrainingArguments, got {type(args).__name__}")
+        moe_callbacks = build_moe_callbacks(args, model, **kwargs)
+        super().__init__(model=model, args=args, callbacks=list(callbacks or []) + moe_callbacks, **kwargs)
+
+    def moe_callbacks(self) -> list[MoEMetricsCallback]:
+        """The MoE callbacks attached to this trainer."""
+        return [cb for cb in self.callback_handler.callbacks if isinstance(cb, MoEMetricsCallback)]
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        """``Trainer.train``; when resuming, first checks the checkpoint was made with the same freezing plan."""
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if isinstance(checkpoint, str):
+            for cb in self.callback_handler.callbacks:
+                if isinstance(cb, MoEFreezingCallback):
+                    cb.check_checkpoint(checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        super().log(merge_pending_metrics(self.callback_handler.callbacks, logs), start_time)
+
+
+def enable_moe_logging(trainer: Trainer) -> Trainer:
+    """Make a plain ``Trainer`` (or TRL ``SFTTrainer``) merge MoE callback metrics into ``log``.
+
+    ``MoETrainer`` does this already. Returns ``trainer`` for chaining.
+    """
+    if isinstance(trainer, MoETrainer) or getattr(trainer, "_moe_logging_enabled", False):
+        return trainer
+    original = trainer.log
+
+    def log(self: Trainer, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        original(merge_pending_metrics(self.callback_handler.callbacks, logs), *args, **kwargs)
+
+    trainer.log = types.MethodType(log, trainer)
+    trainer._moe_logging_enabled = True
+    return trainer
