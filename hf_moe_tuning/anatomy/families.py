@@ -7,8 +7,12 @@ scores experts (softmax or sigmoid), and whether the family routes with an exper
 
 Families not listed here are handled by :data:`DEFAULT_FAMILY` plus the structural detection in
 :mod:`hf_moe_tuning.anatomy.groups` (a block holding a router whose weight is ``[E, hidden]``
-beside either ``E`` identical expert sub-modules or parameters whose leading dim is ``E``).
-To add a family, add a row to :data:`MOE_FAMILIES`.
+beside either ``E`` identical expert sub-modules or parameters whose leading dim is ``E``); most
+families of transformers 5.x need no row. A row is needed when structure alone misleads: extra
+router rows, an MLP router, 2-D expert blocks, product-key routing, MoE-looking blocks that are not
+MoE layers, or a family the anatomy refuses (``unsupported``). To add a family, add a row to
+:data:`MOE_FAMILIES`; ``tests/test_anatomy_families.py`` checks every MoE family of the installed
+transformers.
 
 Fused 3-D expert tensors always carry the expert axis first (``[E, ...]``) in transformers 5.x;
 the ``layout`` column only documents the order of the remaining axes (GPT-OSS is transposed:
@@ -20,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-Scoring = Literal["softmax", "sigmoid"]
+Scoring = Literal["softmax", "sigmoid", "product_key"]
 
 
 @dataclass(frozen=True)
@@ -29,16 +33,30 @@ class MoEFamily:
 
     Attributes:
         model_type: the ``config.model_type`` this row describes.
-        router_names: attribute names (relative to the MoE block, dotted allowed) of the router module.
-            The router's ``[num_experts, hidden]`` weight is looked up in that module.
+        router_names: attribute names (relative to the MoE block, dotted allowed) of the module owning
+            the router weight (``[router rows, router input]``). The router *group* is the block's direct
+            child holding that module (e.g. all of Zaya's MLP router ``gate``).
         expert_names: attribute names of the routed-expert containers inside the block.
         shared_names: attribute names of always-on experts and their gates (group ``shared_experts``).
         top_k_keys: config attributes holding the number of experts each token is sent to.
         num_experts_keys: config attributes holding the number of routed experts.
-        scoring: how the router turns logits into routing scores (``sigmoid`` for DeepSeek-V3 style).
+        scoring: how the router turns logits into routing scores (``sigmoid`` for DeepSeek-V3 style,
+            ``product_key`` when the logits score key halves instead of experts, as in Doge).
+        scoring_keys: config attributes that override ``scoring`` when they hold ``"softmax"`` or
+            ``"sigmoid"`` (Cohere2-MoE's ``expert_selection_fn``, Inkling 2's ``scoring_func``).
         capacity: whether the family drops tokens beyond an expert capacity (Switch, NLLB-MoE).
         layout: free-text description of fused expert tensors (documentation only).
         builtin_aux_flag: config attribute that switches the model's own router loss on.
+        router_extra_rows: router rows past the routed experts (they come last): a config attribute or
+            a constant. Longcat-Flash's zero-computation experts, Inkling's shared-expert sink gates,
+            Zaya's skip expert.
+        router_in_key: config attribute holding the router's input width when it is not ``hidden_size``
+            (Zaya's router is an MLP on a ``router_hidden_size`` stream).
+        expert_blocks: fused expert tensors are 2-D with the experts as contiguous blocks along axis 0
+            (``[E * intermediate, hidden]``, DBRX) instead of a leading ``E`` axis.
+        skip_blocks: regexes of module paths that look like MoE blocks but are not MoE layers
+            (JetMoE's mixture-of-attention heads; their parameters stay in ``attention``).
+        unsupported: why the anatomy refuses this family (``describe_moe`` raises instead of guessing).
         notes: traps worth knowing about this family.
     """
 
@@ -46,7 +64,15 @@ class MoEFamily:
     router_names: tuple[str, ...] = ("gate", "router")
     expert_names: tuple[str, ...] = ("experts",)
     shared_names: tuple[str, ...] = ("shared_expert", "shared_experts", "shared_expert_gate", "shared_mlp")
-    top_k_keys: tuple[str, ...] = ("num_experts_per_tok", "moe_k", "moe_topk", "top_k", "num_selected_experts")
+    top_k_keys: tuple[str, ...] = (
+        "num_experts_per_tok",
+        "moe_k",
+        "moe_topk",
+        "top_k",
+        "num_selected_experts",
+        "top_k_experts",
+        "moe_top_k",
+    )
     num_experts_keys: tuple[str, ...] = (
         "num_local_experts",
         "num_experts",
@@ -54,9 +80,15 @@ class MoEFamily:
         "moe_num_experts",
     )
     scoring: Scoring = "softmax"
+    scoring_keys: tuple[str, ...] = ("scoring_func", "expert_selection_fn")
     capacity: bool = False
     layout: str = "[E, out, in]"
     builtin_aux_flag: str | None = "output_router_logits"
+    router_extra_rows: str | int = 0
+    router_in_key: str | None = None
+    expert_blocks: bool = False
+    skip_blocks: tuple[str, ...] = ()
+    unsupported: str = ""
     notes: str = ""
     extra: dict = field(default_factory=dict, compare=False)
 
@@ -99,7 +131,9 @@ MOE_FAMILIES: dict[str, MoEFamily] = {
             "jetmoe",
             router_names=("router.layer",),
             expert_names=("input_linear", "output_linear"),
-            notes="mixture-of-attention experts in self_attention stay in the attention group",
+            skip_blocks=(r"(^|\.)self_attention\.experts$",),
+            notes="the mixture-of-attention heads (self_attention.experts, with their own router) are not MoE "
+            "layers: they are token mixers and stay in the attention group; mlp.bias is an expert-output bias",
         ),
         MoEFamily("deepseek_v2", notes="dense layers own mlp.gate_proj, which is not a router"),
         MoEFamily("deepseek_v3", scoring="sigmoid", builtin_aux_flag=None, notes=_SIGMOID_NOTE),
@@ -110,12 +144,89 @@ MOE_FAMILIES: dict[str, MoEFamily] = {
             layout="[E, in, out] (transposed) with *_bias tensors [E, out]",
             notes="router has a bias; fused experts are transposed and carry biases",
         ),
-        MoEFamily("llama4_text", top_k_keys=("num_experts_per_tok",), notes="router output is sigmoid of top-k logits"),
+        MoEFamily(
+            "llama4_text",
+            top_k_keys=("num_experts_per_tok",),
+            scoring="sigmoid",
+            notes="router output is the sigmoid of the top-k logits",
+        ),
         MoEFamily("ernie4_5_moe"),
         MoEFamily("hunyuan_v1_moe"),
-        MoEFamily("dbrx", router_names=("router.layer", "router"), expert_names=("experts",)),
+        MoEFamily(
+            "dbrx",
+            router_names=("router.layer",),
+            expert_names=("experts",),
+            expert_blocks=True,
+            layout="2-D experts.mlp.{w1,v1,w2} [E * ffn_hidden_size, hidden]: expert j is rows j*I:(j+1)*I",
+            notes="expert_axis 0 holds E contiguous blocks; top_k is ffn_config.moe_top_k",
+        ),
+        MoEFamily(
+            "doge",
+            router_names=("router_gate",),
+            expert_names=("down_embed", "up_embed"),
+            shared_names=("gate_proj", "up_proj", "down_proj"),
+            scoring="product_key",
+            layout="experts are embedding rows down_embed/up_embed [E, hidden]",
+            notes="CDMoE (needs is_moe=True): router_gate scores sqrt(E) row keys and sqrt(E) column keys "
+            "([2*sqrt(E), hidden]), so router logits are not one score per expert; the block's own "
+            "gate/up/down_proj is its always-on shared expert",
+        ),
+        MoEFamily(
+            "gemma4_text",
+            router_names=("router.proj",),
+            shared_names=("mlp",),
+            notes="MoE block only with enable_moe_block=True; router and experts sit on the decoder layer "
+            "itself next to the dense mlp, which runs for every token (shared_experts)",
+        ),
+        MoEFamily(
+            "diffusion_gemma_text",
+            router_names=("router.proj",),
+            shared_names=("mlp",),
+            notes="Gemma 4 decoder layers: see gemma4_text",
+        ),
+        MoEFamily(
+            "longcat_flash",
+            router_names=("router.classifier",),
+            router_extra_rows="zero_expert_num",
+            unsupported="LongcatFlashExperts allocates gate_up_proj with n_routed_experts + zero_expert_num rows "
+            "but down_proj with n_routed_experts rows, so its fused tensors share no expert axis (expert "
+            "subsets cannot be sliced), and its router applies classifier.weight with F.linear, so hooks on "
+            "the router never fire",
+            notes="router rows E + zero_expert_num: the last rows route to zero-computation (identity) experts",
+        ),
+        MoEFamily(
+            "inkling_text",
+            router_extra_rows="n_shared_experts",
+            scoring="sigmoid",
+            notes="router rows E + n_shared_experts: the last rows gate the shared experts (sink); "
+            "gate.global_scale scales the routing weights and is part of the router group",
+        ),
+        MoEFamily(
+            "zaya",
+            router_names=("gate.router_mlp.out_proj",),
+            router_extra_rows=1,
+            router_in_key="router_hidden_size",
+            notes="MLP router on a router_hidden_size stream (down_proj, router_mlp, router_states_scale: all "
+            "router group); out_proj has E + 1 rows, the last one a skip expert without compute",
+        ),
+        MoEFamily(
+            "muse_spark_text",
+            notes="experts run in a moe_hidden_size latent: pre/post_expert_proj belong to the experts group, "
+            "the norms (incl. experts.post_expert_norm) to norms",
+        ),
     ]
 }
+
+#: Families whose router scores experts with a sigmoid (DeepSeek-V3 style, usually with a selection-only
+#: ``e_score_correction_bias``) and that need no other row; checked against each router's forward.
+_SIGMOID_FAMILIES = (
+    "afmoe", "axk1", "axk2", "bailing_hybrid", "beam", "deepseek_v32", "dots3_note_text", "exaone_moe",
+    "flint", "glm4_moe_lite", "glm4v_moe_text", "glm5_next_text", "glm_moe_dsa", "hy_v3", "hy_v4",
+    "hy_v4_vl_text", "kimi_linear", "kolibri1", "laguna", "lfm2_moe", "mimo_v2_flash", "minimax_m2",
+    "minimax_m3_vl_text", "nemotron_h", "sarvam_mla", "sarvam_moe", "solar_open", "step3p5",
+)  # fmt: skip
+for _model_type in _SIGMOID_FAMILIES:
+    MOE_FAMILIES.setdefault(_model_type, MoEFamily(_model_type, scoring="sigmoid"))
 
 
 def get_family(model_type: str | None) -> MoEFamily:

@@ -1,9 +1,12 @@
 """What is where in an MoE model: parameter groups and MoE layers.
 
-Every parameter of a model belongs to exactly one :class:`ParamGroup`. MoE layers are found from the
-family table (:mod:`hf_moe_tuning.anatomy.families`) and, for families not in the table, by structure:
-a module whose direct child holds either ``E >= 2`` identical expert sub-modules or parameters whose
-leading dimension is ``E``, next to a router whose weight is ``[E, hidden]``.
+Every parameter of a model belongs to exactly one :class:`ParamGroup`. MoE layers are found by
+structure, guided by the family table (:mod:`hf_moe_tuning.anatomy.families`): a module whose direct
+child holds either ``E >= 2`` identical expert sub-modules or parameters whose leading dimension is
+``E`` (or a container the table names), next to a router whose weight is ``[E, hidden]``. The table
+adds what structure cannot know: router rows beyond the experts (zero-computation or skip experts,
+shared-expert gates), MLP routers, DBRX's 2-D expert blocks, Doge's product keys, blocks that are not
+MoE layers (JetMoE's mixture of attention heads) and families the anatomy refuses.
 
 Example:
     >>> from hf_moe_tuning.models import build_tiny_model
@@ -16,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from enum import Enum
@@ -53,6 +57,10 @@ class UnclassifiedParameterError(ValueError):
     """Raised when a parameter fits no group; the message says how to extend the rules."""
 
 
+class UnsupportedMoEFamilyError(UnclassifiedParameterError):
+    """Raised for a family whose table row marks it unsupported; the message gives the reason."""
+
+
 @dataclass
 class MoELayer:
     """One MoE block of a model.
@@ -70,8 +78,13 @@ class MoELayer:
         expert_paths: module paths of the routed-expert containers.
         shared_paths: module paths of shared experts and their gates.
         stack: ``"encoder"``/``"decoder"`` for encoder-decoder models, else ``None``.
-        scoring: ``"softmax"`` or ``"sigmoid"`` router scores.
+        scoring: ``"softmax"`` or ``"sigmoid"`` router scores; ``"product_key"`` when the router logits
+            score key halves rather than experts (Doge), so per-expert router statistics do not apply.
         capacity: whether the family drops tokens past an expert capacity.
+        router_outputs: rows of the router weight (= columns of the router logits). Equals
+            ``num_experts`` except where the family table says otherwise: extra rows come last and route
+            to parameter-free experts (Longcat-Flash zero-computation experts, Zaya's skip expert) or gate
+            the shared experts (Inkling); ``logits[:, :num_experts]`` are the routed experts' columns.
     """
 
     index: int
@@ -88,6 +101,19 @@ class MoELayer:
     stack: str | None = None
     scoring: str = "softmax"
     capacity: bool = False
+    router_outputs: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.router_outputs is None:
+            self.router_outputs = self.num_experts
+
+    @property
+    def router_group_path(self) -> str:
+        """Module path of the whole router (the block's child holding the router weight, e.g. ``mlp.gate``)."""
+        if self.router_path == self.path:
+            return self.router_path
+        rel = self.router_path[len(self.path) + 1 :] if self.path else self.router_path
+        return f"{self.path}.{rel.split('.')[0]}" if self.path else rel.split(".")[0]
 
     @property
     def expert_params(self) -> list[str]:
@@ -159,8 +185,18 @@ def _direct_params(module: nn.Module) -> dict[str, nn.Parameter]:
     return dict(module.named_parameters(recurse=False))
 
 
+def _is_norm(module: nn.Module) -> bool:
+    return "norm" in type(module).__name__.lower()
+
+
 def _param_signature(module: nn.Module) -> tuple:
     return (type(module).__name__, tuple((n, tuple(p.shape)) for n, p in module.named_parameters()))
+
+
+def _fused_params(container: nn.Module) -> dict[str, nn.Parameter]:
+    """Parameters of a fused expert container, minus norms shared by all experts (MuseSpark)."""
+    norm_prefixes = [f"{n}." for n, m in container.named_modules() if n and _is_norm(m)]
+    return {n: p for n, p in container.named_parameters() if not any(n.startswith(x) for x in norm_prefixes)}
 
 
 def _expert_count_of_container(module: nn.Module) -> tuple[int, str] | None:
@@ -168,7 +204,7 @@ def _expert_count_of_container(module: nn.Module) -> tuple[int, str] | None:
     if type(module).__module__.startswith("torch.nn"):
         if not isinstance(module, (nn.ModuleList, nn.ModuleDict)):
             return None  # built-in layers (Conv1d of SSM mixers, Linear, ...) are never expert containers
-    children = list(module.children())
+    children = [c for c in module.children() if not _is_norm(c)]
     direct = _direct_params(module)
     with_params = [c for c in children if any(True for _ in c.parameters())]
     if len(with_params) >= 2 and not direct:
@@ -177,7 +213,7 @@ def _expert_count_of_container(module: nn.Module) -> tuple[int, str] | None:
         if len(sigs) == 1 and not any(_ATTN_IN_NAME.search(n) for n in names):
             return len(with_params), "modules"
         return None
-    if not direct or any(p.numel() for c in children for p in c.parameters()):
+    if not direct or with_params:
         return None
     multi = [p for p in direct.values() if p.ndim >= 2]
     if not any(p.ndim >= 3 for p in multi):
@@ -188,15 +224,19 @@ def _expert_count_of_container(module: nn.Module) -> tuple[int, str] | None:
     return None
 
 
-def _router_weight(module: nn.Module, num_experts: int) -> tuple[str, nn.Parameter, nn.Parameter | None] | None:
-    params = _direct_params(module)
-    weight = params.get("weight")
-    if weight is None or weight.ndim != 2 or weight.shape[0] != num_experts:
+def _named_container(module: nn.Module, family: MoEFamily) -> tuple[int, str] | None:
+    """A container the family table names whose tensors all stack the experts along axis 0.
+
+    Covers experts stored as embedding rows (Doge, ``[E, hidden]``) and DBRX's 2-D blocks
+    (``[E * intermediate, hidden]``, kind ``blocks``: the count is a multiple of ``E`` fixed by the router).
+    """
+    params = list(_fused_params(module).values())
+    if not params or any(p.ndim < 2 for p in params):
         return None
-    bias = params.get("bias")
-    if bias is not None and tuple(bias.shape) != (num_experts,):
-        bias = None
-    return "weight", weight, bias
+    leading = {p.shape[0] for p in params}
+    if len(leading) != 1 or next(iter(leading)) < 2:
+        return None
+    return next(iter(leading)), "blocks" if family.expert_blocks else "fused"
 
 
 def _resolve(module: nn.Module, dotted: str) -> nn.Module | None:
@@ -208,11 +248,43 @@ def _resolve(module: nn.Module, dotted: str) -> nn.Module | None:
 
 def _text_configs(config) -> list:
     configs = [config]
-    for attr in ("text_config", "decoder_config", "language_config"):
+    for attr in ("text_config", "decoder_config", "language_config", "ffn_config"):
         sub = getattr(config, attr, None)
         if sub is not None and not isinstance(sub, dict):
             configs.append(sub)
     return configs
+
+
+def _config_int(config, key: str) -> int | None:
+    for cfg in _text_configs(config) if config is not None else []:
+        try:
+            value = getattr(cfg, key, None)
+        except Exception:  # noqa: BLE001 - per-layer (heterogeneous) configs refuse global access
+            continue
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def _config_str(config, key: str) -> str | None:
+    for cfg in _text_configs(config) if config is not None else []:
+        try:
+            value = getattr(cfg, key, None)
+        except Exception:  # noqa: BLE001 - per-layer (heterogeneous) configs refuse global access
+            continue
+        if isinstance(value, str):
+            return value
+    return None
+
+
+def _router_rows(num_experts: int, family: MoEFamily, config) -> int:
+    """Rows the router weight of a block with ``num_experts`` routed experts has."""
+    if family.scoring == "product_key":
+        return 2 * math.isqrt(num_experts)
+    extra = family.router_extra_rows
+    if isinstance(extra, str):
+        extra = _config_int(config, extra) or 0
+    return num_experts + extra
 
 
 def _top_k(block: nn.Module, router: nn.Module, family: MoEFamily, config) -> int:
@@ -222,26 +294,37 @@ def _top_k(block: nn.Module, router: nn.Module, family: MoEFamily, config) -> in
             return k
     if "top_k" in family.extra:
         return int(family.extra["top_k"])
-    if config is not None:
-        for cfg in _text_configs(config):
-            for key in family.top_k_keys:
-                k = getattr(cfg, key, None)
-                if isinstance(k, int) and k > 0:
-                    return k
+    for key in family.top_k_keys:
+        k = _config_int(config, key)
+        if k is not None and k > 0:
+            return k
     return 1
 
 
-def _find_block(
-    path: str, module: nn.Module, family: MoEFamily
-) -> tuple[int, list[tuple[str, str]], str, nn.Module, str | None, list[str]] | None:
+@dataclass
+class _Block:
+    """What :func:`_find_block` found in one module."""
+
+    num_experts: int
+    containers: list[tuple[str, str]]  # (child name, kind)
+    router_name: str
+    router: nn.Module
+    router_rows: int
+    has_bias: bool
+    shared: list[str]
+
+
+def _find_block(module: nn.Module, family: MoEFamily, config) -> _Block | None:
     """Check whether ``module`` is an MoE block; return its parts or ``None``."""
-    shared = [n for n in family.shared_names if _resolve(module, n) is not None and "." not in n]
-    # routed-expert containers: family names first, then any child that looks like one
+    shared = [n for n in family.shared_names if "." not in n and _resolve(module, n) is not None]
+    # routed-expert containers: any child that looks like one, or one the family table names
     containers: list[tuple[str, int, str]] = []
     for child_name, child in module.named_children():
         if child_name in shared:
             continue
         found = _expert_count_of_container(child)
+        if found is None and child_name in family.expert_names:
+            found = _named_container(child, family)
         if found is not None:
             containers.append((child_name, found[0], found[1]))
     if not containers:
@@ -249,91 +332,108 @@ def _find_block(
     counts = {n for _, n, _ in containers}
     if len(counts) != 1:
         return None
-    num_experts = counts.pop()
-    # router: a [num_experts, hidden] weight outside the expert containers and shared experts
-    candidates = list(family.router_names) + [n for n, _ in module.named_modules() if n]
+    count = counts.pop()
+    blocks = any(kind == "blocks" for _, _, kind in containers)
+    # router: a [rows, in] weight outside the expert containers and shared experts
+    candidates = list(family.router_names) + [n for n, _ in module.named_modules() if n and n.count(".") <= 1]
     excluded = [c for c, _, _ in containers] + shared
-    for name in candidates:
+    for name in dict.fromkeys(candidates):
         if any(name == e or name.startswith(e + ".") for e in excluded):
-            continue
-        if name.count(".") > 1:
             continue
         sub = _resolve(module, name)
         if sub is None:
             continue
-        found = _router_weight(sub, num_experts)
-        if found is not None:
-            _, _, bias = found
-            return (
-                num_experts,
-                [(c, kind) for c, _, kind in containers],
-                name,
-                sub,
-                "bias" if bias is not None else None,
-                shared,
-            )
+        weight = _direct_params(sub).get("weight")
+        if weight is None or weight.ndim != 2:
+            continue
+        rows = weight.shape[0]
+        if blocks:  # DBRX: the router fixes E, the 2-D expert tensors hold E blocks of rows
+            if rows < 2 or count % rows:
+                continue
+            num_experts = rows
+        else:
+            num_experts = count
+        if rows != _router_rows(num_experts, family, config):
+            continue
+        bias = _direct_params(sub).get("bias")
+        has_bias = bias is not None and tuple(bias.shape) == (rows,)
+        return _Block(num_experts, [(c, kind) for c, _, kind in containers], name, sub, rows, has_bias, shared)
     return None
 
 
 def _skip_path(path: str, family: MoEFamily) -> bool:
-    patterns = family.extra.get("skip_blocks", ())
+    patterns = tuple(family.skip_blocks) + tuple(family.extra.get("skip_blocks", ()))
     return any(re.search(p, path) for p in patterns)
+
+
+def _family_of(config) -> MoEFamily:
+    """The table row for ``config`` or, for multimodal wrappers, for its text sub-config."""
+    family = get_family(getattr(config, "model_type", None))
+    if family is DEFAULT_FAMILY and config is not None:
+        for sub in _text_configs(config)[1:]:
+            sub_family = get_family(getattr(sub, "model_type", None))
+            if sub_family is not DEFAULT_FAMILY:
+                return sub_family
+    return family
 
 
 def find_moe_layers(model: nn.Module) -> list[MoELayer]:
     """Find the MoE blocks of ``model`` in module order (see :func:`describe_moe`)."""
     config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    family = get_family(model_type)
-    if family is DEFAULT_FAMILY and config is not None:
-        for sub in _text_configs(config)[1:]:
-            family = get_family(getattr(sub, "model_type", None))
-            if family is not DEFAULT_FAMILY:
-                break
+    family = _family_of(config)
+    if family.unsupported:
+        raise UnsupportedMoEFamilyError(
+            f"model_type={family.model_type!r} is not supported by the MoE anatomy: {family.unsupported}. "
+            "See hf_moe_tuning.anatomy.families.MOE_FAMILIES."
+        )
     layers: list[MoELayer] = []
     claimed: list[str] = []
     for path, module in model.named_modules():
         if any(path.startswith(c + ".") for c in claimed) or _skip_path(path, family):
             continue
-        found = _find_block(path, module, family)
-        if found is None:
+        block = _find_block(module, family, config)
+        if block is None:
             continue
-        num_experts, containers, router_name, router_mod, bias_name, shared = found
         prefix = f"{path}." if path else ""
-        router_path = prefix + router_name
+        router_path = prefix + block.router_name
         fused: dict[str, int] = {}
         per_expert: dict[str, int] = {}
-        for cname, kind in containers:
+        for cname, kind in block.containers:
             container = module.get_submodule(cname)
-            if kind == "fused":
-                for pname, _ in container.named_parameters(recurse=False):
+            if kind in ("fused", "blocks"):
+                for pname in _fused_params(container):
                     fused[f"{prefix}{cname}.{pname}"] = 0
             else:
-                experts = [(n, c) for n, c in container.named_children() if any(True for _ in c.parameters())]
+                experts = [
+                    (n, c)
+                    for n, c in container.named_children()
+                    if not _is_norm(c) and any(True for _ in c.parameters())
+                ]
                 for j, (ename, expert) in enumerate(experts):
                     for pname, _ in expert.named_parameters():
                         per_expert[f"{prefix}{cname}.{ename}.{pname}"] = j
-        stack = None
-        for part in path.split("."):
-            if part in ("encoder", "decoder"):
-                stack = part
-                break
+        stack = next((part for part in path.split(".") if part in ("encoder", "decoder")), None)
+        scoring = next(
+            (s for key in family.scoring_keys if (s := _config_str(config, key)) in ("softmax", "sigmoid")),
+            family.scoring,
+        )
         layers.append(
             MoELayer(
                 index=len(layers),
                 path=path,
-                num_experts=num_experts,
-                top_k=_top_k(module, router_mod if not isinstance(router_mod, nn.Linear) else module, family, config),
+                num_experts=block.num_experts,
+                top_k=_top_k(module, block.router, family, config),
                 router_path=router_path,
                 router_weight=f"{router_path}.weight",
-                router_bias=f"{router_path}.{bias_name}" if bias_name else None,
+                router_bias=f"{router_path}.bias" if block.has_bias else None,
                 fused_experts=fused,
                 per_expert=per_expert,
-                expert_paths=[prefix + c for c, _ in containers],
-                shared_paths=[prefix + s for s in shared],
+                expert_paths=[prefix + c for c, _ in block.containers],
+                shared_paths=[prefix + s for s in block.shared],
                 stack=stack,
-                scoring=family.scoring,
+                scoring=scoring,
                 capacity=family.capacity,
+                router_outputs=block.router_rows,
             )
         )
         claimed.append(path)
@@ -344,11 +444,12 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
 
 _HEAD = re.compile(r"(^|\.)(lm_head|score|classifier|qa_outputs|cls|proj_out|output_projection)(\.|$)")
 _ATTENTION = re.compile(
-    r"(^|\.)(\w*attn\w*|\w*attention\w*|mixer|mamba|ssm|linear_attn|token_mixer|conv1d|"
+    r"(^|\.)(\w*attn\w*|\w*attention\w*|mixer|mamba|ssm|linear_attn|token_mixer|conv1d|conv|"
     r"q_proj|k_proj|v_proj|o_proj|qkv_proj|query|key|value|dt_proj|x_proj|in_proj|out_proj)(\.|$)",
     re.IGNORECASE,
 )
-_EMBED = re.compile(r"(^|\.)(\w*embed\w*|wte|wpe|shared|embeddings?)(\.|$)", re.IGNORECASE)
+# per_layer_*: Gemma 3n/4 per-layer input embeddings and their projections and gates
+_EMBED = re.compile(r"(^|\.)(\w*embed\w*|wte|wpe|shared|embeddings?|per_layer_\w+)(\.|$)", re.IGNORECASE)
 _FFN = re.compile(
     r"(^|\.)(mlp|ffn|feed_forward|DenseReluDense|\w*ffn\w*|fc1|fc2|ff|intermediate|dense|block_sparse_moe|"
     r"gate_proj|up_proj|down_proj|wi|wo|wi_0|wi_1|w1|w2|w3|moe|layer\.\d+\.mlp)(\.|$)",
@@ -362,7 +463,9 @@ def _owner(model: nn.Module, name: str) -> nn.Module:
 
 _SHARED = re.compile(r"(^|\.)(shared_mlp|shared_experts?|shared_expert_gate)(\.|$)")
 # residual-stream scalings and mixers (layer scales, hyper-connections) are grouped with the norms
-_RESIDUAL_SCALE = re.compile(r"(^|\.)(\w*residual\w*|\w*hidden_states_(scale|bias)|hc_\w+|\w*hyper_connection\w*|\w*_scale|layer_scale\w*)(\.|$)")
+_RESIDUAL_SCALE = re.compile(
+    r"(^|\.)(\w*residual\w*|\w*hidden_states_(scale|bias)|hc_\w+|\w*hyper_connection\w*|\w*_scale|layer_scale\w*)(\.|$)"
+)
 _ROTARY = re.compile(r"(^|\.)(rotary_emb|rope)(\.|$)")
 
 
@@ -388,6 +491,44 @@ def _classify_plain(model: nn.Module, name: str) -> ParamGroup | None:
     return None
 
 
+def _layer_owning(layers: list[MoELayer], name: str) -> MoELayer | None:
+    for layer in layers:
+        if not layer.path or name.startswith(layer.path + "."):
+            return layer
+    return None
+
+
+def _classify_in_block(model: nn.Module, layer: MoELayer, name: str) -> ParamGroup:
+    """Group of a parameter inside an MoE block.
+
+    Router (the whole router module and per-expert selection biases on the block), shared experts,
+    routed experts and norms by position; other
+    parameters of the block are part of the expert pathway (JetMoE's expert bias ``mlp.bias``, MuseSpark's
+    ``pre_expert_proj``) unless they are attention, embeddings or head parameters of a block that is a
+    whole decoder layer (Gemma 4).
+    """
+    if name.startswith(layer.router_group_path + "."):
+        return ParamGroup.ROUTER
+    param = model.get_parameter(name)
+    if name.rsplit(".", 1)[0] == layer.path and param.ndim == 1 and param.shape[0] in (
+        layer.num_experts,
+        layer.router_outputs,
+    ):
+        return ParamGroup.ROUTER  # block-level per-expert selection bias (AFMoE's expert_bias)
+    if any(name.startswith(s + ".") for s in layer.shared_paths):
+        return ParamGroup.SHARED_EXPERTS
+    if _is_norm(_owner(model, name)):
+        return ParamGroup.NORMS
+    if name in layer.fused_experts or name in layer.per_expert:
+        return ParamGroup.EXPERTS
+    if any(name.startswith(p + ".") for p in layer.expert_paths):
+        return ParamGroup.EXPERTS
+    plain = _classify_plain(model, name)
+    if plain in (None, ParamGroup.DENSE_FFN):
+        return ParamGroup.EXPERTS
+    return plain
+
+
 def classify_parameters(model: nn.Module, layers: list[MoELayer] | None = None) -> dict[str, ParamGroup]:
     """Map every parameter name of ``model`` to its :class:`ParamGroup`.
 
@@ -402,19 +543,9 @@ def classify_parameters(model: nn.Module, layers: list[MoELayer] | None = None) 
     unknown: list[str] = []
     for name, _ in model.named_parameters():
         group: ParamGroup | None = None
-        for layer in layers:
-            if not name.startswith(layer.path + "."):
-                continue
-            if name.startswith(layer.router_path + "."):
-                group = ParamGroup.ROUTER
-            elif any(name.startswith(s + ".") for s in layer.shared_paths):
-                group = ParamGroup.SHARED_EXPERTS
-            elif "norm" in type(_owner(model, name)).__name__.lower():
-                group = ParamGroup.NORMS
-            else:
-                # routed experts, plus block-level expert biases (e.g. JetMoE's mlp.bias)
-                group = ParamGroup.EXPERTS
-            break
+        layer = _layer_owning(layers, name)
+        if layer is not None:
+            group = _classify_in_block(model, layer, name)
         if group is None:
             group = _classify_plain(model, name)
         if group is None:
@@ -425,8 +556,10 @@ def classify_parameters(model: nn.Module, layers: list[MoELayer] | None = None) 
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         raise UnclassifiedParameterError(
             f"{len(unknown)} parameter(s) of model_type={model_type!r} fit no parameter group: "
-            f"{unknown[:8]}{' ...' if len(unknown) > 8 else ''}. Add a row for this family to "
-            "hf_moe_tuning.anatomy.families.MOE_FAMILIES or open an issue with the model's parameter names."
+            f"{unknown[:8]}{' ...' if len(unknown) > 8 else ''}. If they belong to the MoE blocks, add a row "
+            f"MoEFamily({model_type!r}, router_names=(...), expert_names=(...), shared_names=(...)) to "
+            "hf_moe_tuning.anatomy.families.MOE_FAMILIES (names relative to the MoE block); otherwise extend "
+            "the name patterns in hf_moe_tuning/anatomy/groups.py, or open an issue with the model's parameter names."
         )
     return groups
 
@@ -434,15 +567,20 @@ def classify_parameters(model: nn.Module, layers: list[MoELayer] | None = None) 
 def describe_moe(model: nn.Module) -> MoEAnatomy:
     """Describe ``model``: its MoE layers and the group of every parameter.
 
-    Works for every MoE family of transformers 5.x listed in the family table and falls back to
-    structural detection for others. Dense models report no MoE layers.
+    Works for every MoE family of the installed transformers that builds tiny on CPU (checked by
+    ``tests/test_anatomy_families.py``) and falls back to structural detection for unknown ones. Dense
+    models report no MoE layers.
+
+    Raises:
+        UnsupportedMoEFamilyError: the family table marks the family unsupported (reason in the message).
+        UnclassifiedParameterError: a parameter fits no group.
     """
     config = getattr(model, "config", None)
     layers = find_moe_layers(model)
     groups = classify_parameters(model, layers)
     numels = {n: p.numel() for n, p in model.named_parameters()}
     model_type = getattr(config, "model_type", None)
-    return MoEAnatomy(model_type=model_type, family=get_family(model_type), layers=layers, groups=groups, numels=numels)
+    return MoEAnatomy(model_type=model_type, family=_family_of(config), layers=layers, groups=groups, numels=numels)
 
 
 def require_moe(anatomy: MoEAnatomy, what: str) -> None:

@@ -73,6 +73,9 @@ class RouterCapture:
             return
         self._handles.append(self.model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True))
         for layer in self.anatomy.layers:
+            if layer.scoring == "product_key":
+                logger.info("%s routes by product keys (no per-expert logits); not captured", layer.path)
+                continue
             module = self.model.get_submodule(layer.router_path)
             self._handles.append(module.register_forward_hook(self._make_router_hook(layer, module)))
 
@@ -113,6 +116,9 @@ class RouterCapture:
                 hidden = inputs[0]
                 x = hidden.reshape(-1, hidden.shape[-1]).float()
                 logits = F.linear(x, weight.float(), bias.float() if bias is not None else None)
+            if logits.shape[-1] > layer.num_experts:
+                # extra router rows come last (Inkling's shared-expert gates, Zaya's skip expert)
+                logits = logits[:, : layer.num_experts]
             if not self.keep_grad or not torch.is_grad_enabled():
                 logits = logits.detach()
             self.logits[layer.index] = logits
@@ -141,7 +147,10 @@ class RouterCapture:
         if stack == "decoder":
             dam = b.get("decoder_attention_mask")
             mask = dam.bool() if dam is not None else None
-            if labels is not None and "decoder_input_ids" not in b:
+            dii = b.get("decoder_input_ids")
+            # labels[t] is the target of decoder position t (also when a collator passed the shifted
+            # decoder_input_ids), so -100 marks a padded/ignored decoder position either way.
+            if labels is not None and (dii is None or dii.shape == labels.shape):
                 lab = labels != -100
                 mask = lab if mask is None or mask.shape != lab.shape else mask & lab
             return mask
