@@ -9,7 +9,9 @@ Public API (re-exports only):
 """
 
 from .anatomy import MoEAnatomy, MoELayer, ParamGroup, classify_parameters, describe_moe
+from .callbacks.expert_load import ExpertLoadCallback
 from .callbacks.freezing import MoEFreezingCallback
+from .callbacks.router_loss import RouterLossCallback
 from .config import MoETrainingArguments
 from .freezing import FreezingError, FreezePlan, FreezeReport, apply_freezing, plan_freezing
 from .models import build_tiny_model
@@ -18,6 +20,7 @@ from .trainer import MoETrainer, build_moe_callbacks, enable_moe_logging
 __version__ = "0.1.0"
 
 __all__ = [
+    "ExpertLoadCallback",
     "FreezePlan",
     "FreezeReport",
     "FreezingError",
@@ -27,6 +30,7 @@ __all__ = [
     "MoETrainer",
     "MoETrainingArguments",
     "ParamGroup",
+    "RouterLossCallback",
     "apply_freezing",
     "build_moe_callbacks",
     "build_tiny_model",

@@ -154,6 +154,10 @@ class MoETrainingArguments(TrainingArguments):
         default=16,
         metadata={"help": "Examples in the fixed probe batch used for routing drift against the start model."},
     )
+    moe_drift_every_steps: int = field(
+        default=50,
+        metadata={"help": "Measure routing drift at the first log at or after every N optimizer steps."},
+    )
     # ------------------------------------------------------------------ expert-level controls
     moe_expert_dropout: float = field(
         default=0.0, metadata={"help": "Dropout inside experts only (Switch used 0.4 for fine-tuning)."}
@@ -208,6 +212,8 @@ class MoETrainingArguments(TrainingArguments):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
+        if self.moe_drift_every_steps < 1:
+            raise ValueError(f"moe_drift_every_steps must be >= 1, got {self.moe_drift_every_steps}")
         if self.moe_drift_probe_size < 0:
             raise ValueError(f"moe_drift_probe_size must be >= 0, got {self.moe_drift_probe_size}")
         super().__post_init__()

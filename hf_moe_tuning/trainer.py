@@ -18,7 +18,9 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .anatomy import NoMoELayersError, describe_moe
 from .callbacks.base import MoEMetricsCallback, merge_pending_metrics
+from .callbacks.expert_load import ExpertLoadCallback
 from .callbacks.freezing import MoEFreezingCallback
+from .callbacks.router_loss import RouterLossCallback
 from .config import MoETrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -47,7 +49,26 @@ def _freezing_factory(args: MoETrainingArguments, model: Any, trainer_kwargs: di
     return MoEFreezingCallback.from_args(args, expert_resolver=resolver)
 
 
+def _expert_load_factory(args: MoETrainingArguments, model: Any, trainer_kwargs: dict) -> TrainerCallback | None:
+    # on by default: dense baselines (the T5 arms of the studies) simply log nothing
+    return ExpertLoadCallback.from_args(args) if describe_moe(model).is_moe else None
+
+
+def _router_loss_factory(args: MoETrainingArguments, model: Any, trainer_kwargs: dict) -> TrainerCallback | None:
+    return RouterLossCallback.from_args(args)
+
+
 CALLBACK_FACTORIES.append(_freezing_factory)
+CALLBACK_FACTORIES.append(_router_loss_factory)
+CALLBACK_FACTORIES.append(_expert_load_factory)
+
+
+def _bind_callbacks(trainer: Trainer) -> None:
+    """Give callbacks that need the trainer (router loss: exact global-batch counts, SFTTrainer) a handle."""
+    for cb in trainer.callback_handler.callbacks:
+        bind = getattr(cb, "bind_trainer", None)
+        if bind is not None:
+            bind(trainer)
 
 
 def build_moe_callbacks(args: MoETrainingArguments, model: Any, **trainer_kwargs: Any) -> list[TrainerCallback]:
@@ -98,6 +119,7 @@ class MoETrainer(Trainer):
             raise TypeError(f"MoETrainer needs MoETrainingArguments, got {type(args).__name__}")
         moe_callbacks = build_moe_callbacks(args, model, **kwargs)
         super().__init__(model=model, args=args, callbacks=list(callbacks or []) + moe_callbacks, **kwargs)
+        _bind_callbacks(self)
 
     def moe_callbacks(self) -> list[MoEMetricsCallback]:
         """The MoE callbacks attached to this trainer."""
@@ -121,10 +143,12 @@ class MoETrainer(Trainer):
 def enable_moe_logging(trainer: Trainer) -> Trainer:
     """Make a plain ``Trainer`` (or TRL ``SFTTrainer``) merge MoE callback metrics into ``log``.
 
-    ``MoETrainer`` does this already. Returns ``trainer`` for chaining.
+    Also binds callbacks that need the trainer (``RouterLossCallback`` must be bound under ``SFTTrainer``,
+    which computes its own loss). ``MoETrainer`` does all this already. Returns ``trainer`` for chaining.
     """
     if isinstance(trainer, MoETrainer) or getattr(trainer, "_moe_logging_enabled", False):
         return trainer
+    _bind_callbacks(trainer)
     original = trainer.log
 
     def log(self: Trainer, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:

@@ -1,0 +1,41 @@
+"""Routing statistics as pure functions (see :mod:`hf_moe_tuning.metrics.expert_load`)."""
+
+from .expert_load import (
+    ExpertLoadCounter,
+    LayerLoad,
+    capacity_overflow,
+    coefficient_of_variation,
+    dead_experts,
+    drift_statistics,
+    expert_counts,
+    js_divergence,
+    layer_statistics,
+    load_fractions,
+    load_matrix,
+    max_violation,
+    normalized_entropy,
+    save_load_heatmap,
+    select_experts,
+    summarize_load,
+    top1_change_fraction,
+)
+
+__all__ = [
+    "ExpertLoadCounter",
+    "LayerLoad",
+    "capacity_overflow",
+    "coefficient_of_variation",
+    "dead_experts",
+    "drift_statistics",
+    "expert_counts",
+    "js_divergence",
+    "layer_statistics",
+    "load_fractions",
+    "load_matrix",
+    "max_violation",
+    "normalized_entropy",
+    "save_load_heatmap",
+    "select_experts",
+    "summarize_load",
+    "top1_change_fraction",
+]

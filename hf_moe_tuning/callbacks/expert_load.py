@@ -1,0 +1,541 @@
+"""``ExpertLoadCallback``: per-layer routing statistics in the Trainer logs, a JSONL file, heatmaps, TensorBoard.
+
+Usage with a plain Trainer (``MoETrainer`` adds it from ``MoETrainingArguments.moe_log_expert_load``)::
+
+    trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[ExpertLoadCallback()])
+    enable_moe_logging(trainer)   # so TensorBoard / W&B see the moe/* keys
+    trainer.train()
+
+After every forward (``on_substep_end`` / ``on_step_end`` in training, ``on_prediction_step`` in
+evaluation) the router logits recorded by the shared :class:`~hf_moe_tuning.routing.capture.RouterCapture`
+are turned into top-k expert choices, as the model routes (softmax/sigmoid scores, DeepSeek-style
+correction bias and group limits), and added to per-expert counters on the device; padding and
+ignored labels are masked. When the Trainer is about to log, the counters are summed over processes
+(one ``all_reduce``), reduced to the metrics below and pushed into the log. Evaluation keeps its own
+counters; its metrics carry the ``eval_`` prefix.
+
+Routing drift is measured on a fixed probe batch (the first ``probe_size`` training examples, collated
+by the train dataloader's collator, run in eval mode without gradients) against the routing of the
+model at train start, at the first log at or after every ``drift_every_steps`` optimizer steps (one
+probe forward per measurement; every 50 steps keeps it near 1% of the step time for small batches).
+When resuming from a checkpoint, the reference is the resumed model.
+
+=================================  ============================================================================
+key                                meaning (``c_e``: tokens routed to expert ``e`` of the layer in the interval)
+=================================  ============================================================================
+``moe/layer{i}/load_cv``           coefficient of variation ``std(c) / mean(c)``; 0 = balanced
+``moe/layer{i}/entropy``           normalized entropy ``-sum p_e log p_e / log E``, ``p = c / sum(c)``; 1 = balanced
+``moe/layer{i}/max_violation``     MaxVio ``max(c) / mean(c) - 1``; 0 = balanced, ``E - 1`` = collapsed
+``moe/layer{i}/dead_experts``      experts that received no token in the interval
+``moe/layer{i}/dropped_frac``      tokens dropped past ``expert_capacity`` / tokens (Switch only)
+``moe/layer{i}/routing_drift``     share of probe tokens whose top-1 expert changed since train start (*)
+``moe/layer{i}/routing_drift_js``  Jensen-Shannon divergence (base 2) of the probe load vs train start (*)
+``moe/load_cv_mean``               mean of ``load_cv`` over MoE layers
+``moe/entropy_mean``               mean of ``entropy`` over MoE layers
+``moe/max_violation_max``          largest ``max_violation`` of any MoE layer
+``moe/dead_experts_total``         sum of ``dead_experts`` over MoE layers
+``moe/dropped_frac_mean``          mean of ``dropped_frac`` over capacity layers (Switch only)
+``moe/routing_drift``              mean of ``routing_drift`` over MoE layers (*)
+``moe/routing_drift_js``           mean of ``routing_drift_js`` over MoE layers (*)
+=================================  ============================================================================
+
+(*) train logs only, on the logs where drift is measured (see ``drift_every_steps``).
+
+``i`` is the MoE-layer index of :func:`~hf_moe_tuning.anatomy.describe_moe` (module order; encoder
+layers before decoder layers). Files, written by the main process: ``output_dir/expert_load.jsonl``
+(one record per log with the per-layer, per-expert counts), ``output_dir/expert_load_train.png`` (the
+whole run's load at train end) and ``output_dir/expert_load_{eval prefix}_step{N}.png`` at each
+evaluation; with ``"tensorboard"`` in ``report_to``, histograms of the per-expert load (x = expert
+index, height = tokens) under ``<tensorboard dir>/expert_load``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..anatomy import MoELayer, describe_moe, require_moe
+from ..metrics.expert_load import (
+    ExpertLoadCounter,
+    LayerLoad,
+    capacity_overflow,
+    drift_statistics,
+    expert_counts,
+    save_load_heatmap,
+    select_experts,
+    summarize_load,
+)
+from ..routing.capture import RouterCapture
+from .base import EVAL, TRAIN, MoEMetricsCallback, log_kind
+
+logger = logging.getLogger(__name__)
+
+#: model_types whose capacity rule :func:`~hf_moe_tuning.metrics.expert_load.capacity_overflow` reproduces.
+CAPACITY_RULES: dict[str, str] = {"switch_transformers": "per-sequence top-1, priority > expert_capacity"}
+
+JSONL_NAME = "expert_load.jsonl"
+
+
+@dataclass
+class LayerRouting:
+    """How one MoE layer turns router logits into expert choices, read live from the model.
+
+    Attributes are looked up at every use, so in-place changes (a bias-balancing update of
+    ``e_score_correction_bias``, a capacity factor switched between train and eval) are followed.
+    """
+
+    layer: MoELayer
+    router: nn.Module
+    capacity_owner: nn.Module | None = None
+
+    def select(self, logits: torch.Tensor) -> torch.Tensor:
+        bias = getattr(self.router, "e_score_correction_bias", None)
+        groups = getattr(self.router, "num_group", None) or getattr(self.router, "n_group", None)
+        return select_experts(
+            logits,
+            self.layer.top_k,
+            scoring=self.layer.scoring,
+            correction_bias=bias if isinstance(bias, torch.Tensor) else None,
+            num_groups=groups if isinstance(groups, int) else None,
+            topk_groups=getattr(self.router, "topk_group", None),
+        )
+
+    @property
+    def measures_dropped(self) -> bool:
+        return self.capacity_owner is not None
+
+    def capacity(self) -> int | None:
+        value = getattr(self.capacity_owner, "expert_capacity", None)
+        return int(value) if isinstance(value, (int, float)) else None
+
+
+def _capacity_owner(model: nn.Module, layer: MoELayer) -> nn.Module | None:
+    """The module holding ``expert_capacity`` for ``layer`` (Switch: the router around the classifier)."""
+    candidates = [layer.router_path, layer.router_path.rpartition(".")[0], f"{layer.path}.router", layer.path]
+    for path in candidates:
+        try:
+            module = model.get_submodule(path) if path else model
+        except AttributeError:
+            continue
+        if isinstance(getattr(module, "expert_capacity", None), (int, float)):
+            return module
+    return None
+
+
+def _world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _eval_prefix(metrics: dict | None) -> str:
+    """``"eval"`` or e.g. ``"eval_data1"`` from an evaluation's metric keys (``<prefix>_runtime``)."""
+    for key in metrics or {}:
+        if str(key).endswith("_runtime"):
+            return str(key)[: -len("_runtime")]
+    return "eval"
+
+
+class ExpertLoadCallback(MoEMetricsCallback):
+    """Log per-layer expert-load statistics and routing drift (key table in the module docstring).
+
+    Args:
+        write_jsonl: append per-layer, per-expert counts to ``output_dir/expert_load.jsonl`` at each log.
+        write_heatmap: save layer x expert heatmaps at train end and at each evaluation.
+        probe_size: examples in the fixed probe batch for routing drift; 0 disables drift.
+        drift_every_steps: measure drift at the first log at or after every this many optimizer steps.
+        tensorboard: write per-expert load histograms; ``None`` = when ``"tensorboard"`` is in ``report_to``.
+    """
+
+    def __init__(
+        self,
+        *,
+        write_jsonl: bool = True,
+        write_heatmap: bool = True,
+        probe_size: int = 16,
+        drift_every_steps: int = 50,
+        tensorboard: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if probe_size < 0:
+            raise ValueError(f"probe_size must be >= 0, got {probe_size}")
+        if drift_every_steps < 1:
+            raise ValueError(f"drift_every_steps must be >= 1, got {drift_every_steps}")
+        self.drift_every_steps = drift_every_steps
+        self._next_drift_step = drift_every_steps
+        self.write_jsonl = write_jsonl
+        self.write_heatmap = write_heatmap
+        self.probe_size = probe_size
+        self.tensorboard = tensorboard
+        self.model: nn.Module | None = None
+        self.capture: RouterCapture | None = None
+        self.routing: dict[int, LayerRouting] = {}
+        self._counters: dict[str, ExpertLoadCounter] = {}
+        self._dirty = {TRAIN: False, EVAL: False}
+        self._seen_forward = 0
+        self._device = torch.device("cpu")
+        self._train_totals: list[LayerLoad] | None = None
+        self._eval_loads: list[LayerLoad] | None = None
+        self._eval_metrics: dict[str, float] = {}
+        self._probe: dict[str, Any] | None = None
+        self._reference: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._tb_writer = None
+        self._warned: set[str] = set()
+
+    @classmethod
+    def from_args(cls, args: Any) -> "ExpertLoadCallback | None":
+        """Build from :class:`~hf_moe_tuning.MoETrainingArguments`; ``None`` when ``moe_log_expert_load`` is off."""
+        if not getattr(args, "moe_log_expert_load", True):
+            return None
+        return cls(
+            write_jsonl=args.moe_expert_load_jsonl,
+            write_heatmap=args.moe_expert_load_heatmap,
+            probe_size=args.moe_drift_probe_size,
+            drift_every_steps=getattr(args, "moe_drift_every_steps", 50),
+            tensorboard="tensorboard" in (args.report_to or []),
+        )
+
+    # ------------------------------------------------------------------ binding
+    def bind(self, model: nn.Module) -> None:
+        """Attach to ``model``'s router capture (raises :class:`NoMoELayersError` for a model without routers)."""
+        if self.model is model and self.capture is not None and self.capture.attached:
+            return
+        if self.capture is not None:
+            self.capture.release()
+        anatomy = describe_moe(model)
+        require_moe(anatomy, "Expert-load logging (ExpertLoadCallback, moe_log_expert_load=True)")
+        self.model = model
+        self.capture = RouterCapture.acquire(model, anatomy)
+        self._seen_forward = self.capture.forward_count
+        self._device = _model_device(model)
+        self.routing = {}
+        for layer in self.capture.anatomy.layers:
+            owner = None
+            if layer.capacity:
+                rule = CAPACITY_RULES.get(anatomy.model_type or "")
+                owner = _capacity_owner(model, layer) if rule else None
+                if owner is None:
+                    self._warn_once(
+                        f"capacity:{anatomy.model_type}",
+                        "expert load: model_type=%r routes with an expert capacity, but dropped_frac is only "
+                        "measured for %s; it is not logged for this model.",
+                        anatomy.model_type,
+                        sorted(CAPACITY_RULES),
+                    )
+            self.routing[layer.index] = LayerRouting(layer, model.get_submodule(layer.router_path), owner)
+        spec = [
+            (layer.index, layer.path, layer.num_experts, layer.top_k, self.routing[layer.index].measures_dropped)
+            for layer in self.capture.anatomy.layers
+        ]
+        self._counters = {TRAIN: ExpertLoadCounter(spec), EVAL: ExpertLoadCounter(spec)}
+
+    def close(self) -> None:
+        """Release the router hooks and the TensorBoard writer."""
+        if self.capture is not None:
+            self.capture.release()
+            self.capture = None
+        self.model = None
+        if self._tb_writer is not None:
+            self._tb_writer.close()
+            self._tb_writer = None
+
+    # ------------------------------------------------------------------ counting
+    def _consume(self, kind: str) -> None:
+        """Add the routing of the last forward (if not counted yet) to the ``kind`` counters."""
+        capture = self.capture
+        if capture is None or capture.forward_count == self._seen_forward:
+            return
+        if capture.forward_count - self._seen_forward > 1:
+            self._warn_once(
+                "skipped",
+                "expert load: %d model forwards ran since the last training/prediction step; only the last one "
+                "is counted (extra forwards inside a step are not seen).",
+                capture.forward_count - self._seen_forward,
+                level=logging.DEBUG,
+            )
+        self._seen_forward = capture.forward_count
+        counter = self._counters[kind]
+        for layer, logits, mask in capture.layer_items():
+            routing = self.routing[layer.index]
+            indices = routing.select(logits)
+            dropped = self._dropped(routing, indices[:, 0]) if routing.measures_dropped else None
+            counter.update(layer.index, indices, mask, dropped)
+        self._dirty[kind] = True
+
+    def _dropped(self, routing: LayerRouting, top1: torch.Tensor) -> torch.Tensor | None:
+        """Tokens of the last forward dropped past capacity, from the routing order of each sequence."""
+        capacity = routing.capacity()
+        batch = self.capture.batch if self.capture is not None else {}
+        batch_size = next((v.shape[0] for v in batch.values() if v.dim() >= 1), None)
+        if capacity is None or not batch_size or top1.shape[0] % batch_size:
+            self._warn_once(
+                "layout",
+                "expert load: could not recover the [batch, seq] layout (or expert_capacity) of %s; dropped_frac "
+                "is omitted for that interval.",
+                routing.layer.path,
+            )
+            return None
+        overflow = capacity_overflow(top1.reshape(batch_size, -1), capacity, routing.layer.num_experts)
+        return overflow.reshape(-1)
+
+    # ------------------------------------------------------------------ drift
+    def _build_probe(self, dataloader: Any) -> dict[str, Any] | None:
+        """Collate the first ``probe_size`` examples of the train dataset with the dataloader's collator."""
+        dataset = getattr(dataloader, "dataset", None)
+        collate = getattr(dataloader, "collate_fn", None)
+        if dataset is None or collate is None:
+            self._warn_once("probe", "expert load: no train dataset/collator to build the drift probe; drift is off.")
+            return None
+        try:
+            examples = [dataset[i] for i in range(min(self.probe_size, len(dataset)))]
+        except (TypeError, NotImplementedError):
+            examples = list(islice(iter(dataset), self.probe_size))
+        if not examples:
+            return None
+        batch = collate(examples)
+        return {k: v for k, v in dict(batch).items() if isinstance(v, torch.Tensor)}
+
+    def _probe_routing(self, model: nn.Module) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Top-1 choice, mask and top-k counts per layer on the probe batch (eval mode, no grad)."""
+        device = _model_device(model)
+        batch = {k: v.to(device) for k, v in self._probe.items()}
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                model(**batch)
+        finally:
+            model.train(was_training)
+        out = {}
+        for layer, logits, mask in self.capture.layer_items():
+            indices = self.routing[layer.index].select(logits)
+            out[layer.index] = (indices[:, 0], mask, expert_counts(indices, mask, layer.num_experts))
+        self._seen_forward = self.capture.forward_count
+        return out
+
+    def _drift_metrics(self, step: int) -> dict[str, float]:
+        # Every process holds the same weights and the same probe, so no reduction is needed; every process
+        # still runs the probe forward (sharded models need all ranks in the forward).
+        if self._probe is None or not self._reference or self.model is None or step < self._next_drift_step:
+            return {}
+        self._next_drift_step = (step // self.drift_every_steps + 1) * self.drift_every_steps
+        current = self._probe_routing(self.model)
+        indices, changed, tokens, ref_counts, cur_counts = [], [], [], [], []
+        for index, (ref_top1, ref_mask, ref_count) in self._reference.items():
+            if index not in current:
+                continue
+            cur_top1, _, cur_count = current[index]
+            indices.append(index)
+            changed.append(int(((ref_top1 != cur_top1) & ref_mask).sum()))
+            tokens.append(int(ref_mask.sum()))
+            ref_counts.append(ref_count.tolist())
+            cur_counts.append(cur_count.tolist())
+        return drift_statistics(changed, tokens, ref_counts, cur_counts, indices)
+
+    # ------------------------------------------------------------------ emitting
+    def _reduce(self, kind: str) -> list[LayerLoad]:
+        self._dirty[kind] = False
+        return self._counters[kind].reduce(self._device)
+
+    def _metrics(self, loads: list[LayerLoad], kind: str) -> dict[str, float]:
+        for load in loads:
+            if load.tokens == 0:
+                self._warn_once(
+                    f"empty:{kind}",
+                    "expert load: no unmasked token reached MoE layer %d (%s) in this %s interval (all padding or "
+                    "ignored labels?); its moe/* metrics are omitted. Said once.",
+                    load.index,
+                    load.path,
+                    kind,
+                )
+        return summarize_load(loads)
+
+    def _flush_train(self, args: Any, state: Any) -> None:
+        loads = self._reduce(TRAIN)
+        metrics = self._metrics(loads, TRAIN)
+        metrics.update(self._drift_metrics(state.global_step))
+        self._add_to_totals(loads)
+        if metrics:
+            self.push_metrics(metrics, TRAIN)
+        if state.is_world_process_zero:
+            self._write_jsonl(args, state, "train", loads, metrics)
+            self._write_tensorboard(args, state, "train", loads)
+
+    def _finalize_eval(self) -> None:
+        """Reduce the evaluation counters and queue their metrics (collective: runs on every process)."""
+        self._eval_loads = self._reduce(EVAL)
+        self._eval_metrics = self._metrics(self._eval_loads, EVAL)
+        if self._eval_metrics:
+            self.push_metrics(self._eval_metrics, EVAL)
+
+    def _add_to_totals(self, loads: list[LayerLoad]) -> None:
+        if self._train_totals is None:
+            self._train_totals = [
+                LayerLoad(x.index, x.path, x.num_experts, x.top_k, 0, [0] * x.num_experts, None) for x in loads
+            ]
+        for total, load in zip(self._train_totals, loads):
+            total.tokens += load.tokens
+            total.counts = [a + b for a, b in zip(total.counts, load.counts)]
+            if load.dropped is not None:
+                total.dropped = [a + b for a, b in zip(total.dropped or [0] * load.num_experts, load.dropped)]
+
+    def _write_jsonl(self, args: Any, state: Any, split: str, loads: list[LayerLoad], metrics: dict) -> None:
+        if not self.write_jsonl:
+            return
+        os.makedirs(args.output_dir, exist_ok=True)
+        record = {
+            "split": split,
+            "step": state.global_step,
+            "epoch": state.epoch,
+            "layers": [load.to_dict() for load in loads],
+            "metrics": metrics,
+        }
+        with open(os.path.join(args.output_dir, JSONL_NAME), "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _save_heatmap(self, args: Any, loads: list[LayerLoad] | None, name: str, title: str) -> None:
+        if not self.write_heatmap or not loads or not any(load.tokens for load in loads):
+            return
+        os.makedirs(args.output_dir, exist_ok=True)
+        path = save_load_heatmap(loads, os.path.join(args.output_dir, name), title)
+        logger.info("expert load heatmap saved to %s", path)
+
+    def _tensorboard_on(self, args: Any) -> bool:
+        if self.tensorboard is not None:
+            return self.tensorboard
+        return "tensorboard" in (getattr(args, "report_to", None) or [])
+
+    def _write_tensorboard(self, args: Any, state: Any, split: str, loads: list[LayerLoad]) -> None:
+        if not self._tensorboard_on(args):
+            return
+        if self._tb_writer is None:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - optional reporter
+
+            root = (
+                os.environ.get("TENSORBOARD_LOGGING_DIR")
+                or getattr(args, "logging_dir", None)
+                or os.path.join(args.output_dir, "runs")
+            )
+            self._tb_writer = SummaryWriter(log_dir=os.path.join(root, "expert_load"))
+        prefix = "" if split == "train" else f"{split}/"
+        for load in loads:
+            total = sum(load.counts)
+            if total == 0:
+                continue
+            used = [e for e, c in enumerate(load.counts) if c]
+            self._tb_writer.add_histogram_raw(
+                f"{prefix}moe/layer{load.index}/expert_load",
+                min=float(min(used)),
+                max=float(max(used)),
+                num=total,
+                sum=float(sum(e * c for e, c in enumerate(load.counts))),
+                sum_squares=float(sum(e * e * c for e, c in enumerate(load.counts))),
+                bucket_limits=[e + 0.5 for e in range(load.num_experts)],
+                bucket_counts=load.counts,
+                global_step=state.global_step,
+            )
+        self._tb_writer.flush()
+
+    def _warn_once(self, key: str, msg: str, *args: Any, level: int = logging.WARNING) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.log(level, msg, *args)
+
+    # ------------------------------------------------------------------ consumer side
+    def pop_metrics(self, kind: str = TRAIN) -> dict[str, float]:
+        """As the base class; evaluation counters are reduced here, right before the evaluation is logged."""
+        if kind == EVAL and self._dirty[EVAL]:
+            self._finalize_eval()
+        return super().pop_metrics(kind)
+
+    # ------------------------------------------------------------------ trainer events
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            self.bind(model)
+
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        if model is not None:
+            self.bind(model)
+        if self.capture is None:
+            raise ValueError("ExpertLoadCallback needs the model; the Trainer passed none to on_train_begin")
+        self._counters[TRAIN].reset()
+        self._dirty[TRAIN] = False
+        self._train_totals = None
+        if state.is_world_process_zero and self.write_jsonl and state.global_step == 0:
+            path = os.path.join(args.output_dir, JSONL_NAME)
+            if os.path.exists(path):
+                os.remove(path)  # a fresh run; a resumed run (global_step > 0) appends
+        self._probe, self._reference = None, {}
+        self._next_drift_step = (state.global_step // self.drift_every_steps + 1) * self.drift_every_steps
+        if self.probe_size > 0 and train_dataloader is not None:
+            self._probe = self._build_probe(train_dataloader)
+            if self._probe is not None:
+                self._reference = self._probe_routing(self.model)
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self._consume(TRAIN)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._consume(TRAIN)
+        if control.should_log:
+            self._flush_train(args, state)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if control.should_log and self._dirty[TRAIN]:
+            self._flush_train(args, state)
+
+    def on_prediction_step(self, args, state, control, model=None, **kwargs):
+        if self.capture is None and model is not None:
+            self.bind(model)
+            self._warn_once("late", "expert load: attached during evaluation; the first evaluation batch is not counted.")
+            return
+        self._consume(EVAL)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if log_kind(logs or {}) == EVAL and self._dirty[EVAL]:
+            self._finalize_eval()
+        return super().on_log(args, state, control, logs=logs, **kwargs)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self._dirty[EVAL]:  # the evaluation was not logged through Trainer.log
+            self._finalize_eval()
+            self._pending[EVAL] = {}
+        loads, self._eval_loads = self._eval_loads, None
+        if loads is None or not state.is_world_process_zero:
+            return
+        prefix = _eval_prefix(metrics)
+        self._write_jsonl(args, state, prefix, loads, self._eval_metrics)
+        self._write_tensorboard(args, state, prefix, loads)
+        self._save_heatmap(args, loads, f"expert_load_{prefix}_step{state.global_step}.png",
+                           f"Expert load ({prefix}, step {state.global_step})")
+
+    def on_predict(self, args, state, control, metrics=None, **kwargs):
+        # Trainer.predict does not log; its routing is not reported.
+        if EVAL in self._counters:
+            self._counters[EVAL].reset()
+        self._dirty[EVAL] = False
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._consume(TRAIN)
+        if self._dirty[TRAIN]:  # steps after the last log
+            loads = self._reduce(TRAIN)
+            self._add_to_totals(loads)
+            if state.is_world_process_zero:
+                self._write_jsonl(args, state, "train", loads, self._metrics(loads, TRAIN))
+        if state.is_world_process_zero:
+            self._save_heatmap(args, self._train_totals, "expert_load_train.png",
+                               f"Expert load (train, steps 1-{state.global_step})")
+            if self._tb_writer is not None:
+                self._tb_writer.flush()

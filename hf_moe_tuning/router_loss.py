@@ -1,0 +1,313 @@
+"""Router losses from router logits: load-balancing (aux) loss, router z-loss, coefficient schedules.
+
+Pure functions over tensors; :class:`hf_moe_tuning.callbacks.router_loss.RouterLossCallback` wraps them.
+
+Definitions (one MoE layer, ``E`` experts, top-``k`` routing, a *group* of counted tokens ``T``):
+
+* **aux (load-balancing) loss**, Switch/GShard form ``E · Σ_e f_e · P_e`` where
+  ``f_e = (1 / (k·|T|)) Σ_t 1[e ∈ topk(t)]`` is the fraction of routing *assignments* that go to
+  expert ``e`` (so ``Σ_e f_e = 1``) and ``P_e = (1/|T|) Σ_t p_{t,e}`` the mean router probability.
+  Perfect balance gives **1** for every ``k`` (and ``E`` for total collapse on one expert).
+
+  Relation to transformers: ``load_balancing_loss_func`` of Mixtral, Qwen-MoE, OLMoE, GPT-OSS ...
+  counts ``f_e`` per *token* (``Σ_e f_e = k``) and pools the tokens of all layers into one group, so
+  on one layer and one group its value is ``k ×`` ours (balanced = ``k``). Switch's own function is
+  top-1 and per batch row, but pools the layers of a stack, counts padding, and the model *sums* the
+  encoder and decoder values. Here every MoE layer is its own term and the terms are **averaged over
+  MoE layers**; for roughly the weight of a model config's ``router_aux_loss_coef``, multiply that
+  coefficient by ``k`` (Switch: by the number of stacks, 2).
+* **z-loss** (ST-MoE): ``mean_t logsumexp(logits_t)²`` over the counted tokens of a group.
+* **sigmoid routers** (DeepSeek-V3, GLM-4-MoE, dots1): ``p_{t,e}`` are the sigmoid scores the
+  router routes on, normalised over experts (``s_{t,e} / Σ_j s_{t,j}``, DeepSeek-V3's
+  sequence-wise balance loss); ``topk`` is the router's own selection (``scores +
+  e_score_correction_bias``, group-limited when the router has ``num_group > 1``). The z-loss is
+  taken on the raw logits for every family.
+* ``topk`` is the expert choice *before* any capacity drop (Switch, NLLB-MoE), as in Mesh-TF.
+
+Split invariance (why groups are sequences): the aux loss is not linear in the batch, so a value
+computed per micro-batch changes with how the global batch is cut into micro-batches and processes.
+Here a **group is one sequence** (a row of the batch: T5X/flaxformer compute both losses per group
+and average over groups). Per layer and per sequence we get ``aux_s`` and ``z_s`` (masked tokens
+excluded; a sequence with no counted token contributes 0), average them over MoE layers, and the
+loss of a global batch is the **mean over its sequences**. That value does not depend on the
+gradient-accumulation steps or the number of processes; the callback scales each micro-batch's sum
+so that the gradient is that of the global-batch mean (see the callback module).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from .config import ROUTER_LOSS_SCHEDULES
+
+__all__ = [
+    "ROUTER_LOSS_SCHEDULES",
+    "RouterLosses",
+    "RoutingSpec",
+    "aux_loss",
+    "aux_loss_per_sequence",
+    "coefficient_at",
+    "compute_router_losses",
+    "router_probs",
+    "routing_spec",
+    "select_experts",
+    "validate_coefficient",
+    "validate_schedule",
+    "z_loss",
+    "z_loss_per_sequence",
+]
+
+
+# --------------------------------------------------------------------------------------------- validation
+def validate_coefficient(name: str, value: Any) -> float:
+    """Return ``value`` as a float, or raise ``ValueError`` if it is not a finite number ``>= 0``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number >= 0, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(float(value)) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def validate_schedule(name: str, schedule: str) -> str:
+    """Return ``schedule`` or raise ``ValueError`` naming the valid schedules."""
+    if schedule not in ROUTER_LOSS_SCHEDULES:
+        raise ValueError(f"{name}={schedule!r} is not one of {list(ROUTER_LOSS_SCHEDULES)}")
+    return schedule
+
+
+# --------------------------------------------------------------------------------------------- schedules
+def coefficient_at(
+    step: int,
+    base: float,
+    schedule: str = "constant",
+    warmup_steps: int = 0,
+    total_steps: int | None = None,
+) -> float:
+    """The coefficient of a router loss at optimizer step ``step`` (0-based, completed steps).
+
+    * ``constant``: ``base``.
+    * ``linear_warmup``: ``base · min(1, step / warmup_steps)`` (``base`` when ``warmup_steps == 0``),
+      the convention of ``transformers.get_linear_schedule_with_warmup``.
+    * ``cosine``: the linear warmup, then ``base · ½(1 + cos(π · progress))`` decaying to 0 at
+      ``total_steps`` (required).
+    * ``off``: 0.
+    """
+    if schedule == "off" or base == 0.0:
+        return 0.0
+    if schedule == "constant":
+        return base
+    if schedule not in ("linear_warmup", "cosine"):
+        validate_schedule("schedule", schedule)
+    if warmup_steps > 0 and step < warmup_steps:
+        return base * step / warmup_steps
+    if schedule == "linear_warmup":
+        return base
+    if total_steps is None or total_steps <= 0:
+        raise ValueError("the 'cosine' router-loss schedule needs the total number of training steps (max_steps)")
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, max(0.0, (step - warmup_steps) / decay_steps))
+    return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# --------------------------------------------------------------------------------------------- routing
+@dataclass(frozen=True)
+class RoutingSpec:
+    """How one MoE layer turns router logits into scores and an expert choice.
+
+    Attributes:
+        num_experts: routed experts ``E``.
+        top_k: experts per token ``k``.
+        scoring: ``"softmax"`` or ``"sigmoid"``.
+        correction_bias: per-expert bias added to sigmoid scores for *selection only* (DeepSeek-V3).
+        num_group: expert groups for group-limited selection (DeepSeek-V3 ``n_group``), 1 = none.
+        topk_group: groups kept per token when ``num_group > 1``.
+    """
+
+    num_experts: int
+    top_k: int
+    scoring: str = "softmax"
+    correction_bias: torch.Tensor | None = None
+    num_group: int = 1
+    topk_group: int = 1
+
+
+def routing_spec(model: nn.Module, layer: Any) -> RoutingSpec:
+    """Read the :class:`RoutingSpec` of an anatomy ``MoELayer`` from its router module (and MoE block)."""
+    router = model.get_submodule(layer.router_path)
+    block = model.get_submodule(layer.path)
+    bias = None
+    num_group, topk_group = 1, 1
+    if layer.scoring == "sigmoid":
+        for mod in (router, block):
+            candidate = getattr(mod, "e_score_correction_bias", None)
+            if isinstance(candidate, torch.Tensor) and candidate.shape == (layer.num_experts,):
+                bias = candidate
+                break
+        for mod in (router, block):
+            groups = getattr(mod, "num_group", None) or getattr(mod, "n_group", None)
+            if isinstance(groups, int) and groups > 1:
+                num_group = groups
+                topk_group = int(getattr(mod, "topk_group", 1) or 1)
+                break
+    return RoutingSpec(layer.num_experts, layer.top_k, layer.scoring, bias, num_group, topk_group)
+
+
+def router_probs(logits: torch.Tensor, scoring: str = "softmax") -> torch.Tensor:
+    """Per-token routing probabilities ``[N, E]`` (rows sum to 1) from router logits ``[N, E]``."""
+    if scoring == "softmax":
+        return torch.softmax(logits.float(), dim=-1)
+    if scoring == "sigmoid":
+        scores = torch.sigmoid(logits.float())
+        return scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    raise ValueError(f"unknown router scoring {scoring!r}; expected 'softmax' or 'sigmoid'")
+
+
+@torch.no_grad()
+def select_experts(logits: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:
+    """The ``top_k`` experts each token is routed to, ``[N, k]`` (int64), as the family's router picks them."""
+    logits = logits.detach().float()
+    if spec.scoring == "softmax":
+        return torch.topk(logits, spec.top_k, dim=-1).indices
+    choice = torch.sigmoid(logits)
+    if spec.correction_bias is not None:
+        choice = choice + spec.correction_bias.detach().float().to(choice.device)
+    if spec.num_group > 1:
+        n, e = choice.shape
+        per_group = choice.view(n, spec.num_group, e // spec.num_group)
+        group_scores = per_group.topk(min(2, per_group.shape[-1]), dim=-1).values.sum(dim=-1)
+        keep = torch.topk(group_scores, spec.topk_group, dim=-1).indices
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+        token_mask = group_mask.unsqueeze(-1).expand_as(per_group).reshape(n, e)
+        choice = choice.masked_fill(~token_mask, float("-inf"))
+    return torch.topk(choice, spec.top_k, dim=-1).indices
+
+
+# --------------------------------------------------------------------------------------------- losses
+def _as_groups(x: torch.Tensor, num_sequences: int) -> torch.Tensor:
+    if x.shape[0] % num_sequences:
+        raise ValueError(f"{x.shape[0]} routed tokens cannot be split into {num_sequences} sequences")
+    return x.reshape(num_sequences, x.shape[0] // num_sequences, *x.shape[1:])
+
+
+def _mask_or_ones(mask: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
+    if mask is None:
+        return torch.ones(logits.shape[0], dtype=torch.float32, device=logits.device)
+    if mask.shape != logits.shape[:1]:
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected ({logits.shape[0]},)")
+    return mask.to(device=logits.device, dtype=torch.float32)
+
+
+def aux_loss_per_sequence(
+    logits: torch.Tensor,
+    spec: RoutingSpec,
+    mask: torch.Tensor | None = None,
+    num_sequences: int = 1,
+    selected: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Aux loss ``E · Σ_e f_e P_e`` of each sequence, ``[num_sequences]`` (see module docstring).
+
+    Args:
+        logits: router logits ``[num_sequences * seq_len, E]`` (rows in row-major ``[batch, seq]`` order).
+        spec: the layer's :class:`RoutingSpec`.
+        mask: bool ``[N]``, ``True`` for tokens that count (padding / ignored labels ``False``).
+        num_sequences: rows of the batch; each is one group.
+        selected: the experts chosen per token ``[N, k]``; default :func:`select_experts`.
+    """
+    probs = router_probs(logits, spec.scoring)
+    if selected is None:
+        selected = select_experts(logits, spec)
+    weights = _mask_or_ones(mask, logits)
+    assignments = torch.zeros_like(probs).scatter_(1, selected, 1.0)  # [N, E], k ones per row
+    probs_g = _as_groups(probs * weights[:, None], num_sequences)
+    assign_g = _as_groups(assignments * weights[:, None], num_sequences)
+    counted = _as_groups(weights, num_sequences).sum(dim=1)  # [B]
+    denom = counted.clamp_min(1.0)
+    mean_prob = probs_g.sum(dim=1) / denom[:, None]  # P_e per sequence
+    fraction = assign_g.sum(dim=1) / (spec.top_k * denom[:, None])  # f_e per sequence
+    return spec.num_experts * (fraction * mean_prob).sum(dim=-1)
+
+
+def z_loss_per_sequence(
+    logits: torch.Tensor, mask: torch.Tensor | None = None, num_sequences: int = 1
+) -> torch.Tensor:
+    """Router z-loss ``mean_t logsumexp(logits_t)²`` of each sequence over its counted tokens, ``[num_sequences]``."""
+    z = torch.logsumexp(logits.float(), dim=-1) ** 2
+    weights = _mask_or_ones(mask, logits)
+    z_g = _as_groups(z * weights, num_sequences).sum(dim=1)
+    counted = _as_groups(weights, num_sequences).sum(dim=1)
+    return z_g / counted.clamp_min(1.0)
+
+
+def aux_loss(logits: torch.Tensor, spec: RoutingSpec, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Aux loss of one layer with all (counted) tokens as a single group (scalar)."""
+    return aux_loss_per_sequence(logits, spec, mask, num_sequences=1)[0]
+
+
+def z_loss(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Router z-loss of one layer over all counted tokens (scalar)."""
+    return z_loss_per_sequence(logits, mask, num_sequences=1)[0]
+
+
+@dataclass
+class RouterLosses:
+    """Router losses of one forward pass.
+
+    Attributes:
+        aux: ``[num_sequences]`` aux loss per sequence, averaged over MoE layers.
+        z: ``[num_sequences]`` z-loss per sequence, averaged over MoE layers.
+        layer_aux: ``{layer index: [num_sequences]}`` per-layer aux losses.
+        layer_z: ``{layer index: [num_sequences]}`` per-layer z-losses.
+    """
+
+    aux: torch.Tensor
+    z: torch.Tensor
+    layer_aux: dict[int, torch.Tensor]
+    layer_z: dict[int, torch.Tensor]
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.aux.shape[0])
+
+    def first_non_finite_layer(self) -> int | None:
+        """Index of the first MoE layer whose losses are NaN/inf, else ``None``."""
+        for index in self.layer_aux:
+            if not (torch.isfinite(self.layer_aux[index]).all() and torch.isfinite(self.layer_z[index]).all()):
+                return index
+        return None
+
+
+def compute_router_losses(
+    items: Iterable[tuple[Any, torch.Tensor, torch.Tensor | None]],
+    specs: dict[int, RoutingSpec],
+    num_sequences: int,
+    want_aux: bool = True,
+    want_z: bool = True,
+) -> RouterLosses | None:
+    """Per-sequence aux and z losses averaged over the MoE layers of one forward pass.
+
+    Args:
+        items: ``(layer, logits [N, E], mask [N])`` per MoE layer, e.g. ``RouterCapture.layer_items()``.
+        specs: :class:`RoutingSpec` per layer index.
+        num_sequences: rows in the batch (every layer's tokens are split into this many sequences).
+        want_aux / want_z: skip a loss whose coefficient is 0 (its values are then zeros).
+
+    Returns ``None`` when no MoE layer routed tokens in the pass.
+    """
+    layer_aux: dict[int, torch.Tensor] = {}
+    layer_z: dict[int, torch.Tensor] = {}
+    for layer, logits, mask in items:
+        zeros = logits.new_zeros(num_sequences)
+        layer_aux[layer.index] = (
+            aux_loss_per_sequence(logits, specs[layer.index], mask, num_sequences) if want_aux else zeros
+        )
+        layer_z[layer.index] = z_loss_per_sequence(logits, mask, num_sequences) if want_z else zeros
+    if not layer_aux:
+        return None
+    aux = torch.stack(list(layer_aux.values())).mean(dim=0)
+    z = torch.stack(list(layer_z.values())).mean(dim=0)
+    return RouterLosses(aux=aux, z=z, layer_aux=layer_aux, layer_z=layer_z)
