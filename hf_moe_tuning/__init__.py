@@ -9,9 +9,11 @@ Public API (re-exports only):
 """
 
 from .anatomy import MoEAnatomy, MoELayer, ParamGroup, classify_parameters, describe_moe
+from .adapters import AdapterReport, AdapterTargetError, apply_lora, plan_lora
 from .callbacks.expert_load import ExpertLoadCallback
 from .callbacks.freezing import MoEFreezingCallback
 from .callbacks.router_loss import RouterLossCallback
+from .cards import MoECardMixin, build_model_card, push_run, write_run_info
 from .config import MoETrainingArguments
 from .freezing import FreezingError, FreezePlan, FreezeReport, apply_freezing, plan_freezing
 from .models import build_tiny_model
@@ -20,6 +22,14 @@ from .trainer import MoETrainer, build_moe_callbacks, enable_moe_logging
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterReport",
+    "AdapterTargetError",
+    "MoECardMixin",
+    "apply_lora",
+    "build_model_card",
+    "plan_lora",
+    "push_run",
+    "write_run_info",
     "ExpertLoadCallback",
     "FreezePlan",
     "FreezeReport",

@@ -17,6 +17,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from .anatomy import NoMoELayersError, describe_moe
+from .cards import MoECardMixin
 from .callbacks.base import MoEMetricsCallback, merge_pending_metrics
 from .callbacks.expert_load import ExpertLoadCallback
 from .callbacks.freezing import MoEFreezingCallback
@@ -103,7 +104,7 @@ def build_moe_callbacks(args: MoETrainingArguments, model: Any, **trainer_kwargs
     return callbacks
 
 
-class MoETrainer(Trainer):
+class MoETrainer(MoECardMixin, Trainer):
     """``Trainer`` with MoE freezing, router losses and expert-load logging from :class:`MoETrainingArguments`.
 
     Example:

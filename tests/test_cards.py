@@ -1,0 +1,243 @@
+"""Model cards and the Hub boundary (offline: HfApi calls are intercepted)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import yaml
+from huggingface_hub import HfApi, ModelCard
+from huggingface_hub.repocard import metadata_load
+from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
+from transformers import ByT5Tokenizer, DataCollatorForSeq2Seq
+
+from hf_moe_tuning import MoETrainer, MoETrainingArguments, build_tiny_model
+from hf_moe_tuning.cards import (
+    CardValidationError,
+    MoECardMixin,
+    NoFinishedRunError,
+    build_model_card,
+    files_to_upload,
+    load_run,
+    push_run,
+    validate_card,
+    write_model_card,
+    write_run_info,
+)
+from hf_moe_tuning.cli import main
+from hf_moe_tuning.demo import reverse_task, tokenize_seq2seq
+
+
+# What MoETrainer becomes once the mixin is in its bases (a subclass until then).
+CardTrainer = MoETrainer if issubclass(MoETrainer, MoECardMixin) else type("CardTrainer", (MoECardMixin, MoETrainer), {})
+
+
+def _add_missing_callbacks(trainer, args):
+    """Router-loss and expert-load callbacks, unless MoETrainer already built them from ``args``."""
+    from hf_moe_tuning.callbacks.expert_load import ExpertLoadCallback
+    from hf_moe_tuning.callbacks.router_loss import RouterLossCallback
+
+    present = {type(cb) for cb in trainer.callback_handler.callbacks}
+    for cls in (RouterLossCallback, ExpertLoadCallback):
+        if cls not in present:
+            trainer.add_callback(cls.from_args(args))
+
+
+@pytest.fixture(scope="module")
+def switch_run(tmp_path_factory):
+    """A finished tiny Switch run: non_moe freezing, router losses, expert load, one evaluation."""
+    out = str(tmp_path_factory.mktemp("runs") / "tiny-switch")
+    tokenizer = ByT5Tokenizer()
+    model = build_tiny_model("switch")
+    args = MoETrainingArguments(
+        out,
+        moe_freeze_strategy="non_moe",
+        router_aux_loss_coef=0.01,
+        router_z_loss_coef=0.001,
+        router_z_loss_schedule="linear_warmup",
+        router_loss_warmup_steps=2,
+        moe_drift_probe_size=0,
+        max_steps=4,
+        per_device_train_batch_size=8,
+        logging_steps=2,
+        eval_strategy="steps",
+        eval_steps=4,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        learning_rate=1e-3,
+    )
+    trainer = CardTrainer(
+        model=model,
+        args=args,
+        train_dataset=tokenize_seq2seq(reverse_task(32), tokenizer),
+        eval_dataset=tokenize_seq2seq(reverse_task(8, seed=1), tokenizer),
+        data_collator=DataCollatorForSeq2Seq(tokenizer, model=model),
+    )
+    _add_missing_callbacks(trainer, args)
+    write_run_info(out, base_model="tiny:switch", task="reverse", recipe="recipes/demo.yaml", arm="non_moe", seed=42)
+    trainer.train()
+    trainer.save_model()
+    trainer.create_model_card()
+    return out, trainer
+
+
+def _records(out):
+    with open(os.path.join(out, "expert_load.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_card_content_of_tiny_switch_run(switch_run):
+    out, trainer = switch_run
+    card = ModelCard.load(os.path.join(out, "README.md"))
+    meta = card.data.to_dict()
+    assert meta["library_name"] == "transformers"
+    assert {"moe", "mixture-of-experts", "freeze-non-moe", "switch_transformers"} <= set(meta["tags"])
+    assert "base_model" not in meta  # a tiny random-init base is not a Hub model
+    # metrics: the final evaluation as model-index
+    eval_loss = [row["eval_loss"] for row in trainer.state.log_history if "eval_loss" in row][-1]
+    _, results = model_index_to_eval_results(meta["model-index"])
+    assert [(r.metric_type, r.task_type, r.dataset_name) for r in results] == [("loss", "text2text-generation", "reverse")]
+    assert results[0].metric_value == pytest.approx(eval_loss, abs=1e-6)
+    text = card.text
+    # strategy and trainable share per group, as the freezing callback planned it
+    plan = next(cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == "MoEFreezingCallback").report.plan
+    assert "Strategy **`non_moe`**" in text and "Routers train: **no**" in text
+    for group, (trainable, total) in plan.group_table().items():
+        if total:
+            assert f"| `{group}` | {trainable:,} | {total:,} | {100 * trainable / total:.1f}% |" in text
+    assert f"| **total** | {plan.trainable_params:,} | {plan.total_params:,} |" in text
+    # router-loss coefficients and schedules
+    assert "| load balancing (aux) | 0.01 | constant |" in text
+    assert "| router z-loss | 0.001 | linear_warmup (warmup 2 steps) |" in text
+    # expert-load table: tokens and busiest expert per layer, recomputed from the JSONL
+    train = [r for r in _records(out) if r["split"] == "train"]
+    assert train, "ExpertLoadCallback wrote no training record"
+    for layer in range(len(train[0]["layers"])):
+        counts = [sum(r["layers"][layer]["counts"][e] for r in train) for e in range(8)]
+        tokens = sum(r["layers"][layer]["tokens"] for r in train)
+        busiest = max(range(8), key=counts.__getitem__)
+        path = train[0]["layers"][layer]["path"]
+        row = f"| {layer} | `{path}` | 8 (top-1) | {tokens:,} |"
+        assert row in text
+        line = next(line for line in text.splitlines() if line.startswith(row))
+        assert f"| {busiest} ({100 * counts[busiest] / sum(counts):.0f}%) |" in line
+    # heatmap embedded and present next to the card
+    assert "](expert_load_train.png)" in text and os.path.isfile(os.path.join(out, "expert_load_train.png"))
+    assert "| recipe | `recipes/demo.yaml` |" in text and "| arm | non_moe |" in text
+    assert f"| `loss` | {eval_loss:.4g} |" in text
+
+
+def test_card_from_disk_equals_trainer_card(switch_run, tmp_path):
+    out, _ = switch_run
+    copy = str(tmp_path / "tiny-switch")
+    shutil.copytree(out, copy)
+    live = open(os.path.join(out, "README.md"), encoding="utf-8").read()
+    assert main(["card", copy]) == 0
+    assert open(os.path.join(copy, "README.md"), encoding="utf-8").read() == live
+
+
+def test_card_passes_local_hub_validation(switch_run):
+    out, _ = switch_run
+    card = build_model_card(load_run(out), base_model="google/switch-base-8", datasets=["org/reverse"], license="apache-2.0")
+    meta = validate_card(card)
+    assert meta["base_model"] == "google/switch-base-8" and meta["datasets"] == ["org/reverse"]
+    assert metadata_load(os.path.join(out, "README.md")) == ModelCard.load(os.path.join(out, "README.md")).data.to_dict()
+    name, results = model_index_to_eval_results(meta["model-index"])
+    assert eval_results_to_model_index(name, results) == meta["model-index"]
+    assert results[0].dataset_type == "org/reverse"
+    bad = ModelCard(card.content.replace("base_model: google/switch-base-8", "base_model: not a repo"))
+    with pytest.raises(CardValidationError, match="base_model"):
+        validate_card(bad)
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """Intercept every HfApi call a push makes; record them."""
+    calls = []
+
+    def record(name):
+        def fn(self, *args, **kwargs):
+            calls.append((name, args, kwargs))
+            if name == "create_commit":
+                # read what would be sent while the files still exist
+                kwargs["sent"] = {op.path_in_repo: open(op.path_or_fileobj, "rb").read() for op in args[1]}
+            return type("Info", (), {"commit_url": "https://hf.co/me/x/commit/1", "repo_id": args[0] if args else None})()
+
+        return fn
+
+    for name in ("create_repo", "create_branch", "create_commit", "upload_folder"):
+        monkeypatch.setattr(HfApi, name, record(name))
+    return calls
+
+
+def test_push_sends_model_card_and_heatmap(switch_run, tmp_path, hub):
+    out, _ = switch_run
+    run = str(tmp_path / "tiny-switch")
+    shutil.copytree(out, run)
+    os.makedirs(os.path.join(run, "checkpoint-2"))
+    for junk in ("checkpoint-2/model.safetensors", "optimizer.pt", "rng_state.pth", "_scratch.txt"):
+        open(os.path.join(run, junk), "wb").close()
+    assert main(["push", run, "me/tiny-switch", "--private", "--revision", "exp1"]) == 0
+    names = [c[0] for c in hub]
+    assert names == ["create_repo", "create_branch", "create_commit"]
+    assert hub[0][1] == ("me/tiny-switch",) and hub[0][2]["private"] is True
+    assert hub[1][2]["branch"] == "exp1"
+    commit = hub[2][2]
+    assert commit["revision"] == "exp1"
+    sent = commit["sent"]
+    assert {"README.md", "config.json", "model.safetensors", "expert_load_train.png", "expert_load.jsonl",
+            "run_info.json", "training_args.bin", "trainer_state.json"} <= set(sent)
+    assert not {"optimizer.pt", "rng_state.pth", "_scratch.txt"} & set(sent)
+    assert not any(p.startswith("checkpoint-") for p in sent)
+    card = sent["README.md"].decode()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["model-index"][0]["name"] == "tiny-switch" and "freeze-non-moe" in meta["tags"]
+    assert "| router z-loss | 0.001 | linear_warmup (warmup 2 steps) |" in card
+    assert sent["expert_load_train.png"][:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_trainer_push_to_hub_includes_card_and_heatmap(switch_run, hub):
+    _, trainer = switch_run
+    trainer.args.hub_model_id = "me/tiny-switch"
+    trainer.hub_model_id = None
+    trainer.push_to_hub()
+    upload = next(c for c in hub if c[0] == "upload_folder")[2]
+    files = files_to_upload(upload["folder_path"])
+    assert upload["repo_id"] == "me/tiny-switch"
+    assert {"README.md", "expert_load_train.png", "model.safetensors"} <= set(files)
+    card = open(os.path.join(upload["folder_path"], "README.md"), encoding="utf-8").read()
+    assert "## MoE fine-tuning" in card and "](expert_load_train.png)" in card
+
+
+def test_bad_push_inputs_fail_before_any_hub_call(switch_run, tmp_path, hub, capsys):
+    out, trainer = switch_run
+    with pytest.raises(ValueError, match="invalid repo id"):
+        push_run(out, "not a/valid/id")
+    empty = tmp_path / "empty"
+    (empty / "checkpoint-3").mkdir(parents=True)
+    with pytest.raises(NoFinishedRunError, match="checkpoint-3"):
+        push_run(str(empty), "me/x")
+    assert main(["push", str(tmp_path / "missing"), "me/x"]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    assert main(["push", out, "me/x--y"]) == 2
+    assert "invalid repo id" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="holds a full model"):
+        push_run(out, "me/x", merge_adapter=True)
+    trainer.args.hub_model_id, trainer.hub_model_id = "bad repo", None
+    with pytest.raises(ValueError, match="invalid repo id"):
+        trainer.push_to_hub()
+    assert hub == []
+
+
+def test_card_without_optional_files(tmp_path):
+    model = build_tiny_model("switch")
+    model.save_pretrained(tmp_path)
+    path = write_model_card(str(tmp_path))
+    text = open(path, encoding="utf-8").read()
+    assert "No freezing plan was recorded" in text and "No expert-load log" in text
+    assert "model-index" not in text
+    validate_card(ModelCard.load(path))
