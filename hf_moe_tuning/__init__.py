@@ -14,7 +14,11 @@ from .callbacks.expert_load import ExpertLoadCallback
 from .callbacks.freezing import MoEFreezingCallback
 from .callbacks.router_loss import RouterLossCallback
 from .cards import MoECardMixin, build_model_card, push_run, write_run_info
+from .callbacks.nan_guard import NaNGuardCallback
+from .callbacks.resume import FusedResumeCallback
+from .checkpoint import CheckpointLoadError, FusedResumeMixin, load_checkpoint_exact
 from .config import MoETrainingArguments
+from .distributed import configure_distributed
 from .freezing import FreezingError, FreezePlan, FreezeReport, apply_freezing, plan_freezing
 from .models import build_tiny_model
 from .trainer import MoETrainer, build_moe_callbacks, enable_moe_logging
@@ -22,6 +26,12 @@ from .trainer import MoETrainer, build_moe_callbacks, enable_moe_logging
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointLoadError",
+    "FusedResumeCallback",
+    "FusedResumeMixin",
+    "NaNGuardCallback",
+    "configure_distributed",
+    "load_checkpoint_exact",
     "AdapterReport",
     "AdapterTargetError",
     "MoECardMixin",

@@ -10,6 +10,7 @@ Plain ``Trainer`` / TRL ``SFTTrainer`` users pass the callbacks themselves and c
 from __future__ import annotations
 
 import logging
+import os
 import types
 from typing import Any, Callable
 
@@ -18,11 +19,14 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .anatomy import NoMoELayersError, describe_moe
 from .cards import MoECardMixin
+from .checkpoint import FusedResumeMixin
+from .callbacks.nan_guard import NaNGuardCallback
 from .callbacks.base import MoEMetricsCallback, merge_pending_metrics
 from .callbacks.expert_load import ExpertLoadCallback
 from .callbacks.freezing import MoEFreezingCallback
 from .callbacks.router_loss import RouterLossCallback
 from .config import MoETrainingArguments
+from .distributed import configure_distributed
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +63,14 @@ def _router_loss_factory(args: MoETrainingArguments, model: Any, trainer_kwargs:
     return RouterLossCallback.from_args(args)
 
 
+def _nan_guard_factory(args: MoETrainingArguments, model: Any, trainer_kwargs: dict) -> TrainerCallback | None:
+    return NaNGuardCallback.from_args(args)
+
+
 CALLBACK_FACTORIES.append(_freezing_factory)
 CALLBACK_FACTORIES.append(_router_loss_factory)
 CALLBACK_FACTORIES.append(_expert_load_factory)
+CALLBACK_FACTORIES.append(_nan_guard_factory)
 
 
 def _bind_callbacks(trainer: Trainer) -> None:
@@ -104,7 +113,33 @@ def build_moe_callbacks(args: MoETrainingArguments, model: Any, **trainer_kwargs
     return callbacks
 
 
-class MoETrainer(MoECardMixin, Trainer):
+def _first_missing_dir(path: str | None) -> str | None:
+    """The outermost directory of ``path`` that does not exist yet (``None`` if ``path`` exists)."""
+    if not path:
+        return None
+    path = os.path.abspath(path)
+    missing = None
+    while not os.path.exists(path):
+        missing, parent = path, os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
+def _remove_empty_dirs(path: str | None, top: str | None) -> None:
+    """Remove ``path`` and its parents up to ``top`` (inclusive) while they are empty directories."""
+    if not path or not top:
+        return
+    path = os.path.abspath(path)
+    while os.path.isdir(path) and not os.listdir(path):
+        os.rmdir(path)
+        if path == top:
+            break
+        path = os.path.dirname(path)
+
+
+class MoETrainer(FusedResumeMixin, MoECardMixin, Trainer):
     """``Trainer`` with MoE freezing, router losses and expert-load logging from :class:`MoETrainingArguments`.
 
     Example:
@@ -119,7 +154,13 @@ class MoETrainer(MoECardMixin, Trainer):
         if not isinstance(args, MoETrainingArguments):
             raise TypeError(f"MoETrainer needs MoETrainingArguments, got {type(args).__name__}")
         moe_callbacks = build_moe_callbacks(args, model, **kwargs)
-        super().__init__(model=model, args=args, callbacks=list(callbacks or []) + moe_callbacks, **kwargs)
+        missing = _first_missing_dir(args.output_dir)
+        try:
+            super().__init__(model=model, args=args, callbacks=list(callbacks or []) + moe_callbacks, **kwargs)
+        except BaseException:
+            # a request rejected in on_init_end (e.g. freezing) must not leave the output dir Trainer just created
+            _remove_empty_dirs(args.output_dir, missing)
+            raise
         _bind_callbacks(self)
 
     def moe_callbacks(self) -> list[MoEMetricsCallback]:
@@ -127,7 +168,8 @@ class MoETrainer(MoECardMixin, Trainer):
         return [cb for cb in self.callback_handler.callbacks if isinstance(cb, MoEMetricsCallback)]
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
-        """``Trainer.train``; when resuming, first checks the checkpoint was made with the same freezing plan."""
+        """``Trainer.train``, after preparing FSDP / ZeRO-3 for the MoE blocks (:func:`configure_distributed`);
+        when resuming, first checks the checkpoint was made with the same freezing plan."""
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
             checkpoint = get_last_checkpoint(self.args.output_dir)
@@ -135,6 +177,7 @@ class MoETrainer(MoECardMixin, Trainer):
             for cb in self.callback_handler.callbacks:
                 if isinstance(cb, MoEFreezingCallback):
                     cb.check_checkpoint(checkpoint)
+        configure_distributed(self)  # FSDP wrap units / ZeRO-3 leaf modules from the anatomy; no-op for DDP/CPU
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
