@@ -21,11 +21,18 @@ from .config import MoETrainingArguments
 from .distributed import configure_distributed
 from .freezing import FreezingError, FreezePlan, FreezeReport, apply_freezing, plan_freezing
 from .models import build_tiny_model
+from .presets import apply_hparam_preset
+from .routing.esft import score_experts, select_experts
+from .routing.upcycling import upcycle_t5
 from .trainer import MoETrainer, build_moe_callbacks, enable_moe_logging
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "apply_hparam_preset",
+    "score_experts",
+    "select_experts",
+    "upcycle_t5",
     "CheckpointLoadError",
     "FusedResumeCallback",
     "FusedResumeMixin",

@@ -17,16 +17,17 @@ ESFT selection), ``extra_trainable`` / ``extra_frozen`` (regexes on parameter na
 :func:`plan_freezing` is pure: it validates everything and returns a :class:`FreezePlan` without touching
 the model, so a bad request leaves nothing half-applied. :func:`apply_freezing` applies a plan: whole
 tensors get ``requires_grad=False``; for expert subsets inside fused 3-D tensors an
-:class:`ExpertSliceFreezer` zeroes the gradient of the frozen slices and, after each optimizer step,
-writes their saved values back, so weight decay and optimizer momentum never move them (they stay
-bitwise unchanged). Freezing must happen before the optimizer is built.
+:class:`ExpertSliceFreezer` freezes the fused tensor and trains a small parameter holding only the
+selected expert slices, so frozen slices have no gradient, optimizer state or weight decay (they stay
+bitwise unchanged) and checkpoints remain ordinary full models. Freezing must happen before the
+optimizer is built.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
@@ -276,46 +277,56 @@ def plan_freezing(
 
 
 class ExpertSliceFreezer:
-    """Keeps frozen expert slices of fused tensors bitwise unchanged while the rest of the tensor trains.
+    """Trains only the selected expert slices of fused 3-D expert tensors; the frozen slices get nothing.
 
-    Gradient hooks zero the frozen slices' gradients (so clipping and optimizer moments ignore them), and
-    :meth:`restore` – run after every optimizer step (:meth:`attach` registers it as a step post-hook) –
-    writes their saved values back, undoing weight decay.
+    Each partially trainable fused tensor is frozen as a whole and its selected slices move to a small
+    trainable parameter (see :mod:`hf_moe_tuning.routing.expert_subset`): the frozen slices have no
+    gradient, no optimizer state and no weight decay, so they stay bitwise unchanged. The fused tensor
+    keeps its name and always holds the current values (synced after every optimizer step once
+    :meth:`attach` ran, before each forward and before ``state_dict()``), so checkpoints are ordinary
+    full models.
+
+    Args:
+        model: the model, changed in place.
+        expert_masks: fused expert tensor name -> per-expert mask (``True`` = that expert trains).
+        anatomy: the model's anatomy (computed when omitted).
     """
 
-    def __init__(self, model: nn.Module, expert_masks: Mapping[str, Sequence[bool]]) -> None:
-        self._entries: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []
-        self._handles: list[Any] = []
+    def __init__(
+        self,
+        model: nn.Module,
+        expert_masks: Mapping[str, Sequence[bool]],
+        anatomy: MoEAnatomy | None = None,
+    ) -> None:
+        from .routing.expert_subset import install_expert_subsets  # noqa: PLC0415 - routing imports freezing's deps
+
         self.masks = {k: list(v) for k, v in expert_masks.items()}
-        for name, mask in self.masks.items():
-            param = model.get_parameter(name)
-            keep = torch.tensor(mask, dtype=torch.bool, device=param.device)
-            frozen_idx = (~keep).nonzero().flatten()
-            saved = param.detach()[frozen_idx].clone()
-            shape = (-1,) + (1,) * (param.ndim - 1)
-            grad_mask = keep.to(param.dtype).view(shape)
-            self._entries.append((param, frozen_idx, saved))
-            self._handles.append(param.register_hook(lambda g, m=grad_mask: g * m.to(g.dtype)))
+        self.subsets = install_expert_subsets(model, self.masks, anatomy)
 
     def __bool__(self) -> bool:
-        return bool(self._entries)
+        return bool(self.subsets)
 
-    @torch.no_grad()
+    @property
+    def trainable_names(self) -> list[str]:
+        """Names of the trainable slice parameters (one per partially trainable fused tensor)."""
+        return self.subsets.trainable_names
+
     def restore(self, *_: Any, **__: Any) -> None:
-        """Write the frozen slices back to their saved values."""
-        for param, frozen_idx, saved in self._entries:
-            param.index_copy_(0, frozen_idx.to(param.device), saved.to(param.device, param.dtype))
+        """Write the trainable slices into the fused tensors (the frozen slices are never touched)."""
+        self.subsets.sync()
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Run :meth:`restore` after every ``optimizer.step()``."""
-        if self._entries:
-            self._handles.append(optimizer.register_step_post_hook(self.restore))
+        """Keep the fused tensors current after every ``optimizer.step()``."""
+        self.subsets.attach(optimizer)
 
     def remove(self) -> None:
-        """Remove gradient hooks and optimizer hooks."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        """Detach from the optimizer; the model keeps training and saving correctly on its own."""
+        self.subsets.sync()
+        self.subsets.detach_optimizer()
+
+    def uninstall(self) -> None:
+        """Merge the slices into the fused tensors and remove the slice parameters (fused tensors stay frozen)."""
+        self.subsets.uninstall()
 
 
 @dataclass
@@ -332,10 +343,20 @@ class FreezeReport:
 
 
 def apply_plan(model: nn.Module, plan: FreezePlan) -> FreezeReport:
-    """Set ``requires_grad`` as ``plan`` says and install slice freezing for partial fused tensors."""
+    """Set ``requires_grad`` as ``plan`` says and move partially trainable fused tensors to expert subsets.
+
+    Expert subsets installed by an earlier call are merged back first, so re-applying is safe. The
+    returned report's plan lists the trainable slice parameters in ``trainable`` as well (their scalars
+    are counted once, under the fused tensor they belong to).
+    """
+    from .routing.expert_subset import uninstall_expert_subsets  # noqa: PLC0415
+
+    uninstall_expert_subsets(model)
     for name, param in model.named_parameters():
-        param.requires_grad_(name in plan.trainable or name in plan.expert_masks)
-    freezer = ExpertSliceFreezer(model, plan.expert_masks)
+        param.requires_grad_(name in plan.trainable)
+    freezer = ExpertSliceFreezer(model, plan.expert_masks, anatomy=plan.anatomy)
+    if freezer:
+        plan = replace(plan, trainable=plan.trainable | set(freezer.trainable_names))
     return FreezeReport(plan=plan, slice_freezer=freezer)
 
 
@@ -359,6 +380,10 @@ def apply_freezing(
         >>> report = apply_freezing(model, "non_moe")
         >>> print(report.format_table())
     """
+    from .routing.expert_subset import uninstall_expert_subsets  # noqa: PLC0415
+
+    if anatomy is None:
+        uninstall_expert_subsets(model)  # plan on the plain model, not on slices of an earlier application
     plan = plan_freezing(
         model,
         strategy,

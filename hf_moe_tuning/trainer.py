@@ -21,12 +21,17 @@ from .anatomy import NoMoELayersError, describe_moe
 from .cards import MoECardMixin
 from .checkpoint import FusedResumeMixin
 from .callbacks.nan_guard import NaNGuardCallback
+from .callbacks.bias_balancing import BiasBalancingCallback
+from .callbacks.capacity import CapacityFactorCallback
+from .callbacks.expert_dropout import ExpertDropoutCallback
+from .callbacks.router_jitter import RouterJitterCallback
 from .callbacks.base import MoEMetricsCallback, merge_pending_metrics
 from .callbacks.expert_load import ExpertLoadCallback
 from .callbacks.freezing import MoEFreezingCallback
 from .callbacks.router_loss import RouterLossCallback
 from .config import MoETrainingArguments
 from .distributed import configure_distributed
+from .presets import apply_hparam_preset
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +68,22 @@ def _router_loss_factory(args: MoETrainingArguments, model: Any, trainer_kwargs:
     return RouterLossCallback.from_args(args)
 
 
+def _expert_dropout_factory(args: MoETrainingArguments, model: Any, trainer_kwargs: dict) -> TrainerCallback | None:
+    return ExpertDropoutCallback.from_args(args)
+
+
+def _capacity_factory(args: MoETrainingArguments, model: Any, trainer_kwargs: dict) -> TrainerCallback | None:
+    return CapacityFactorCallback.from_args(args)
+
+
+def _jitter_factory(args: MoETrainingArguments, model: Any, trainer_kwargs: dict) -> TrainerCallback | None:
+    return RouterJitterCallback.from_args(args)
+
+
+def _bias_balancing_factory(args: MoETrainingArguments, model: Any, trainer_kwargs: dict) -> TrainerCallback | None:
+    return BiasBalancingCallback.from_args(args)
+
+
 def _nan_guard_factory(args: MoETrainingArguments, model: Any, trainer_kwargs: dict) -> TrainerCallback | None:
     return NaNGuardCallback.from_args(args)
 
@@ -70,6 +91,10 @@ def _nan_guard_factory(args: MoETrainingArguments, model: Any, trainer_kwargs: d
 CALLBACK_FACTORIES.append(_freezing_factory)
 CALLBACK_FACTORIES.append(_router_loss_factory)
 CALLBACK_FACTORIES.append(_expert_load_factory)
+CALLBACK_FACTORIES.append(_expert_dropout_factory)
+CALLBACK_FACTORIES.append(_capacity_factory)
+CALLBACK_FACTORIES.append(_jitter_factory)
+CALLBACK_FACTORIES.append(_bias_balancing_factory)
 CALLBACK_FACTORIES.append(_nan_guard_factory)
 
 
@@ -98,6 +123,7 @@ def build_moe_callbacks(args: MoETrainingArguments, model: Any, **trainer_kwargs
                 ("moe_bias_balancing", args.moe_bias_balancing),
                 ("moe_capacity_factor_train", args.moe_capacity_factor_train is not None),
                 ("moe_capacity_factor_eval", args.moe_capacity_factor_eval is not None),
+                ("moe_router_jitter", args.moe_router_jitter is not None),
             )
             if on
         ]
@@ -153,6 +179,7 @@ class MoETrainer(FusedResumeMixin, MoECardMixin, Trainer):
             args = MoETrainingArguments(output_dir="tmp_trainer")
         if not isinstance(args, MoETrainingArguments):
             raise TypeError(f"MoETrainer needs MoETrainingArguments, got {type(args).__name__}")
+        apply_hparam_preset(args, model)  # moe_hparam_preset="sparse"/"dense" (no-op for "none")
         moe_callbacks = build_moe_callbacks(args, model, **kwargs)
         missing = _first_missing_dir(args.output_dir)
         try:

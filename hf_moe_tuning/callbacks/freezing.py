@@ -99,6 +99,8 @@ class MoEFreezingCallback(MoEMetricsCallback, ExportableState):
             experts = self.expert_resolver(model, experts)
             self.experts = experts
             logger.info("ESFT selected experts per MoE layer: %s", experts)
+        if self.report is not None:  # merge back slices of an earlier call so they are planned as experts
+            self.report.slice_freezer.uninstall()
         plan = plan_freezing(
             model,
             self.strategy,
@@ -107,8 +109,6 @@ class MoEFreezingCallback(MoEMetricsCallback, ExportableState):
             extra_trainable=self.extra_trainable,
             extra_frozen=self.extra_frozen,
         )
-        if self.report is not None:
-            self.report.slice_freezer.remove()
         self.report = apply_plan(model, plan)
         return self.report
 

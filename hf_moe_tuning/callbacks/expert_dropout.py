@@ -1,0 +1,51 @@
+"""``ExpertDropoutCallback``: dropout inside the routed experts only while training (Switch: 0.4).
+
+Thin wrapper over :func:`hf_moe_tuning.routing.expert_dropout.apply_expert_dropout`; installed in
+``on_init_end`` (so evaluation before training sees the same model), removed by :meth:`remove`.
+Dropout follows ``model.training``: off during evaluation and prediction.
+
+==========================  ==========================================
+key                         meaning
+==========================  ==========================================
+``moe/expert_dropout``      the dropout rate inside experts
+==========================  ==========================================
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..routing.expert_dropout import ExpertDropout, apply_expert_dropout, validate_dropout
+from .base import MoEMetricsCallback
+
+
+class ExpertDropoutCallback(MoEMetricsCallback):
+    """Set dropout rate ``p`` inside the routed experts of the trained model."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = validate_dropout(p)
+        self.handle: ExpertDropout | None = None
+
+    @classmethod
+    def from_args(cls, args: Any) -> "ExpertDropoutCallback | None":
+        """The callback for ``args.moe_expert_dropout > 0``, else ``None``."""
+        p = getattr(args, "moe_expert_dropout", 0.0)
+        return cls(p) if p > 0 else None
+
+    def install(self, model: Any) -> None:
+        if self.handle is None:
+            self.handle = apply_expert_dropout(model, self.p)
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            self.install(model)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.install(model)
+        self.push_metrics({"moe/expert_dropout": self.p})
