@@ -1,0 +1,192 @@
+"""Held-out downstream tasks of the embedded world, of kinds absent from the instruction mixture.
+
+=================  ==================================  ==================  ===========================
+task               kind (real counterpart)             answers             metrics
+=================  ==================================  ==================  ===========================
+``passage_yesno``  yes/no QA over a passage (BoolQ)    ``yes`` / ``no``    accuracy
+``entailment``     entailment (RTE)                    2 labels            accuracy
+``multiple_choice``lettered multiple choice (MMLU)     ``A``-``D``         accuracy
+``fusion``         short generation (sentence fusion)  free text           token_f1, exact_match
+=================  ==================================  ==================  ===========================
+
+The first metric of a task is its primary score. For ``fusion`` it is token F1: at the embedded
+scale exact match stays at 0 for every arm, which would hide all differences.
+
+Splits are small on purpose (default 128 train / 64 validation / 200 test) so that a model with many
+parameters *can* overfit them, the regime in which the papers saw sparse models fine-tune worse.
+Splits are disjoint in their ``inputs``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from datasets import Dataset, DatasetDict
+
+from .world import (
+    ANIMALS,
+    CATEGORIES,
+    COLORS,
+    NAMES,
+    OPPOSITES,
+    PLACES,
+    THING_COLORS,
+    article,
+    sample_scene,
+)
+
+CLASSIFICATION = "classification"
+GENERATION = "generation"
+
+
+@dataclass(frozen=True)
+class HeldoutTask:
+    """A downstream task: how to draw one example, its kind, answer candidates and metrics."""
+
+    name: str
+    kind: str
+    sample: Callable[[random.Random], tuple[str, str]]
+    choices: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ("accuracy",)
+
+
+def _passage_yesno(rng: random.Random) -> tuple[str, str]:
+    scene = sample_scene(rng, 2)
+    facts = scene.fact_sentences(("holds", "at"))
+    rng.shuffle(facts)
+    name = rng.choice(scene.people)
+    truth = rng.random() < 0.5
+    if rng.random() < 0.5:
+        color, obj = scene.holds[name]
+        if not truth:
+            color = rng.choice([c for c in COLORS if c != color])
+        question = f"Does {name} have a {color} {obj}?"
+    else:
+        place = scene.at[name]
+        if not truth:
+            place = rng.choice([p for p in PLACES if p != place])
+        question = f"Is {name} at the {place}?"
+    return f"{' '.join(facts)}\nQuestion: {question} Answer yes or no.", "yes" if truth else "no"
+
+
+def _entailment(rng: random.Random) -> tuple[str, str]:
+    scene = sample_scene(rng, 2)
+    name = rng.choice(scene.people)
+    entailed = rng.random() < 0.5
+    kind = rng.randrange(4)
+    # the premise states the facts the hypothesis is about plus one other kind of fact, to keep it short
+    about = ("holds", "at", "pets", "pets")[kind]
+    other = rng.choice([k for k in ("holds", "at", "pets") if k != about])
+    premise = " ".join(scene.fact_sentences((about, other)))
+    if kind == 0:
+        color, obj = scene.holds[name]
+        hypothesis = f"{name} has a {obj}." if entailed else f"{name} has a {rng.choice([c for c in COLORS if c != color])} {obj}."
+    elif kind == 1:
+        place = scene.at[name]
+        if entailed:
+            hypothesis = f"Someone is at the {place}."
+        else:
+            other = rng.choice([n for n in NAMES if n not in scene.people])
+            hypothesis = f"{other} is at the {place}."
+    elif kind == 2:
+        size = ANIMALS[scene.pets[name]][1]
+        hypothesis = f"{name} owns a {size if entailed else OPPOSITES[size]} animal."
+    else:
+        sound = ANIMALS[scene.pets[name]][0]
+        if not entailed:
+            sound = rng.choice([s for s, _ in ANIMALS.values() if s != sound])
+        hypothesis = f"{name} owns an animal that says {sound}."
+    text = f"Premise: {premise}\nHypothesis: {hypothesis}\nDoes the premise entail the hypothesis?"
+    return text, "entailment" if entailed else "not_entailment"
+
+
+_LETTERS = ("A", "B", "C", "D")
+
+
+def _multiple_choice(rng: random.Random) -> tuple[str, str]:
+    kind = rng.randrange(4)
+    if kind == 0:
+        animal = rng.choice(list(ANIMALS))
+        question, answer = f"Which animal says {ANIMALS[animal][0]}?", animal
+        pool = list(ANIMALS)
+    elif kind == 1:
+        word = rng.choice(list(OPPOSITES))
+        question, answer = f"What is the opposite of {word}?", OPPOSITES[word]
+        pool = [w for w in OPPOSITES if w != word]
+    elif kind == 2:
+        thing = rng.choice(list(THING_COLORS))
+        question, answer = f"What color is the {thing}?", THING_COLORS[thing]
+        pool = list(COLORS)
+    else:
+        category = rng.choice(list(CATEGORIES))
+        answer = rng.choice(CATEGORIES[category])
+        question = f"Which one is {article(category)} {category}?"
+        pool = [w for c, words in CATEGORIES.items() if c != category for w in words] + [answer]
+    distractors = rng.sample([w for w in dict.fromkeys(pool) if w != answer], 3)
+    options = distractors + [answer]
+    rng.shuffle(options)
+    lines = " ".join(f"({letter}) {option}" for letter, option in zip(_LETTERS, options))
+    return f"{question}\n{lines}\nAnswer:", _LETTERS[options.index(answer)]
+
+
+def _fusion(rng: random.Random) -> tuple[str, str]:
+    scene = sample_scene(rng, 2)
+    a, b = scene.people
+    kind = rng.randrange(3)
+    if kind == 0:
+        color, obj = scene.holds[a]
+        parts, target = f"{a} has a {obj}. The {obj} is {color}.", f"{a} has a {color} {obj}."
+    elif kind == 1:
+        place = scene.at[a]
+        parts, target = f"{a} is at the {place}. {b} is at the {place}.", f"{a} and {b} are at the {place}."
+    else:
+        animal = scene.pets[a]
+        sound = ANIMALS[animal][0]
+        parts = f"{a} owns {article(animal)} {animal}. The {animal} says {sound}."
+        target = f"{a} owns {article(animal)} {animal} that says {sound}."
+    return f"Combine into one sentence: {parts}", target
+
+
+HELDOUT_TASKS: dict[str, HeldoutTask] = {
+    t.name: t
+    for t in (
+        HeldoutTask("passage_yesno", CLASSIFICATION, _passage_yesno, ("yes", "no")),
+        HeldoutTask("entailment", CLASSIFICATION, _entailment, ("entailment", "not_entailment")),
+        HeldoutTask("multiple_choice", CLASSIFICATION, _multiple_choice, _LETTERS),
+        HeldoutTask("fusion", GENERATION, _fusion, (), ("token_f1", "exact_match")),
+    )
+}
+
+
+def get_task(name: str) -> HeldoutTask:
+    """The held-out task called ``name`` (a clear error listing the known ones otherwise)."""
+    try:
+        return HELDOUT_TASKS[name]
+    except KeyError:
+        raise KeyError(f"unknown held-out task {name!r}; known: {sorted(HELDOUT_TASKS)}") from None
+
+
+def heldout_task(
+    name: str, seed: int = 0, train_size: int = 128, validation_size: int = 64, test_size: int = 200
+) -> DatasetDict:
+    """Train/validation/test splits of held-out task ``name`` (columns ``inputs``, ``targets``, ``choices``)."""
+    task = get_task(name)
+    rng = random.Random(f"heldout-{name}-{seed}")
+    seen: set[str] = set()
+    splits: dict[str, Dataset] = {}
+    for split, size in (("test", test_size), ("validation", validation_size), ("train", train_size)):
+        rows = []
+        attempts = 0
+        while len(rows) < size:
+            attempts += 1
+            if attempts > 50 * size + 1000:
+                raise RuntimeError(f"{name}: could not draw {size} distinct {split} examples")
+            inputs, target = task.sample(rng)
+            if inputs in seen:
+                continue
+            seen.add(inputs)
+            rows.append({"inputs": inputs, "targets": target, "choices": list(task.choices)})
+        splits[split] = Dataset.from_list(rows) if rows else Dataset.from_dict({"inputs": [], "targets": [], "choices": []})
+    return DatasetDict(train=splits["train"], validation=splits["validation"], test=splits["test"])

@@ -1,0 +1,440 @@
+"""Recipe YAML: loading, defaults + per-arm deltas, and validation with file- and key-named errors.
+
+A recipe describes one study (``flan_moe``, ``st_moe_freezing`` or ``expert_count``)::
+
+    study: flan_moe
+    variant: tiny                      # tiny (embedded world) | real (Hub models and datasets)
+    seeds: 3                           # fine-tuning seeds per arm (an int N means 0..N-1, or a list)
+    data: {source: embedded, tasks: [passage_yesno, ...], train_size: 128, ...}
+    models:                            # base models the arms start from
+      t5: {init: "tiny:t5"}            # "tiny:<name>" (hf_moe_tuning.models) or a Hub id / local path
+      switch: {init: "tiny:switch", args: {router_aux_loss_coef: 0.01}}
+    pretrain: {enabled: true, args: {...}, sparse_args: {...}, dense_args: {...}, shipped_dir: checkpoints}
+    instruct: {args: {...}}
+    finetune: {args: {...}, sparse_args: {...}, dense_args: {...}, family_args: true}
+    evaluate: {split: test, batch_size: 64, max_new_tokens: 48}
+    arms:                              # per-arm deltas over the defaults
+      t5: {model: t5}
+      flan_moe: {model: switch, instruct: true}
+      moe_frozen: {model: switch, args: {moe_freeze_strategy: non_moe}}
+    deltas:                            # the differences the papers talk about
+      - {name: "T5 - MoE", expr: "t5 - moe", paper: "+", source: "Flan-MoE Sec. 4"}
+
+``pretrain.shipped_dir`` (relative to the recipe file) holds pretrain stages shipped with the
+repository (``pretrain/<model>-<key>/`` as the cache writes them); one is used instead of training only
+when its key, the hash of the exact pretraining configuration, matches.
+
+Training arguments (``args``) are :class:`hf_moe_tuning.MoETrainingArguments` fields, merged in this
+order: stage ``args`` → stage ``sparse_args`` / ``dense_args`` (by the model's kind, when
+``family_args`` is true) → the model's ``args`` → the arm's ``args`` (fine-tuning only).
+
+:func:`load_study_config` validates everything it can offline and raises :class:`ConfigError`
+naming the file and the dotted key (``arms.flan_moe.args.moe_freeze_strategy``).
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import FREEZE_STRATEGIES, MoETrainingArguments
+from ..data.heldout import HELDOUT_TASKS
+from ..models import TINY_MODELS
+
+logger = logging.getLogger(__name__)
+
+STUDIES: tuple[str, ...] = ("flan_moe", "st_moe_freezing", "expert_count")
+VARIANTS: tuple[str, ...] = ("tiny", "real")
+KINDS: tuple[str, ...] = ("sparse", "dense")
+DIRECTIONS: dict[str, str] = {"+": "positive", "-": "negative", "0": "no clear difference"}
+
+#: Arguments the pipeline sets itself; a recipe may not override them.
+_MANAGED_ARGS = frozenset({"output_dir", "seed", "data_seed", "do_train", "do_eval", "report_to"})
+_TRAINING_ARG_NAMES = frozenset(f.name for f in dataclasses.fields(MoETrainingArguments))
+
+_TOP_KEYS = {
+    "study", "variant", "description", "seeds", "tokenizer", "output_dir", "cache_dir",
+    "data", "models", "pretrain", "instruct", "finetune", "evaluate", "arms", "deltas",
+}
+_DATA_KEYS = {
+    "source", "tasks", "train_size", "validation_size", "test_size", "seed", "max_source_length",
+    "max_target_length", "corpus_size", "mixture_size", "few_shot_fraction", "max_shots",
+    "instruction_dataset", "instruction_config", "instruction_split", "task_dataset",
+}
+_MODEL_KEYS = {"init", "overrides", "kind", "args"}
+_PRETRAIN_KEYS = {
+    "enabled", "seed", "noise_density", "mean_span", "args", "sparse_args", "dense_args", "family_args", "shipped_dir",
+}
+_INSTRUCT_KEYS = {"enabled", "seed", "args", "sparse_args", "dense_args", "family_args"}
+_FINETUNE_KEYS = {"args", "sparse_args", "dense_args", "family_args"}
+_EVALUATE_KEYS = {"split", "batch_size", "max_new_tokens"}
+_ARM_KEYS = {"model", "instruct", "args", "label"}
+_DELTA_KEYS = {"name", "expr", "paper", "paper_value", "source"}
+
+
+class ConfigError(ValueError):
+    """A recipe is invalid; the message names the file and the dotted key."""
+
+    def __init__(self, path: str | Path | None, key: str, message: str):
+        self.path, self.key = str(path) if path else "<dict>", key
+        super().__init__(f"{self.path}: {key}: {message}")
+
+
+@dataclass
+class StageConfig:
+    """A training stage: ``args`` for every model, ``sparse_args``/``dense_args`` by kind."""
+
+    enabled: bool = True
+    seed: int = 0
+    args: dict[str, Any] = field(default_factory=dict)
+    sparse_args: dict[str, Any] = field(default_factory=dict)
+    dense_args: dict[str, Any] = field(default_factory=dict)
+    family_args: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def args_for(self, kind: str) -> dict[str, Any]:
+        """Merged training arguments of this stage for a ``kind`` (``sparse``/``dense``) model."""
+        merged = dict(self.args)
+        if self.family_args:
+            merged.update(self.sparse_args if kind == "sparse" else self.dense_args)
+        return merged
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    init: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    kind: str | None = None
+    args: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.init.startswith("tiny:")
+
+
+@dataclass
+class ArmSpec:
+    name: str
+    model: str
+    instruct: bool = False
+    args: dict[str, Any] = field(default_factory=dict)
+    label: str | None = None
+
+
+@dataclass
+class DeltaSpec:
+    name: str
+    expr: str
+    paper: str = "+"
+    paper_value: float | None = None
+    source: str = ""
+
+
+@dataclass
+class StudyConfig:
+    """A validated recipe. ``raw`` keeps the loaded mapping (after overrides), ``path`` its file."""
+
+    study: str
+    variant: str
+    path: str
+    raw: dict[str, Any]
+    description: str = ""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    tokenizer: str = "byt5"
+    output_dir: str = "results"
+    cache_dir: str = "runs/cache"
+    data: dict[str, Any] = field(default_factory=dict)
+    models: dict[str, ModelSpec] = field(default_factory=dict)
+    pretrain: StageConfig = field(default_factory=StageConfig)
+    instruct: StageConfig = field(default_factory=StageConfig)
+    finetune: StageConfig = field(default_factory=StageConfig)
+    evaluate: dict[str, Any] = field(default_factory=dict)
+    arms: dict[str, ArmSpec] = field(default_factory=dict)
+    deltas: list[DeltaSpec] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _expect_mapping(value: Any, path: Any, key: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(path, key, f"expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def _check_keys(mapping: dict, allowed: set[str], path: Any, prefix: str) -> None:
+    for key in mapping:
+        if key not in allowed:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(path, where, f"unknown key; allowed here: {sorted(allowed)}")
+
+
+def check_training_args(args: dict, path: Any, prefix: str) -> None:
+    """Check that ``args`` only names ``MoETrainingArguments`` fields and that choice fields are valid."""
+    for key, value in args.items():
+        where = f"{prefix}.{key}"
+        if key in _MANAGED_ARGS:
+            raise ConfigError(path, where, "is set by the pipeline and cannot be given in a recipe")
+        if key not in _TRAINING_ARG_NAMES:
+            raise ConfigError(path, where, "unknown key: not a MoETrainingArguments field")
+        if key == "moe_freeze_strategy" and value not in FREEZE_STRATEGIES:
+            raise ConfigError(path, where, f"unknown freezing strategy {value!r}; use one of {list(FREEZE_STRATEGIES)}")
+
+
+def _stage(raw: Any, allowed: set[str], path: Any, key: str) -> StageConfig:
+    raw = _expect_mapping(raw, path, key)
+    _check_keys(raw, allowed, path, key)
+    stage = StageConfig(
+        enabled=bool(raw.get("enabled", True)),
+        seed=int(raw.get("seed", 0)),
+        args=dict(_expect_mapping(raw.get("args"), path, f"{key}.args")),
+        sparse_args=dict(_expect_mapping(raw.get("sparse_args"), path, f"{key}.sparse_args")),
+        dense_args=dict(_expect_mapping(raw.get("dense_args"), path, f"{key}.dense_args")),
+        family_args=bool(raw.get("family_args", True)),
+        extra={k: v for k, v in raw.items() if k not in {"enabled", "seed", "args", "sparse_args", "dense_args", "family_args"}},
+    )
+    for part in ("args", "sparse_args", "dense_args"):
+        check_training_args(getattr(stage, part), path, f"{key}.{part}")
+    return stage
+
+
+def delta_arms(expr: str) -> set[str]:
+    """The arm names used in a delta expression such as ``"(flan_moe - moe) - (flan_t5 - t5)"``."""
+    tree = ast.parse(expr, mode="eval")
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            names.add(node.id)
+        elif not isinstance(node, (ast.Expression, ast.BinOp, ast.Add, ast.Sub, ast.UnaryOp, ast.USub, ast.Load)):
+            raise ValueError(f"only arm names, '+', '-' and parentheses are allowed, found {type(node).__name__}")
+    return names
+
+
+def evaluate_delta(expr: str, scores: dict[str, float]) -> float:
+    """Value of a delta expression given a score per arm."""
+
+    def walk(node: ast.AST) -> float:
+        if isinstance(node, ast.Expression):
+            return walk(node.body)
+        if isinstance(node, ast.Name):
+            return scores[node.id]
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -walk(node.operand)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub)):
+            left, right = walk(node.left), walk(node.right)
+            return left + right if isinstance(node.op, ast.Add) else left - right
+        raise ValueError(f"unsupported delta expression {expr!r}")
+
+    return walk(ast.parse(expr, mode="eval"))
+
+
+def set_dotted(mapping: dict, dotted: str, value: Any) -> None:
+    """Set ``mapping['a']['b']['c'] = value`` for ``dotted='a.b.c'``, creating mappings on the way."""
+    keys = dotted.split(".")
+    node = mapping
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ValueError(f"--set {dotted}: {key!r} is not a mapping")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """Parse ``["finetune.args.max_steps=2", ...]`` into ``{dotted_key: yaml_value}``."""
+    out: dict[str, Any] = {}
+    for item in items or ():
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key.path=value")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def parse_study_config(raw: dict[str, Any], path: str | Path | None = None) -> StudyConfig:
+    """Validate a recipe mapping and build a :class:`StudyConfig` (see the module docstring)."""
+    raw = copy.deepcopy(_expect_mapping(raw, path, "<root>"))
+    _check_keys(raw, _TOP_KEYS, path, "")
+    for required in ("study", "variant", "models", "arms"):
+        if required not in raw:
+            raise ConfigError(path, required, "missing required key")
+    study, variant = raw["study"], raw["variant"]
+    if study not in STUDIES:
+        raise ConfigError(path, "study", f"unknown study {study!r}; use one of {list(STUDIES)}")
+    if variant not in VARIANTS:
+        raise ConfigError(path, "variant", f"unknown variant {variant!r}; use one of {list(VARIANTS)}")
+
+    seeds = raw.get("seeds", 3)
+    if isinstance(seeds, int) and seeds > 0:
+        seeds = list(range(seeds))
+    elif not (isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds)):
+        raise ConfigError(path, "seeds", f"expected a positive int or a list of ints, got {seeds!r}")
+
+    data = _expect_mapping(raw.get("data"), path, "data")
+    _check_keys(data, _DATA_KEYS, path, "data")
+    source = data.get("source", "embedded")
+    if source not in ("embedded", "hub"):
+        raise ConfigError(path, "data.source", f"unknown source {source!r}; use 'embedded' or 'hub'")
+    tasks = data.get("tasks")
+    if not isinstance(tasks, list) or not tasks:
+        raise ConfigError(path, "data.tasks", "expected a non-empty list of task names")
+    if source == "embedded":
+        for i, task in enumerate(tasks):
+            if task not in HELDOUT_TASKS:
+                raise ConfigError(path, f"data.tasks[{i}]", f"unknown embedded task {task!r}; known: {sorted(HELDOUT_TASKS)}")
+    else:
+        from ..data.hub import SUPERGLUE_TASKS  # noqa: PLC0415
+
+        for i, task in enumerate(tasks):
+            if task not in SUPERGLUE_TASKS:
+                raise ConfigError(path, f"data.tasks[{i}]", f"unknown SuperGLUE task {task!r}; known: {sorted(SUPERGLUE_TASKS)}")
+        for required in ("task_dataset",):
+            if not data.get(required):
+                raise ConfigError(path, f"data.{required}", "missing: a Hub dataset id is required with source: hub")
+
+    models: dict[str, ModelSpec] = {}
+    for name, spec in _expect_mapping(raw["models"], path, "models").items():
+        spec = _expect_mapping(spec, path, f"models.{name}")
+        _check_keys(spec, _MODEL_KEYS, path, f"models.{name}")
+        init = spec.get("init")
+        if not init or not isinstance(init, str):
+            raise ConfigError(path, f"models.{name}.init", "missing model id (a 'tiny:<name>', Hub id or local path)")
+        if init.startswith("tiny:") and init[5:] not in TINY_MODELS:
+            raise ConfigError(path, f"models.{name}.init", f"unknown tiny model {init[5:]!r}; known: {sorted(TINY_MODELS)}")
+        if not init.startswith("tiny:") and variant == "tiny":
+            raise ConfigError(path, f"models.{name}.init", "a tiny recipe must use embedded models ('tiny:<name>')")
+        kind = spec.get("kind")
+        if kind is not None and kind not in KINDS:
+            raise ConfigError(path, f"models.{name}.kind", f"unknown kind {kind!r}; use one of {list(KINDS)}")
+        args = dict(_expect_mapping(spec.get("args"), path, f"models.{name}.args"))
+        check_training_args(args, path, f"models.{name}.args")
+        models[name] = ModelSpec(name, init, dict(_expect_mapping(spec.get("overrides"), path, f"models.{name}.overrides")), kind, args)
+    if not models:
+        raise ConfigError(path, "models", "at least one model is required")
+
+    pretrain = _stage(raw.get("pretrain"), _PRETRAIN_KEYS, path, "pretrain")
+    if pretrain.extra.get("shipped_dir"):
+        shipped = Path(pretrain.extra["shipped_dir"])
+        if not shipped.is_absolute() and path is not None:
+            shipped = Path(path).parent / shipped
+        if not shipped.is_dir():
+            raise ConfigError(path, "pretrain.shipped_dir", f"no such directory: {shipped}")
+        pretrain.extra["shipped_dir"] = str(shipped)
+    instruct = _stage(raw.get("instruct"), _INSTRUCT_KEYS, path, "instruct")
+    finetune = _stage(raw.get("finetune"), _FINETUNE_KEYS, path, "finetune")
+    if variant == "real" and pretrain.enabled and "pretrain" in raw:
+        raise ConfigError(path, "pretrain.enabled", "real recipes start from Hub checkpoints; set enabled: false")
+    if variant == "real":
+        pretrain.enabled = False
+    evaluate = _expect_mapping(raw.get("evaluate"), path, "evaluate")
+    _check_keys(evaluate, _EVALUATE_KEYS, path, "evaluate")
+
+    arms: dict[str, ArmSpec] = {}
+    for name, spec in _expect_mapping(raw["arms"], path, "arms").items():
+        spec = _expect_mapping(spec, path, f"arms.{name}")
+        _check_keys(spec, _ARM_KEYS, path, f"arms.{name}")
+        model = spec.get("model")
+        if model not in models:
+            raise ConfigError(path, f"arms.{name}.model", f"unknown model {model!r}; defined models: {sorted(models)}")
+        args = dict(_expect_mapping(spec.get("args"), path, f"arms.{name}.args"))
+        check_training_args(args, path, f"arms.{name}.args")
+        instruct_arm = bool(spec.get("instruct", False))
+        if instruct_arm and not instruct.enabled:
+            raise ConfigError(path, f"arms.{name}.instruct", "the instruct stage is disabled (instruct.enabled: false)")
+        if instruct_arm and source == "hub" and not data.get("instruction_dataset"):
+            raise ConfigError(path, "data.instruction_dataset", f"missing: arm {name!r} is instruction-tuned")
+        arms[name] = ArmSpec(name, model, instruct_arm, args, spec.get("label"))
+    if not arms:
+        raise ConfigError(path, "arms", "at least one arm is required")
+
+    deltas: list[DeltaSpec] = []
+    raw_deltas = raw.get("deltas") or []
+    if not isinstance(raw_deltas, list):
+        raise ConfigError(path, "deltas", "expected a list of {name, expr, paper} mappings")
+    for i, spec in enumerate(raw_deltas):
+        spec = _expect_mapping(spec, path, f"deltas[{i}]")
+        _check_keys(spec, _DELTA_KEYS, path, f"deltas[{i}]")
+        if "expr" not in spec:
+            raise ConfigError(path, f"deltas[{i}].expr", "missing delta expression")
+        try:
+            used = delta_arms(spec["expr"])
+        except (SyntaxError, ValueError) as err:
+            raise ConfigError(path, f"deltas[{i}].expr", f"invalid expression {spec['expr']!r}: {err}") from None
+        unknown = used - set(arms)
+        if unknown:
+            raise ConfigError(path, f"deltas[{i}].expr", f"unknown arm(s) {sorted(unknown)}; arms: {sorted(arms)}")
+        paper = str(spec.get("paper", "+"))
+        if paper not in DIRECTIONS:
+            raise ConfigError(path, f"deltas[{i}].paper", f"expected one of {list(DIRECTIONS)} (positive, negative, no clear difference)")
+        deltas.append(DeltaSpec(str(spec.get("name", spec["expr"])), spec["expr"], paper, spec.get("paper_value"), str(spec.get("source", ""))))
+
+    return StudyConfig(
+        study=study,
+        variant=variant,
+        path=str(path) if path else "<dict>",
+        raw=raw,
+        description=str(raw.get("description", "")),
+        seeds=seeds,
+        tokenizer=str(raw.get("tokenizer", "byt5")),
+        output_dir=str(raw.get("output_dir", f"results/{study}")),
+        cache_dir=str(raw.get("cache_dir", "runs/cache")),
+        data=dict(data, source=source),
+        models=models,
+        pretrain=pretrain,
+        instruct=instruct,
+        finetune=finetune,
+        evaluate=dict(evaluate),
+        arms=arms,
+        deltas=deltas,
+    )
+
+
+def load_study_config(path: str | Path, overrides: dict[str, Any] | None = None) -> StudyConfig:
+    """Read, override (dotted keys) and validate a recipe YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(path, "<file>", "no such recipe file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(path, "<yaml>", f"not valid YAML: {err}") from None
+    for key, value in (overrides or {}).items():
+        try:
+            set_dotted(raw, key, value)
+        except ValueError as err:
+            raise ConfigError(path, key, str(err)) from None
+    return parse_study_config(raw, path)
+
+
+def validate_training_args(config: StudyConfig) -> None:
+    """Build ``MoETrainingArguments`` for every stage, model kind and arm to catch value errors offline."""
+    import tempfile  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory() as tmp:
+        combos: list[tuple[str, dict]] = []
+        for arm in config.arms.values():
+            model = config.models[arm.model]
+            kinds = [model.kind] if model.kind else list(KINDS)
+            for kind in kinds:
+                combos.append((f"arms.{arm.name}", {**config.finetune.args_for(kind), **model.args, **arm.args}))
+                for stage_name in ("pretrain", "instruct"):
+                    stage: StageConfig = getattr(config, stage_name)
+                    if stage.enabled:
+                        combos.append((stage_name, {**stage.args_for(kind), **model.args}))
+        for where, args in combos:
+            try:
+                # use_cpu: judge the values, not this machine's hardware (bf16 recipes validate on a laptop)
+                MoETrainingArguments(output_dir=tmp, report_to="none", use_cpu=True, **args)
+            except (ValueError, TypeError) as err:
+                raise ConfigError(config.path, where, f"invalid training arguments: {err}") from None

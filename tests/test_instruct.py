@@ -1,0 +1,197 @@
+"""Decoder-only instruction tuning: chat format, the SFTTrainer path with all MoE callbacks, recipes, the study."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import ByT5Tokenizer
+
+from hf_moe_tuning import build_tiny_model
+from hf_moe_tuning.anatomy import NoMoELayersError, describe_moe
+from hf_moe_tuning.config import MoETrainingArguments
+from hf_moe_tuning.data import heldout_task, instruction_mixture
+from hf_moe_tuning.instruct import (
+    BYTE_CHAT_TEMPLATE,
+    align_special_tokens,
+    ensure_chat_template,
+    evaluate_chat_task,
+    load_instruct_config,
+    moe_callbacks,
+    parse_instruct_config,
+    render_prompt,
+    run_sft,
+    split_training_args,
+    to_prompt_completion,
+    validate_instruct_config,
+)
+from hf_moe_tuning.study.config import ConfigError, set_dotted
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes" / "instruct_moe" / "tiny.yaml"
+REAL = ROOT / "recipes" / "instruct_moe" / "real.yaml"
+
+
+@pytest.fixture
+def tokenizer():
+    return ensure_chat_template(ByT5Tokenizer(), "auto")
+
+
+# ---------------------------------------------------------------------------------------------- chat
+def test_byte_chat_template_renders_prompt_and_stop_token(tokenizer):
+    assert tokenizer.chat_template == BYTE_CHAT_TEMPLATE
+    prompt = render_prompt(tokenizer, "What does a cow say?")
+    assert prompt == "U: What does a cow say?\nA: "
+    full = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What does a cow say?"}, {"role": "assistant", "content": "moo"}], tokenize=False
+    )
+    assert full == prompt + "moo</s>"
+    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    assert ids[-1] == tokenizer.eos_token_id  # the stop token is one token, trained with the answer
+    assert ids[: len(tokenizer(prompt, add_special_tokens=False)["input_ids"])] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
+def test_ensure_chat_template_modes(tokenizer):
+    with pytest.raises(ValueError, match="has no chat template"):
+        ensure_chat_template(ByT5Tokenizer(), "model")
+    with pytest.raises(ValueError, match="not one of"):
+        ensure_chat_template(ByT5Tokenizer(), "jinja")
+    assert "<|im_start|>" in ensure_chat_template(ByT5Tokenizer(), "chatml").chat_template
+
+
+def test_to_prompt_completion_converts_mixture_and_heldout():
+    mixture = to_prompt_completion(instruction_mixture(8, seed=1), system="Answer briefly.")
+    row = mixture[0]
+    assert mixture.column_names == ["prompt", "completion"]
+    assert [m["role"] for m in row["prompt"]] == ["system", "user"]
+    assert row["completion"][0]["role"] == "assistant"
+    task = heldout_task("passage_yesno", train_size=4, validation_size=2, test_size=2)
+    assert to_prompt_completion(task["train"])[0]["completion"][0]["content"] in ("yes", "no")
+    with pytest.raises(ValueError, match="inputs"):
+        to_prompt_completion(task["train"].rename_column("inputs", "question"))
+
+
+# ---------------------------------------------------------------------------------------------- SFT
+def test_split_training_args_routes_moe_knobs_to_callbacks():
+    sft, moe = split_training_args({"learning_rate": 1e-3, "router_z_loss_coef": 1e-3, "moe_freeze_strategy": "non_moe"})
+    assert sft == {"learning_rate": 1e-3}
+    assert moe == {"router_z_loss_coef": 1e-3, "moe_freeze_strategy": "non_moe"}
+    with pytest.raises(ValueError, match="unknown training argument 'lerning_rate'"):
+        split_training_args({"lerning_rate": 1e-3})
+
+
+def test_moe_callbacks_dense_and_lora_errors(tmp_path):
+    dense = build_tiny_model("llama")
+    assert moe_callbacks(dense, MoETrainingArguments(str(tmp_path))) == []
+    with pytest.raises(NoMoELayersError, match="router_aux_loss_coef"):
+        moe_callbacks(dense, MoETrainingArguments(str(tmp_path), router_aux_loss_coef=0.01))
+    with pytest.raises(ValueError, match="with LoRA the adapter targets choose"):
+        moe_callbacks(build_tiny_model("mixtral"), MoETrainingArguments(str(tmp_path), moe_freeze_strategy="non_moe"), lora=True)
+
+
+def test_sft_end_to_end_with_all_callbacks(tmp_path, tokenizer):
+    """TRL SFTTrainer + freezing preset + router losses + expert load: keys in the logs, frozen routers unchanged."""
+    model = align_special_tokens(build_tiny_model("mixtral"), tokenizer)
+    routers = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("mlp.gate.weight")}
+    experts_before = {n: p.detach().clone() for n, p in model.named_parameters() if "experts" in n}
+    attention_before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    data = to_prompt_completion(instruction_mixture(48, seed=0))
+    args = {
+        "max_steps": 4, "per_device_train_batch_size": 8, "learning_rate": 1e-3, "logging_steps": 2,
+        "moe_freeze_strategy": "non_moe", "router_aux_loss_coef": 0.01, "router_z_loss_coef": 0.001,
+        "moe_drift_probe_size": 4,
+    }
+    outcome = run_sft(model, tokenizer, data, args, str(tmp_path), seed=0, sft_options={"max_length": 128})
+    logs = [r for r in outcome.log_history if "loss" in r]
+    assert len(logs) == 2
+    last = logs[-1]
+    for key in ("lm_loss", "router/aux_loss", "router/z_loss", "router/aux_coef", "router/z_coef",
+                "moe/load_cv_mean", "moe/entropy_mean", "moe/layer0/load_cv", "moe/layer1/entropy",
+                "moe/dead_experts_total", "freeze/trainable_frac"):
+        assert key in last, f"{key} missing from {sorted(last)}"
+    assert last["router/aux_coef"] == pytest.approx(0.01)
+    assert math.isfinite(last["loss"]) and last["router/aux_loss"] >= 1.0 - 1e-4  # Switch aux loss is >= 1 (balanced)
+    assert 0.0 < last["freeze/trainable_frac"] < 1.0
+    # non_moe: routers and experts frozen, attention trained
+    for name, before in {**routers, **experts_before}.items():
+        assert torch.equal(dict(model.named_parameters())[name], before), name
+    assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, attention_before)
+    # TRL's own aux loss is off: the router term comes from RouterLossCallback only
+    assert outcome.trainer.args.router_aux_loss_coef == 0.0
+
+
+def test_evaluate_chat_task_scores_and_generates(tokenizer):
+    model = align_special_tokens(build_tiny_model("llama"), tokenizer)
+    for name in ("multiple_choice", "fusion"):
+        task = heldout_task(name, train_size=1, validation_size=1, test_size=4)
+        from hf_moe_tuning.data import get_task
+
+        spec = get_task(name)
+        scores = evaluate_chat_task(model, tokenizer, task["test"], spec.kind, spec.metrics, batch_size=3, max_new_tokens=4)
+        assert set(scores) >= set(spec.metrics)
+        assert all(0.0 <= v <= 1.0 for v in scores.values())
+
+
+# ---------------------------------------------------------------------------------------------- recipes
+def test_recipes_validate_offline():
+    tiny = load_instruct_config(TINY)
+    assert tiny.study == "instruct_moe" and tiny.chat_template == "byte"
+    assert set(tiny.arms) >= {"dense", "instruct_dense", "moe", "instruct_moe"}
+    # matched active compute: dense MLP width = top_k x expert width
+    dense = build_tiny_model("llama", **tiny.models["dense"].overrides)
+    moe = build_tiny_model("mixtral", **tiny.models["moe"].overrides)
+    layer = describe_moe(moe).layers[0]
+    assert dense.config.intermediate_size == layer.top_k * moe.config.intermediate_size
+    assert validate_instruct_config(tiny)
+    real = load_instruct_config(REAL)
+    checked = validate_instruct_config(real)
+    assert any("olmoe" in line and "experts" in line for line in checked)
+    assert real.lora["expert_parameters"]
+
+
+@pytest.mark.parametrize(
+    "path, value, match",
+    [
+        ("sft.router_aux_loss_coef", 0.01, "sft.router_aux_loss_coef: is set by the pipeline"),
+        ("sft.max_lenght", 128, "sft.max_lenght: unknown key"),
+        ("sft.chat_template", "jinja", "sft.chat_template: unknown mode"),
+        ("sft.lora", {"r": 8, "target_modules": ["q_proj"], "dense_target_modules": ["up_proj"], "expert_parameters": ["mlp.experts.down_proj"], "lora_dropout": 0.1}, None),
+        ("arms.moe.args.moe_freeze_strategy", "some", "arms.moe.args.moe_freeze_strategy: unknown freezing strategy"),
+        ("models.moe.init", "tiny:switch", "decoder-only study needs decoder models"),
+        ("study", "flan_moe", "reads 'instruct_moe' recipes"),
+    ],
+)
+def test_recipe_errors_name_the_key(path, value, match):
+    raw = yaml.safe_load(TINY.read_text())
+    set_dotted(raw, path, copy.deepcopy(value))
+    if match is None:  # parses; the offline LoRA check catches what PEFT would reject at train time
+        config = parse_instruct_config(raw, TINY)
+        with pytest.raises(ConfigError, match="lora_dropout"):
+            validate_instruct_config(config)
+        return
+    with pytest.raises(ConfigError, match=match):
+        parse_instruct_config(raw, TINY)
+
+
+# ---------------------------------------------------------------------------------------------- study
+@pytest.mark.slow
+def test_instruct_study_writes_results(tmp_path):
+    from hf_moe_tuning.instruct import run_instruct_study
+
+    overrides = {
+        "data.tasks": ["passage_yesno"], "data.train_size": 8, "data.validation_size": 2, "data.test_size": 8,
+        "data.corpus_size": 64, "data.mixture_size": 64, "pretrain.args.max_steps": 2, "instruct.args.max_steps": 2,
+        "finetune.args.num_train_epochs": 1, "finetune.args.logging_steps": 1,
+    }
+    result = run_instruct_study(TINY, num_seeds=1, overrides=overrides, output_dir=tmp_path / "out",
+                                cache_dir=tmp_path / "cache", progress=False, command="pytest")
+    assert len(result.records) == len(result.config.arms)
+    text = (tmp_path / "out" / "results.md").read_text()
+    assert "Dense − MoE" in text and "(Instruct-MoE − MoE) − (Instruct-Dense − Dense)" in text
+    assert "## Models and routing" in text and "moe/load_cv_mean" in text
+    assert (tmp_path / "out" / "plot.png").stat().st_size > 0
+    assert (tmp_path / "out" / "results.csv").read_text().count("\n") == 1 + len(result.config.arms)
