@@ -38,7 +38,7 @@ from ..study.config import (
     ConfigError,
     StudyConfig,
     parse_study_config,
-    set_dotted,
+    read_recipe_yaml,
 )
 from .chat import CHAT_TEMPLATE_MODES
 
@@ -183,19 +183,7 @@ def parse_instruct_config(raw: dict[str, Any], path: str | Path | None = None) -
 
 def load_instruct_config(path: str | Path, overrides: dict[str, Any] | None = None) -> InstructStudyConfig:
     """Read, override (dotted keys) and validate an ``instruct_moe`` recipe YAML file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(path, "<file>", "no such recipe file")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(path, "<yaml>", f"not valid YAML: {err}") from None
-    for key, value in (overrides or {}).items():
-        try:
-            set_dotted(raw, key, value)
-        except ValueError as err:
-            raise ConfigError(path, key, str(err)) from None
-    return parse_instruct_config(raw, path)
+    return parse_instruct_config(read_recipe_yaml(path, overrides), Path(path))
 
 
 def validate_instruct_config(config: InstructStudyConfig, check_lora_targets: bool = True) -> list[str]:

@@ -400,8 +400,8 @@ def parse_study_config(raw: dict[str, Any], path: str | Path | None = None) -> S
     )
 
 
-def load_study_config(path: str | Path, overrides: dict[str, Any] | None = None) -> StudyConfig:
-    """Read, override (dotted keys) and validate a recipe YAML file."""
+def read_recipe_yaml(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read a recipe YAML file and apply dotted-key ``overrides``; errors name the file and key."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(path, "<file>", "no such recipe file")
@@ -414,7 +414,12 @@ def load_study_config(path: str | Path, overrides: dict[str, Any] | None = None)
             set_dotted(raw, key, value)
         except ValueError as err:
             raise ConfigError(path, key, str(err)) from None
-    return parse_study_config(raw, path)
+    return raw
+
+
+def load_study_config(path: str | Path, overrides: dict[str, Any] | None = None) -> StudyConfig:
+    """Read, override (dotted keys) and validate a recipe YAML file."""
+    return parse_study_config(read_recipe_yaml(path, overrides), Path(path))
 
 
 def validate_training_args(config: StudyConfig) -> None:
