@@ -80,3 +80,41 @@ def merge_pending_metrics(callbacks, logs: dict) -> dict:
         if isinstance(cb, MoEMetricsCallback):
             merged.update(cb.pop_metrics(kind))
     return merged
+
+
+class ModelPatchCallback(MoEMetricsCallback):
+    """Base of callbacks that patch the model once and log the setting they applied.
+
+    Subclasses implement :meth:`_install` (returning a handle with ``remove()``) and :meth:`_metrics` (the
+    settings to log at train start). The patch is installed in ``on_init_end`` (so an evaluation before training
+    sees the same model) or, at the latest, in ``on_train_begin``, and undone by :meth:`remove`.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.handle = None
+
+    def _install(self, model):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _metrics(self) -> dict[str, float]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def install(self, model) -> None:
+        """Patch ``model`` (idempotent)."""
+        if self.handle is None:
+            self.handle = self._install(model)
+
+    def remove(self) -> None:
+        """Undo the patch."""
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            self.install(model)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.install(model)
+        self.push_metrics(self._metrics())

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..routing.capacity import CapacityControl, apply_capacity_factors, validate_capacity_factor
-from .base import MoEMetricsCallback
+from ..routing.capacity import apply_capacity_factors, validate_capacity_factor
+from .base import ModelPatchCallback
 
 
-class CapacityFactorCallback(MoEMetricsCallback):
+class CapacityFactorCallback(ModelPatchCallback):
     """Size expert capacity from ``train_factor`` / ``eval_factor`` (``None``: the family's own capacity)."""
 
     def __init__(self, train_factor: float | None = None, eval_factor: float | None = None) -> None:
@@ -29,7 +29,6 @@ class CapacityFactorCallback(MoEMetricsCallback):
         self.eval_factor = validate_capacity_factor(eval_factor, "moe_capacity_factor_eval")
         if self.train_factor is None and self.eval_factor is None:
             raise ValueError("CapacityFactorCallback needs a train or an eval capacity factor")
-        self.control: CapacityControl | None = None
 
     @classmethod
     def from_args(cls, args: Any) -> "CapacityFactorCallback | None":
@@ -38,24 +37,13 @@ class CapacityFactorCallback(MoEMetricsCallback):
         evaluation = getattr(args, "moe_capacity_factor_eval", None)
         return cls(train, evaluation) if train is not None or evaluation is not None else None
 
-    def install(self, model: Any) -> None:
-        if self.control is None:
-            self.control = apply_capacity_factors(model, self.train_factor, self.eval_factor)
+    def _install(self, model: Any):
+        return apply_capacity_factors(model, self.train_factor, self.eval_factor)
 
-    def remove(self) -> None:
-        if self.control is not None:
-            self.control.remove()
-            self.control = None
-
-    def on_init_end(self, args, state, control, model=None, **kwargs):
-        if model is not None:
-            self.install(model)
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.install(model)
+    def _metrics(self) -> dict[str, float]:
         metrics = {}
         if self.train_factor is not None:
             metrics["moe/capacity_factor_train"] = self.train_factor
         if self.eval_factor is not None:
             metrics["moe/capacity_factor_eval"] = self.eval_factor
-        self.push_metrics(metrics)
+        return metrics

@@ -15,17 +15,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..routing.expert_dropout import ExpertDropout, apply_expert_dropout, validate_dropout
-from .base import MoEMetricsCallback
+from ..routing.expert_dropout import apply_expert_dropout, validate_dropout
+from .base import ModelPatchCallback
 
 
-class ExpertDropoutCallback(MoEMetricsCallback):
+class ExpertDropoutCallback(ModelPatchCallback):
     """Set dropout rate ``p`` inside the routed experts of the trained model."""
 
     def __init__(self, p: float) -> None:
         super().__init__()
         self.p = validate_dropout(p)
-        self.handle: ExpertDropout | None = None
 
     @classmethod
     def from_args(cls, args: Any) -> "ExpertDropoutCallback | None":
@@ -33,19 +32,8 @@ class ExpertDropoutCallback(MoEMetricsCallback):
         p = getattr(args, "moe_expert_dropout", 0.0)
         return cls(p) if p > 0 else None
 
-    def install(self, model: Any) -> None:
-        if self.handle is None:
-            self.handle = apply_expert_dropout(model, self.p)
+    def _install(self, model: Any):
+        return apply_expert_dropout(model, self.p)
 
-    def remove(self) -> None:
-        if self.handle is not None:
-            self.handle.remove()
-            self.handle = None
-
-    def on_init_end(self, args, state, control, model=None, **kwargs):
-        if model is not None:
-            self.install(model)
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.install(model)
-        self.push_metrics({"moe/expert_dropout": self.p})
+    def _metrics(self) -> dict[str, float]:
+        return {"moe/expert_dropout": self.p}

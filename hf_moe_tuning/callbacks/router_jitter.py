@@ -14,17 +14,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..routing.jitter import RouterJitter, set_router_jitter, validate_jitter
-from .base import MoEMetricsCallback
+from ..routing.jitter import set_router_jitter, validate_jitter
+from .base import ModelPatchCallback
 
 
-class RouterJitterCallback(MoEMetricsCallback):
+class RouterJitterCallback(ModelPatchCallback):
     """Set the router jitter of every MoE layer to ``eps``."""
 
     def __init__(self, eps: float) -> None:
         super().__init__()
         self.eps = validate_jitter(eps)
-        self.handle: RouterJitter | None = None
 
     @classmethod
     def from_args(cls, args: Any) -> "RouterJitterCallback | None":
@@ -32,19 +31,8 @@ class RouterJitterCallback(MoEMetricsCallback):
         eps = getattr(args, "moe_router_jitter", None)
         return cls(eps) if eps is not None else None
 
-    def install(self, model: Any) -> None:
-        if self.handle is None:
-            self.handle = set_router_jitter(model, self.eps)
+    def _install(self, model: Any):
+        return set_router_jitter(model, self.eps)
 
-    def remove(self) -> None:
-        if self.handle is not None:
-            self.handle.remove()
-            self.handle = None
-
-    def on_init_end(self, args, state, control, model=None, **kwargs):
-        if model is not None:
-            self.install(model)
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.install(model)
-        self.push_metrics({"moe/router_jitter": self.eps})
+    def _metrics(self) -> dict[str, float]:
+        return {"moe/router_jitter": self.eps}
