@@ -15,13 +15,8 @@ import torch
 from datasets import Dataset
 
 from ..data.heldout import CLASSIFICATION, GENERATION
-from ..study.evaluation import _metric
+from ..study.evaluation import _batches, _metric, best_per_item
 from .chat import render_prompt
-
-
-def _batches(n: int, size: int):
-    for start in range(0, n, size):
-        yield range(start, min(start + size, n))
 
 
 def _encode(tokenizer, text: str, max_length: int | None = None) -> list[int]:
@@ -66,11 +61,7 @@ def score_candidates(
         logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
         mask = target_mask[:, 1:].to(logprobs.device)
         scores[list(batch)] = (logprobs * mask).sum(-1).cpu()
-    best, offset = [], 0
-    for options in choices:
-        best.append(int(scores[offset : offset + len(options)].argmax()))
-        offset += len(options)
-    return best
+    return best_per_item(scores, choices)
 
 
 @torch.no_grad()

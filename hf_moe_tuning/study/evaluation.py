@@ -29,6 +29,16 @@ def _batches(n: int, size: int):
         yield range(start, min(start + size, n))
 
 
+def best_per_item(scores: torch.Tensor, choices: Sequence[Sequence[str]]) -> list[int]:
+    """Index of the highest-scoring candidate of each item; ``scores`` holds all candidates back to back."""
+    best: list[int] = []
+    offset = 0
+    for options in choices:
+        best.append(int(scores[offset : offset + len(options)].argmax()))
+        offset += len(options)
+    return best
+
+
 @torch.no_grad()
 def score_candidates(
     model,
@@ -55,12 +65,7 @@ def score_candidates(
         logits = model(**enc, labels=labels).logits.float()
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         scores[list(batch)] = (logprobs * mask).sum(-1).cpu()
-    best: list[int] = []
-    offset = 0
-    for options in choices:
-        best.append(int(scores[offset : offset + len(options)].argmax()))
-        offset += len(options)
-    return best
+    return best_per_item(scores, choices)
 
 
 @torch.no_grad()
