@@ -31,12 +31,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..anatomy import ParamGroup, describe_moe
-from ..data import instruction_mixture, pretraining_corpus
+from ..data import pretraining_corpus
 from ..models import build_tiny_model
 from ..study.cache import StageCache, config_hash
 from ..study.config import ModelSpec
 from ..study.report import StudyResult, environment_versions, write_results
-from ..study.stages import load_task_splits
+from ..study.stages import instruction_mixture_for, load_task_splits
 from .chat import ensure_chat_template, text_dataset, to_prompt_completion
 from .config import InstructStudyConfig, load_instruct_config, lora_config
 from .evaluation import evaluate_chat_task
@@ -142,20 +142,7 @@ def ensure_pretrained(config: InstructStudyConfig, spec: ModelSpec, cache: Stage
 
 def instruction_dataset(config: InstructStudyConfig):
     """The instruction mixture (embedded, or a Hub Flan collection) in conversational prompt/completion form."""
-    data = config.data
-    if data.get("source") == "hub":
-        from ..data.hub import flan_mixture  # noqa: PLC0415
-
-        mixture = flan_mixture(
-            data["instruction_dataset"], data.get("mixture_size", 20_000), data.get("instruction_split", "train"),
-            data.get("instruction_config"), seed=data.get("seed", 0),
-        )
-    else:
-        mixture = instruction_mixture(
-            data.get("mixture_size", 20_000), seed=data.get("seed", 0),
-            few_shot_fraction=data.get("few_shot_fraction", 0.3), max_shots=data.get("max_shots", 2),
-        )
-    return to_prompt_completion(mixture, config.system)
+    return to_prompt_completion(instruction_mixture_for(config.data), config.system)
 
 
 def ensure_instructed(config: InstructStudyConfig, spec: ModelSpec, start: str, start_key: str, cache: StageCache) -> tuple[str, str, dict]:

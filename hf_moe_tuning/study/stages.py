@@ -47,6 +47,21 @@ STAGE_DEFAULTS: dict[str, Any] = {
 }
 
 
+def instruction_mixture_for(data: dict[str, Any]) -> Dataset:
+    """The instruction mixture a recipe's ``data`` section names: embedded (default) or a Hub Flan collection."""
+    if data.get("source") == "hub":
+        from ..data.hub import flan_mixture  # noqa: PLC0415
+
+        return flan_mixture(
+            data["instruction_dataset"], data.get("mixture_size", 20_000), data.get("instruction_split", "train"),
+            data.get("instruction_config"), seed=data.get("seed", 0),
+        )
+    return instruction_mixture(
+        data.get("mixture_size", 20_000), seed=data.get("seed", 0),
+        few_shot_fraction=data.get("few_shot_fraction", 0.3), max_shots=data.get("max_shots", 2),
+    )
+
+
 def load_tokenizer(config: StudyConfig, model: ModelSpec):
     """``ByT5Tokenizer()`` (no files) for ``tokenizer: byt5``; else the model's (or named) Hub tokenizer."""
     if config.tokenizer == "byt5":
@@ -218,18 +233,7 @@ def ensure_instructed(config: StudyConfig, spec: ModelSpec, start: str, start_ke
         tokenizer = load_tokenizer(config, spec)
         model = AutoModelForSeq2SeqLM.from_pretrained(start)
         kind = spec.kind or model_kind(model)
-        if data.get("source") == "hub":
-            from ..data.hub import flan_mixture  # noqa: PLC0415
-
-            mixture = flan_mixture(
-                data["instruction_dataset"], data.get("mixture_size", 20_000), data.get("instruction_split", "train"),
-                data.get("instruction_config"), seed=data.get("seed", 0),
-            )
-        else:
-            mixture = instruction_mixture(
-                data.get("mixture_size", 20_000), seed=data.get("seed", 0),
-                few_shot_fraction=data.get("few_shot_fraction", 0.3), max_shots=data.get("max_shots", 2),
-            )
+        mixture = instruction_mixture_for(data)
         dataset = tokenize_pairs(mixture, tokenizer, payload["max_source_length"], payload["max_target_length"])
         args = {**stage.args_for(kind), **spec.args}
         outcome = train_model(model, tokenizer, dataset, args, path / "trainer", seed=stage.seed)
