@@ -1,14 +1,15 @@
 """Step-time overhead of ``ExpertLoadCallback``: ratio of training step time with the callback vs without.
 
-Two copies of the same tiny MoE train on the same batches in one process, interleaved in blocks
-(A B B A A B ...), so that machine noise hits both alike. Copy A carries the callback, driven through
-the same events the Trainer fires (``on_train_begin`` builds the drift probe, ``on_step_end`` counts
-every step and, every ``--logging-steps``, all-reduces, computes the metrics and writes the JSONL line;
-the drift probe runs every ``--drift-every-steps``); copy B has no hooks at all. Steps alternate
-between the copies; a block spans whole logging and drift intervals, so that work is amortised as in a
-real run, and the median of the per-block ratios is reported. On a CPU machine shared with other jobs,
-process CPU time (``--clock process``, the default) is far less noisy than wall time. The last line
-printed is the ratio (target <= 1.03).
+Three copies of the same tiny MoE train on the same batches in one process, one step each in turn
+(the order rotates every step), so that machine noise hits all alike. Copy A carries the callback,
+driven through the same events the Trainer fires (``on_train_begin`` builds the drift probe,
+``on_step_end`` counts every step and, every ``--logging-steps``, all-reduces, computes the metrics and
+writes the JSONL line; the drift probe runs every ``--drift-every-steps``); copies B and C have no
+hooks at all. A block spans whole logging and drift intervals, so that work is amortised as in a real
+run; the median of the per-block ratios A/B is reported, and C/B, two identical runs, shows the noise
+floor of the measurement. Probe size and drift interval default to ``MoETrainingArguments``' defaults,
+i.e. what a user gets. On a CPU machine shared with other jobs, process CPU time (``--clock process``,
+the default) is far less noisy than wall time. The last line printed is the ratio A/B (target <= 1.03).
 
     python benchmarks/expert_load_overhead.py --model switch --logging-steps 10
 """
@@ -26,8 +27,11 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import ByT5Tokenizer, DataCollatorForSeq2Seq, TrainerControl, TrainerState, TrainingArguments
 
+from hf_moe_tuning import MoETrainingArguments
 from hf_moe_tuning.callbacks.expert_load import ExpertLoadCallback
 from hf_moe_tuning.models import build_tiny_model
+
+DEFAULTS = {name: f.default for name, f in MoETrainingArguments.__dataclass_fields__.items()}
 
 
 def make_batches(model_name: str, model, n_batches: int, batch_size: int, max_len: int, seed: int = 0):
@@ -55,10 +59,17 @@ def main() -> None:
     parser.add_argument("--model", default="switch", help="tiny model name (switch, mixtral, qwen2_moe, ...)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-len", type=int, default=64)
+    parser.add_argument(
+        "--expert-capacity",
+        type=int,
+        default=None,
+        help="Switch only: tokens per expert and sequence (tiny default 64 = max-len, so none is dropped); "
+        "below max-len the dropped-token count runs every step",
+    )
     parser.add_argument("--logging-steps", type=int, default=10)
-    parser.add_argument("--probe-size", type=int, default=16)
-    parser.add_argument("--drift-every-steps", type=int, default=50)
-    parser.add_argument("--rounds", type=int, default=6, help="A/B block pairs")
+    parser.add_argument("--probe-size", type=int, default=DEFAULTS["moe_drift_probe_size"])
+    parser.add_argument("--drift-every-steps", type=int, default=DEFAULTS["moe_drift_every_steps"])
+    parser.add_argument("--rounds", type=int, default=8, help="blocks (each spans whole logging and drift intervals)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscription noise)")
     parser.add_argument(
         "--clock",
@@ -71,11 +82,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    base = build_tiny_model(args.model)
-    with_cb, without_cb = base, copy.deepcopy(base)
+    overrides = {} if args.expert_capacity is None else {"expert_capacity": args.expert_capacity}
+    base = build_tiny_model(args.model, **overrides)
+    copies = {"with": base, "without": copy.deepcopy(base), "control": copy.deepcopy(base)}
+    optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-4) for name, model in copies.items()}
     loader, batches = make_batches(args.model, base, 2 * args.logging_steps, args.batch_size, args.max_len)
-    opt_a = torch.optim.AdamW(with_cb.parameters(), lr=1e-4)
-    opt_b = torch.optim.AdamW(without_cb.parameters(), lr=1e-4)
 
     out = tempfile.mkdtemp(prefix="expert_load_bench_")
     targs = TrainingArguments(out, report_to=[], use_cpu=True, logging_steps=args.logging_steps)
@@ -86,15 +97,17 @@ def main() -> None:
     # A block covers whole logging and drift intervals, so every block does the same amortised work.
     block_steps = math.lcm(args.logging_steps, args.drift_every_steps if args.probe_size else 1)
     batches = [batches[i % len(batches)] for i in range(block_steps)]
-    callback.on_init_end(targs, state, control, model=with_cb)
-    with_cb.train()
-    without_cb.train()
-    callback.on_train_begin(targs, state, control, model=with_cb, train_dataloader=loader)
+    callback.on_init_end(targs, state, control, model=copies["with"])
+    for model in copies.values():
+        model.train()
+    callback.on_train_begin(targs, state, control, model=copies["with"], train_dataloader=loader)
 
     clock = time.process_time if args.clock == "process" else time.perf_counter
 
-    def step_a(batch) -> None:
-        train_step(with_cb, opt_a, batch)
+    def step(name: str, batch) -> None:
+        train_step(copies[name], optimizers[name], batch)
+        if name != "with":
+            return
         state.global_step += 1
         control.should_log = state.global_step % args.logging_steps == 0
         callback.on_step_end(targs, state, control)
@@ -102,39 +115,46 @@ def main() -> None:
             callback.pop_metrics("train")  # what Trainer.log does with the pushed metrics
             control.should_log = False
 
-    def step_b(batch) -> None:
-        train_step(without_cb, opt_b, batch)
-
-    def timed(fn, batch) -> float:
+    def timed(name: str, batch) -> float:
         start = clock()
-        fn(batch)
+        step(name, batch)
         return clock() - start
 
+    names = list(copies)
     for batch in batches[: args.logging_steps]:  # warm-up
-        step_a(batch)
-        step_b(batch)
-    # Steps alternate A B / B A, so both copies see the same machine load; a block spans whole logging and
-    # drift intervals so it carries the same amortised logging work every time.
-    times: dict[str, list[float]] = {"with": [], "without": []}
+        for name in names:
+            step(name, batch)
+    times: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(args.rounds):
-        block = {"with": 0.0, "without": 0.0}
+        block = dict.fromkeys(names, 0.0)
         for i, batch in enumerate(batches):
-            pair = [("with", step_a), ("without", step_b)]
-            for name, fn in pair if i % 2 == 0 else pair[::-1]:
-                block[name] += timed(fn, batch)
+            for j in range(len(names)):  # rotate who goes first, so no copy always runs in the same slot
+                name = names[(i + j) % len(names)]
+                block[name] += timed(name, batch)
         for name, value in block.items():
             times[name].append(value)
     callback.close()
     steps = args.rounds * block_steps
-    # Each block's ratio compares steps that ran interleaved; the median over blocks drops bursts.
-    ratios = sorted(a / b for a, b in zip(times["with"], times["without"]))
-    median = ratios[len(ratios) // 2] if len(ratios) % 2 else 0.5 * sum(ratios[len(ratios) // 2 - 1 : len(ratios) // 2 + 1])
-    print(f"model={args.model} batch={args.batch_size} max_len={args.max_len} logging_steps={args.logging_steps} "
-          f"probe_size={args.probe_size} drift_every_steps={args.drift_every_steps} steps_each={steps} threads={args.threads} clock={args.clock}")
-    print(f"step time without callback: {1000 * sum(times['without']) / steps:.2f} ms")
-    print(f"step time with callback:    {1000 * sum(times['with']) / steps:.2f} ms")
-    print(f"ratio of totals: {sum(times['with']) / sum(times['without']):.4f}; per-pair ratios {ratios[0]:.3f}..{ratios[-1]:.3f}")
-    print(f"step-time ratio with/without ExpertLoadCallback (median of {len(ratios)} blocks):")
+
+    def median_ratio(a: str, b: str) -> tuple[float, float, float]:
+        # Each block's ratio compares steps that ran interleaved; the median over blocks drops bursts.
+        ratios = sorted(x / y for x, y in zip(times[a], times[b]))
+        mid = len(ratios) // 2
+        median = ratios[mid] if len(ratios) % 2 else 0.5 * (ratios[mid - 1] + ratios[mid])
+        return median, ratios[0], ratios[-1]
+
+    capacity = getattr(base.config, "expert_capacity", None)
+    print(f"model={args.model} batch={args.batch_size} max_len={args.max_len} expert_capacity={capacity} "
+          f"logging_steps={args.logging_steps} "
+          f"probe_size={args.probe_size} drift_every_steps={args.drift_every_steps} steps_each={steps} "
+          f"threads={args.threads} clock={args.clock}")
+    for name in names:
+        print(f"step time {name + ':':9s} {1000 * sum(times[name]) / steps:.2f} ms")
+    null, null_lo, null_hi = median_ratio("control", "without")
+    print(f"noise floor, identical copies C/B: {null:.4f} (blocks {null_lo:.3f}..{null_hi:.3f})")
+    median, lo, hi = median_ratio("with", "without")
+    print(f"ratio of totals A/B: {sum(times['with']) / sum(times['without']):.4f}; blocks {lo:.3f}..{hi:.3f}")
+    print(f"step-time ratio with/without ExpertLoadCallback (median of {len(times['with'])} blocks):")
     print(f"{median:.4f}")
 
 

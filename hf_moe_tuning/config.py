@@ -151,8 +151,11 @@ class MoETrainingArguments(TrainingArguments):
         default=True, metadata={"help": "Save a layer x expert load heatmap PNG at train end and each evaluation."}
     )
     moe_drift_probe_size: int = field(
-        default=16,
-        metadata={"help": "Examples in the fixed probe batch used for routing drift against the start model."},
+        default=8,
+        metadata={
+            "help": "Examples in the fixed probe batch used for routing drift against the start model (0: no drift). "
+            "The same tokens are routed at start and later, so a small probe measures drift without sampling noise."
+        },
     )
     moe_drift_every_steps: int = field(
         default=50,

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from .config import ROUTER_LOSS_SCHEDULES
+from .metrics.expert_load import select_experts as metrics_select_experts
 
 __all__ = [
     "ROUTER_LOSS_SCHEDULES",
@@ -170,21 +171,14 @@ def router_probs(logits: torch.Tensor, scoring: str = "softmax") -> torch.Tensor
 @torch.no_grad()
 def select_experts(logits: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:
     """The ``top_k`` experts each token is routed to, ``[N, k]`` (int64), as the family's router picks them."""
-    logits = logits.detach().float()
-    if spec.scoring == "softmax":
-        return torch.topk(logits, spec.top_k, dim=-1).indices
-    choice = torch.sigmoid(logits)
-    if spec.correction_bias is not None:
-        choice = choice + spec.correction_bias.detach().float().to(choice.device)
-    if spec.num_group > 1:
-        n, e = choice.shape
-        per_group = choice.view(n, spec.num_group, e // spec.num_group)
-        group_scores = per_group.topk(min(2, per_group.shape[-1]), dim=-1).values.sum(dim=-1)
-        keep = torch.topk(group_scores, spec.topk_group, dim=-1).indices
-        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
-        token_mask = group_mask.unsqueeze(-1).expand_as(per_group).reshape(n, e)
-        choice = choice.masked_fill(~token_mask, float("-inf"))
-    return torch.topk(choice, spec.top_k, dim=-1).indices
+    return metrics_select_experts(
+        logits,
+        spec.top_k,
+        scoring=spec.scoring,
+        correction_bias=spec.correction_bias,
+        num_groups=spec.num_group,
+        topk_groups=spec.topk_group,
+    )
 
 
 # --------------------------------------------------------------------------------------------- losses

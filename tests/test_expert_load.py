@@ -224,6 +224,56 @@ def test_counter_reduces_and_resets():
     assert counter.reduce()[0].counts == [0, 0, 0]
 
 
+def test_counter_update_layers_equals_per_layer_bincounts():
+    g = torch.Generator().manual_seed(0)
+    num_layers, n, k, e = 3, 50, 2, 6
+    indices = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(num_layers * n)]).view(num_layers, n, k)
+    mask = torch.rand(n, generator=g) > 0.3
+    dropped = torch.rand(num_layers, n, generator=g) > 0.7
+    spec = [(5, "a", e, k, True), (7, "b", e, k, True), (9, "c", e, k, True), (11, "d", 4, 1, False)]
+    stacked, single = ExpertLoadCounter(spec), ExpertLoadCounter(spec)
+    stacked.update_layers([5, 7, 9], indices, mask, dropped)
+    for row, index in enumerate([5, 7, 9]):
+        single.update(index, indices[row], mask, dropped[row])
+    got, want = stacked.reduce(), single.reduce()
+    assert [x.to_dict() for x in got] == [x.to_dict() for x in want]
+    for row, load in enumerate(got[:3]):
+        assert load.counts == torch.bincount(indices[row][mask].flatten(), minlength=e).tolist()
+        assert load.tokens == int(mask.sum())
+        assert load.dropped == torch.bincount(indices[row, :, 0][mask & dropped[row]], minlength=e).tolist()
+    assert got[3].tokens == 0 and got[3].dropped is None
+
+
+def test_counter_dropped_false_means_measured_none_dropped_and_none_means_unknown():
+    counter = ExpertLoadCounter([(0, "a", 3, 1, True), (1, "b", 3, 1, True)])
+    idx, mask = torch.tensor([[[0], [2], [2]]]), torch.tensor([True, True, False])
+    counter.update_layers([0], idx, mask, False)
+    counter.update_layers([1], idx, mask, None)
+    loads = counter.reduce()
+    assert loads[0].dropped == [0, 0, 0] and loads[0].counts == [1, 0, 1]
+    assert loads[1].dropped is None and loads[1].counts == [1, 0, 1]
+    with pytest.raises(ValueError, match="one number of experts"):
+        ExpertLoadCounter([(0, "a", 3, 1, False), (1, "b", 4, 1, False)]).update_layers(
+            [0, 1], torch.zeros(2, 3, 1, dtype=torch.long), mask
+        )
+    with pytest.raises(KeyError, match="not among"):
+        counter.update_layers([4], idx, mask)
+
+
+def test_stacked_selection_and_capacity_equal_per_layer():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 40, 8, generator=g)
+    bias = torch.randn(3, 8, generator=g)
+    for kwargs in ({}, {"scoring": "sigmoid", "num_groups": 4, "topk_groups": 2}):
+        stacked = select_experts(logits, 2, correction_bias=bias if kwargs else None, **kwargs)
+        for row in range(3):
+            alone = select_experts(logits[row], 2, correction_bias=bias[row] if kwargs else None, **kwargs)
+            assert torch.equal(stacked[row], alone)
+    top1 = select_experts(logits, 1)[..., 0].view(3, 4, 10)
+    stacked = capacity_overflow(top1, 2, 8)
+    assert torch.equal(stacked, torch.stack([capacity_overflow(t, 2, 8) for t in top1]))
+
+
 def test_select_experts_matches_deepseek_router_with_bias_and_groups():
     model = build_tiny_model("deepseek_v3")
     router = model.model.layers[1].mlp.gate
@@ -247,9 +297,12 @@ def test_select_experts_matches_deepseek_router_with_bias_and_groups():
 
 
 # ---------------------------------------------------------------------------------------------- in a Trainer
-@pytest.mark.parametrize("model_name", ["switch", "mixtral"])
-def test_counts_match_hand_counts_with_padding(model_name, tmp_path):
-    capacity = 3 if model_name == "switch" else None
+@pytest.mark.parametrize(
+    "model_name, capacity",
+    [("switch", 3), ("switch", 64), ("mixtral", None)],
+    ids=["switch-capacity-binds", "switch-capacity-above-seq", "mixtral"],
+)
+def test_counts_match_hand_counts_with_padding(model_name, capacity, tmp_path):
     overrides = {"expert_capacity": capacity} if capacity else {}
     model = build_tiny_model(model_name, **overrides)
     hand = HandCounter(model, capacity)
@@ -263,8 +316,11 @@ def test_counts_match_hand_counts_with_padding(model_name, tmp_path):
     # padding was present, and for Switch the capacity really dropped tokens
     for layer_index, snap in hand.snapshots["train"][0].items():
         assert 0 < snap["tokens"] < snap["positions"], layer_index
-    if capacity:
-        assert sum(s[i]["dropped"] for s in hand.snapshots["train"] for i in s) > 0
+    dropped = sum(s[i]["dropped"] for s in hand.snapshots["train"] for i in s)
+    if capacity == 3:
+        assert dropped > 0
+    elif capacity == 64:  # sequences shorter than the capacity: nothing dropped, and dropped_frac says 0
+        assert dropped == 0
 
     logs = trainer.state.log_history
     train_log = next(h for h in logs if "loss" in h)
@@ -274,6 +330,8 @@ def test_counts_match_hand_counts_with_padding(model_name, tmp_path):
             assert f"moe/layer{i}/{stat}" in train_log
             assert f"eval_moe/layer{i}/{stat}" in eval_log
         assert (f"moe/layer{i}/dropped_frac" in train_log) == (capacity is not None)
+        if capacity == 64:
+            assert train_log[f"moe/layer{i}/dropped_frac"] == 0.0
     record = read_jsonl(tmp_path, "train")[0]
     stats0 = layer_statistics(LayerLoad(**{k if k != "layer" else "index": v for k, v in record["layers"][0].items()}))
     assert train_log["moe/layer0/load_cv"] == pytest.approx(stats0["load_cv"])

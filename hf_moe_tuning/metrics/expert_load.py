@@ -30,7 +30,7 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
@@ -66,7 +66,7 @@ def select_experts(
     num_groups: int | None = None,
     topk_groups: int | None = None,
 ) -> torch.Tensor:
-    """Top-``k`` expert indices ``[N, k]`` per token (column 0 is the top-1 expert), as the model routes.
+    """Top-``k`` expert indices ``[..., N, k]`` per token (column 0 is the top-1 expert), as the model routes.
 
     Softmax and sigmoid are monotonic, so without a correction bias the result is the top-k of the
     logits. DeepSeek-V3-style routers (``scoring="sigmoid"``) choose on ``sigmoid(logits) + bias`` and,
@@ -74,23 +74,27 @@ def select_experts(
     highest; both are reproduced here.
 
     Args:
-        logits: router logits ``[N, E]``.
+        logits: router logits ``[N, E]``, or ``[L, N, E]`` for ``L`` layers that route alike, in one call.
         top_k: experts per token.
         scoring: ``"softmax"`` or ``"sigmoid"``.
-        correction_bias: per-expert bias ``[E]`` added to the scores for choice only.
+        correction_bias: per-expert bias ``[E]`` (``[L, E]`` with stacked layers) added to the scores for
+            choice only.
         num_groups: number of expert groups for group-limited routing (``None``/1: no groups).
         topk_groups: groups kept per token.
     """
-    if logits.dim() != 2:
-        raise ValueError(f"router logits must be [num_tokens, num_experts], got shape {tuple(logits.shape)}")
+    if logits.dim() not in (2, 3):
+        raise ValueError(
+            "router logits must be [num_tokens, num_experts] or [layers, num_tokens, num_experts], "
+            f"got shape {tuple(logits.shape)}"
+        )
     num_experts = logits.shape[-1]
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
-    logits = logits.detach()
     if correction_bias is None and (num_groups or 1) <= 1:
         if top_k == 1:
             return logits.argmax(dim=-1, keepdim=True)  # cheaper than topk on CPU
         return torch.topk(logits, top_k, dim=-1, sorted=True).indices
+    logits = logits.detach()
     if scoring == "sigmoid":
         scores = logits.float().sigmoid()
     elif scoring == "softmax":
@@ -98,15 +102,16 @@ def select_experts(
     else:
         raise ValueError(f"scoring={scoring!r} is not 'softmax' or 'sigmoid'")
     if correction_bias is not None:
-        scores = scores + correction_bias.detach().to(scores.device, scores.dtype)
+        bias = correction_bias.detach().to(scores.device, scores.dtype)
+        scores = scores + (bias.unsqueeze(-2) if bias.dim() == 2 else bias)
     if num_groups and num_groups > 1:
         if num_experts % num_groups:
             raise ValueError(f"num_experts={num_experts} is not divisible by num_groups={num_groups}")
-        grouped = scores.view(-1, num_groups, num_experts // num_groups)
+        grouped = scores.unflatten(-1, (num_groups, num_experts // num_groups))
         group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
         keep = torch.topk(group_scores, k=topk_groups or 1, dim=-1).indices
-        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
-        scores = scores.masked_fill(~group_mask.repeat_interleave(num_experts // num_groups, dim=1), float("-inf"))
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(-1, keep, True)
+        scores = scores.masked_fill(~group_mask.repeat_interleave(num_experts // num_groups, dim=-1), float("-inf"))
     return torch.topk(scores, top_k, dim=-1, sorted=True).indices
 
 
@@ -134,7 +139,7 @@ def expert_counts(indices: torch.Tensor, mask: torch.Tensor | None, num_experts:
 
 
 def capacity_overflow(top1: torch.Tensor, capacity: int, num_experts: int) -> torch.Tensor:
-    """Bool ``[B, S]``: tokens the Switch router drops because their expert is full.
+    """Bool ``[B, S]`` (``[L, B, S]``): tokens the Switch router drops because their expert is full.
 
     Switch Transformers routes each sequence in token order: a token's priority is its position among
     the sequence's tokens that chose the same expert (``cumsum`` of the one-hot choice along the
@@ -142,32 +147,37 @@ def capacity_overflow(top1: torch.Tensor, capacity: int, num_experts: int) -> to
     exactly as in the model; mask it out when counting.
 
     Args:
-        top1: top-1 expert indices ``[B, S]``.
+        top1: top-1 expert indices ``[B, S]``, or ``[L, B, S]`` for ``L`` layers at once.
         capacity: tokens an expert takes per sequence (``router.expert_capacity``).
         num_experts: ``E``.
     """
-    if top1.dim() != 2:
-        raise ValueError(f"top1 must be [batch, seq], got shape {tuple(top1.shape)}")
-    one_hot = torch.nn.functional.one_hot(top1.long(), num_experts)
-    priority = torch.cumsum(one_hot, dim=1).gather(-1, top1.long().unsqueeze(-1)).squeeze(-1)
-    return priority > capacity
+    if top1.dim() not in (2, 3):
+        raise ValueError(f"top1 must be [batch, seq] or [layers, batch, seq], got shape {tuple(top1.shape)}")
+    if top1.dtype != torch.long:
+        top1 = top1.long()
+    one_hot = torch.nn.functional.one_hot(top1, num_experts)
+    priority = torch.cumsum(one_hot, dim=-2).gather(-1, top1.unsqueeze(-1))
+    return (priority > capacity).squeeze(-1)
 
 
 # ---------------------------------------------------------------------------------------------- statistics
-def _as_float_counts(counts: torch.Tensor | Sequence[float]) -> torch.Tensor:
-    c = torch.as_tensor(counts).detach().to("cpu", torch.float64).reshape(-1)
-    if c.numel() == 0:
+def _as_float_counts(counts: torch.Tensor | Sequence[float]) -> list[float]:
+    """Counts as a list of Python floats (a handful of numbers per layer: plain Python beats tensor ops here)."""
+    if isinstance(counts, torch.Tensor):
+        counts = counts.detach().reshape(-1).tolist()
+    c = [float(x) for x in counts]
+    if not c:
         raise ValueError("counts are empty")
-    if (c < 0).any():
+    if min(c) < 0:
         raise ValueError("counts must be non-negative")
     return c
 
 
-def load_fractions(counts: torch.Tensor | Sequence[float]) -> torch.Tensor | None:
-    """``p_e = c_e / sum(c)`` (float64, sums to 1), or ``None`` when nothing was routed."""
+def load_fractions(counts: torch.Tensor | Sequence[float]) -> list[float] | None:
+    """``p_e = c_e / sum(c)`` (sums to 1), or ``None`` when nothing was routed."""
     c = _as_float_counts(counts)
-    total = c.sum()
-    return None if total <= 0 else c / total
+    total = sum(c)
+    return None if total <= 0 else [x / total for x in c]
 
 
 def normalized_entropy(counts: torch.Tensor | Sequence[float]) -> float | None:
@@ -175,29 +185,30 @@ def normalized_entropy(counts: torch.Tensor | Sequence[float]) -> float | None:
     p = load_fractions(counts)
     if p is None:
         return None
-    if p.numel() == 1:
+    if len(p) == 1:
         return 1.0
-    nz = p[p > 0]
-    return float(-(nz * nz.log()).sum() / math.log(p.numel()))
+    return -sum(x * math.log(x) for x in p if x > 0) / math.log(len(p))
 
 
 def coefficient_of_variation(counts: torch.Tensor | Sequence[float]) -> float | None:
     """``std(c) / mean(c)`` with the population std; ``None`` when nothing was routed."""
     c = _as_float_counts(counts)
-    mean = c.mean()
-    return None if mean <= 0 else float(c.std(unbiased=False) / mean)
+    mean = sum(c) / len(c)
+    if mean <= 0:
+        return None
+    return math.sqrt(sum((x - mean) ** 2 for x in c) / len(c)) / mean
 
 
 def max_violation(counts: torch.Tensor | Sequence[float]) -> float | None:
     """MaxVio ``max(c) / mean(c) - 1`` (Wang et al. 2024); ``None`` when nothing was routed."""
     c = _as_float_counts(counts)
-    mean = c.mean()
-    return None if mean <= 0 else float(c.max() / mean - 1.0)
+    mean = sum(c) / len(c)
+    return None if mean <= 0 else max(c) / mean - 1.0
 
 
 def dead_experts(counts: torch.Tensor | Sequence[float]) -> int:
     """Number of experts that received no token."""
-    return int((_as_float_counts(counts) == 0).sum())
+    return sum(1 for x in _as_float_counts(counts) if x == 0)
 
 
 def top1_change_fraction(
@@ -220,15 +231,19 @@ def js_divergence(p_counts: torch.Tensor | Sequence[float], q_counts: torch.Tens
     p, q = load_fractions(p_counts), load_fractions(q_counts)
     if p is None or q is None:
         return None
-    if p.shape != q.shape:
-        raise ValueError(f"load distributions have different numbers of experts: {p.numel()} vs {q.numel()}")
-    m = 0.5 * (p + q)
+    if len(p) != len(q):
+        raise ValueError(f"load distributions have different numbers of experts: {len(p)} vs {len(q)}")
+    m = [0.5 * (a + b) for a, b in zip(p, q)]
 
-    def kl(a: torch.Tensor) -> torch.Tensor:
-        nz = a > 0
-        return (a[nz] * (a[nz] / m[nz]).log2()).sum()
+    def kl(a: list[float]) -> float:
+        return sum(x * math.log2(x / y) for x, y in zip(a, m) if x > 0)
 
-    return float(max(0.0, 0.5 * kl(p) + 0.5 * kl(q)))
+    return max(0.0, 0.5 * kl(p) + 0.5 * kl(q))
+
+
+def _on(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor.to(device, dtype)`` without a dispatch when it is already there (this runs every step)."""
+    return tensor if tensor.device == device and tensor.dtype == dtype else tensor.to(device, dtype)
 
 
 @dataclass
@@ -352,93 +367,141 @@ def _all_reduce_sum(flat: torch.Tensor) -> torch.Tensor:
     return flat
 
 
-@dataclass
-class _LayerSlot:
-    index: int
-    path: str
-    num_experts: int
-    top_k: int
-    counts: torch.Tensor | None = None
-    dropped: torch.Tensor | None = None
-    tokens: torch.Tensor | None = None
-    measures_dropped: bool = False
-    dropped_valid: bool = True
-
-
-@dataclass
 class ExpertLoadCounter:
     """Per-layer expert counts accumulated on the device between two :meth:`reduce` calls.
 
-    ``update`` only launches small kernels (top-k, scatter-add, cumsum for capacity); ``reduce`` sums
-    the counters over processes with one ``all_reduce`` and moves them to the host once.
+    All layers share one flat int64 buffer. A layer with ``E`` experts owns ``2 (E + 1)`` bins: bins
+    ``0..E-1`` take kept assignments, bins ``E+1..2E`` assignments dropped past capacity, and bins
+    ``E`` and ``2E+1`` take masked tokens (never read). So :meth:`update_layers` adds any number of
+    layers that route alike, dropped tokens included, with one scatter-add, and :meth:`reduce` sums
+    everything over processes with one ``all_reduce`` and one host copy. A layer's token count is the
+    sum of its expert counts divided by ``top_k`` (every unmasked token goes to exactly ``top_k``
+    distinct experts), so it needs no counter of its own.
 
     Args:
         layers: ``(index, path, num_experts, top_k, measures_dropped)`` per MoE layer, in a fixed order
             that is the same on every process.
     """
 
-    layers: Sequence[tuple[int, str, int, int, bool]]
-    _slots: dict[int, _LayerSlot] = field(init=False, repr=False)
-    updates: int = field(default=0, init=False)
+    def __init__(self, layers: Sequence[tuple[int, str, int, int, bool]]) -> None:
+        self.layers = [(int(i), str(path), int(e), int(k), bool(d)) for i, path, e, k, d in layers]
+        self._offset: dict[int, int] = {}
+        self._experts: dict[int, int] = {}
+        size = 0
+        for index, _, num_experts, _, _ in self.layers:
+            if index in self._offset:
+                raise ValueError(f"MoE layer index {index} appears twice in the counter's layers")
+            self._offset[index], self._experts[index] = size, num_experts
+            size += 2 * (num_experts + 1)
+        self._size = size
+        self._offset_tensors: dict[tuple, torch.Tensor] = {}
+        self._bins: torch.Tensor | None = None
+        self._ones: torch.Tensor | None = None
+        self._unmeasured: set[int] = set()
+        self.updates = 0
 
-    def __post_init__(self) -> None:
-        self._slots = {
-            i: _LayerSlot(i, path, e, k, measures_dropped=bool(d)) for i, path, e, k, d in self.layers
-        }
+    def __repr__(self) -> str:
+        return f"ExpertLoadCounter(layers={len(self.layers)}, updates={self.updates})"
+
+    def _buffer(self, device: torch.device | str) -> torch.Tensor:
+        if self._bins is None:
+            self._bins = torch.zeros(self._size, dtype=torch.long, device=device)
+            self._ones = torch.ones(1, dtype=torch.long, device=self._bins.device)
+        return self._bins
+
+    def _offsets(self, layers: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        offsets = self._offset_tensors.get(layers)
+        if offsets is None:
+            offsets = torch.tensor([self._offset[i] for i in layers], dtype=torch.long, device=device)
+            offsets = self._offset_tensors[layers] = offsets.view(-1, 1, 1)
+        return offsets
 
     def update(
         self,
         index: int,
         indices: torch.Tensor,
         mask: torch.Tensor,
-        dropped: torch.Tensor | None = None,
+        dropped: torch.Tensor | bool | None = None,
     ) -> None:
-        """Add one forward of layer ``index``: top-k ``indices [N, k]``, ``mask [N]``, ``dropped [N]`` bools."""
-        slot = self._slots[index]
-        counts = expert_counts(indices, mask, slot.num_experts)
-        mask = mask.to(counts.device, torch.bool)
-        if slot.counts is None:
-            slot.counts = torch.zeros_like(counts)
-            slot.dropped = torch.zeros_like(counts)
-            slot.tokens = torch.zeros((), dtype=torch.long, device=counts.device)
-        slot.counts += counts
-        slot.tokens += mask.sum()
-        if slot.measures_dropped:
-            if dropped is None:
-                slot.dropped_valid = False
-            else:
-                slot.dropped += expert_counts(indices[:, :1], mask & dropped.reshape(-1).to(mask.device), slot.num_experts)
+        """Add one forward of layer ``index``: top-k ``indices [N, k]``, ``mask [N]``, ``dropped [N]`` bools.
+
+        ``dropped`` as in :meth:`update_layers`.
+        """
+        indices = indices.reshape(indices.shape[0], -1)
+        if isinstance(dropped, torch.Tensor):
+            dropped = dropped.reshape(1, -1)
+        self.update_layers([index], indices.unsqueeze(0), mask, dropped)
+
+    def update_layers(
+        self,
+        layer_indices: Sequence[int],
+        indices: torch.Tensor,
+        mask: torch.Tensor,
+        dropped: torch.Tensor | bool | None = None,
+    ) -> None:
+        """Add one forward of ``L`` layers with the same number of experts, in one scatter-add.
+
+        Args:
+            layer_indices: the ``L`` MoE-layer indices, in the order of ``indices``' first dimension.
+            indices: top-k expert indices ``[L, N, k]``.
+            mask: bool ``[N]``, ``True`` for tokens that count (shared by the ``L`` layers).
+            dropped: bool ``[L, N]``, tokens dropped past capacity (their top-1 choice is counted as
+                dropped); ``False`` when none was; ``None`` when not measured, which marks the capacity
+                layers' dropped counts of this interval as unknown.
+        """
+        layers = tuple(int(i) for i in layer_indices)
+        unknown = [i for i in layers if i not in self._offset]
+        if unknown:
+            raise KeyError(f"MoE layers {unknown} are not among the counter's layers {sorted(self._offset)}")
+        experts = {self._experts[i] for i in layers}
+        if len(experts) != 1:
+            raise ValueError(f"update_layers needs layers with one number of experts, got {sorted(experts)}")
+        if indices.dim() != 3 or indices.shape[0] != len(layers) or mask.shape[0] != indices.shape[1]:
+            raise ValueError(
+                f"expected indices [{len(layers)}, N, k] and mask [N], got {tuple(indices.shape)} and {tuple(mask.shape)}"
+            )
+        num_experts = experts.pop()
+        bins = self._buffer(indices.device)
+        device = bins.device
+        keep = _on(mask, device, torch.bool).view(1, -1, 1)
+        slots = torch.where(keep, _on(indices, device, torch.long), num_experts)
+        if dropped is None:
+            self._unmeasured.update(layers)
+        elif dropped is not False:
+            slots[..., 0].add_(_on(dropped, device, torch.bool).view(len(layers), -1), alpha=num_experts + 1)
+        slots += self._offsets(layers, device)
+        flat = slots.view(-1)
+        bins.scatter_add_(0, flat, self._ones.expand(flat.shape[0]))
         self.updates += 1
 
     def reset(self) -> None:
-        for slot in self._slots.values():
-            slot.counts = slot.dropped = slot.tokens = None
-            slot.dropped_valid = True
+        """Zero every counter (the buffer stays on its device)."""
+        if self._bins is not None:
+            self._bins.zero_()
+        self._unmeasured.clear()
         self.updates = 0
 
     def reduce(self, device: torch.device | str | None = None) -> list[LayerLoad]:
-        """Sum over processes, move to the host and :meth:`reset`. Collective: call it on every process."""
-        ref = next((s.counts for s in self._slots.values() if s.counts is not None), None)
-        device = ref.device if ref is not None else (device or "cpu")
-        parts = []
-        for slot in self._slots.values():
-            e = slot.num_experts
-            if slot.counts is None:
-                parts.append(torch.zeros(2 * e + 2, dtype=torch.long, device=device))
-            else:
-                flag = torch.tensor([0 if slot.dropped_valid else 1], dtype=torch.long, device=device)
-                parts += [slot.counts.to(device), slot.dropped.to(device), slot.tokens.reshape(1).to(device), flag]
-        flat = _all_reduce_sum(torch.cat(parts)).cpu().tolist()
-        loads, offset = [], 0
-        for slot in self._slots.values():
-            e = slot.num_experts
-            counts = flat[offset : offset + e]
-            dropped = flat[offset + e : offset + 2 * e]
-            tokens, invalid = flat[offset + 2 * e], flat[offset + 2 * e + 1]
-            offset += 2 * e + 2
-            measured = slot.measures_dropped and not invalid
+        """Sum over processes, move to the host and :meth:`reset`. Collective: call it on every process.
+
+        Args:
+            device: where to build the (zero) counters when this process counted nothing yet; the device
+                the collective backend expects (CUDA for NCCL).
+        """
+        bins = self._buffer(device or "cpu")
+        flags = torch.tensor(
+            [1 if index in self._unmeasured else 0 for index, *_ in self.layers], dtype=torch.long, device=bins.device
+        )
+        flat = _all_reduce_sum(torch.cat([bins, flags])).cpu().tolist()
+        loads = []
+        for row, (index, path, num_experts, top_k, measures_dropped) in enumerate(self.layers):
+            start = self._offset[index]
+            kept = flat[start : start + num_experts]
+            lost = flat[start + num_experts + 1 : start + 2 * num_experts + 1]
+            counts = [a + b for a, b in zip(kept, lost)]
+            measured = measures_dropped and not flat[self._size + row]
             loads.append(
-                LayerLoad(slot.index, slot.path, e, slot.top_k, int(tokens), counts, dropped if measured else None)
+                LayerLoad(index, path, num_experts, top_k, sum(counts) // top_k, counts, lost if measured else None)
             )
         self.reset()
         return loads

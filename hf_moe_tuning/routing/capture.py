@@ -42,6 +42,7 @@ class RouterCapture:
         require_moe(self.anatomy, "Capturing router logits")
         self.logits: dict[int, torch.Tensor] = {}
         self.batch: dict[str, torch.Tensor] = {}
+        self._masks: dict[tuple, torch.Tensor] = {}
         self.enabled = True
         self.keep_grad = True
         self._handles: list[Any] = []
@@ -85,6 +86,7 @@ class RouterCapture:
         self._handles.clear()
         self.logits.clear()
         self.batch.clear()
+        self._masks.clear()
 
     @property
     def attached(self) -> bool:
@@ -93,6 +95,7 @@ class RouterCapture:
     # ------------------------------------------------------------------ hooks
     def _on_model_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.logits = {}
+        self._masks = {}
         self.forward_count += 1
         batch: dict[str, torch.Tensor] = {}
         for key in ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask", "labels"):
@@ -127,16 +130,26 @@ class RouterCapture:
 
     # ------------------------------------------------------------------ masks
     def mask(self, layer: MoELayer, num_tokens: int | None = None) -> torch.Tensor:
-        """Bool mask ``[num_tokens]`` of the tokens that count for ``layer`` in the last forward."""
+        """Bool mask ``[num_tokens]`` of the tokens that count for ``layer`` in the last forward.
+
+        Built once per forward for each stack (encoder, decoder, decoder-only), token count and device.
+        """
         logits = self.logits.get(layer.index)
         n = num_tokens if num_tokens is not None else (logits.shape[0] if logits is not None else 0)
         device = logits.device if logits is not None else None
+        key = (layer.stack, n, device)
+        cached = self._masks.get(key)
+        if cached is not None:
+            return cached
         mask = self._mask_for_stack(layer.stack)
         if mask is None or mask.numel() != n:
             if mask is not None:
                 logger.debug("token mask of %s does not match %d routed tokens; counting all", layer.path, n)
-            return torch.ones(n, dtype=torch.bool, device=device)
-        return mask.reshape(-1).to(device=device, dtype=torch.bool)
+            mask = torch.ones(n, dtype=torch.bool, device=device)
+        else:
+            mask = mask.reshape(-1).to(device=device, dtype=torch.bool)
+        self._masks[key] = mask
+        return mask
 
     def _mask_for_stack(self, stack: str | None) -> torch.Tensor | None:
         b = self.batch
