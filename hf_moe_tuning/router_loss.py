@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -281,6 +281,7 @@ def compute_router_losses(
     num_sequences: int,
     want_aux: bool = True,
     want_z: bool = True,
+    selected: Mapping[int, torch.Tensor] | None = None,
 ) -> RouterLosses | None:
     """Per-sequence aux and z losses averaged over the MoE layers of one forward pass.
 
@@ -289,6 +290,9 @@ def compute_router_losses(
         specs: :class:`RoutingSpec` per layer index.
         num_sequences: rows in the batch (every layer's tokens are split into this many sequences).
         want_aux / want_z: skip a loss whose coefficient is 0 (its values are then zeros).
+        selected: the experts each layer's router chose, ``[N, k]`` per layer index (e.g.
+            ``RouterCapture.indices``); layers without an entry (or with another token count) use
+            :func:`select_experts`.
 
     Returns ``None`` when no MoE layer routed tokens in the pass.
     """
@@ -296,8 +300,11 @@ def compute_router_losses(
     layer_z: dict[int, torch.Tensor] = {}
     for layer, logits, mask in items:
         zeros = logits.new_zeros(num_sequences)
+        chosen = (selected or {}).get(layer.index)
+        if chosen is not None and chosen.shape[0] != logits.shape[0]:
+            chosen = None
         layer_aux[layer.index] = (
-            aux_loss_per_sequence(logits, specs[layer.index], mask, num_sequences) if want_aux else zeros
+            aux_loss_per_sequence(logits, specs[layer.index], mask, num_sequences, chosen) if want_aux else zeros
         )
         layer_z[layer.index] = z_loss_per_sequence(logits, mask, num_sequences) if want_z else zeros
     if not layer_aux:

@@ -254,3 +254,86 @@ def test_dense_models_have_no_moe_layers(name):
     assert anatomy.layers == []
     assert not anatomy.params_in(ParamGroup.ROUTER, ParamGroup.EXPERTS, ParamGroup.SHARED_EXPERTS)
     assert anatomy.params_in(ParamGroup.DENSE_FFN) and anatomy.params_in(ParamGroup.ATTENTION)
+
+
+def _experts_module_path(layer) -> str | None:
+    """Path of the experts module of ``layer``: the one holding its fused expert tensors, or the deepest
+    module holding all of its per-expert parameters."""
+    name = next(iter(layer.fused_experts), None)
+    if name:
+        return name.rpartition(".")[0]
+    names = [n.split(".") for n in layer.per_expert]
+    if not names:
+        return None
+    common = []
+    for parts in zip(*names):
+        if len(set(parts)) > 1:
+            break
+        common.append(parts[0])
+    return ".".join(common) or None
+
+
+@pytest.mark.parametrize("model_type", CHECKED)
+def test_family_expert_load_counts_what_the_experts_receive(model_type):
+    """ExpertLoadCallback's counts equal the top-k indices the fused experts module is called with.
+
+    The witness is independent of the router capture: a forward pre-hook on the experts module reads the
+    integer ``[tokens, k]`` argument the MoE block passes to it (Switch passes a one-hot dispatch mask
+    with dropped tokens zeroed; those are compared on the kept tokens). Families whose experts are
+    called without such an argument are not compared here.
+    """
+    from hf_moe_tuning.callbacks.expert_load import TRAIN, ExpertLoadCallback  # noqa: PLC0415
+
+    model, anatomy = _built(model_type)
+    witnessed: dict[int, torch.Tensor] = {}
+
+    def pre_hook(module, args, layer):
+        ints = [a for a in args if isinstance(a, torch.Tensor) and not a.is_floating_point()]
+        if not ints:
+            return
+        chosen = ints[0]
+        if chosen.shape[-1] == layer.num_experts and layer.top_k == 1:  # one-hot dispatch (Switch)
+            chosen = chosen.reshape(-1, layer.num_experts)
+            kept = chosen.sum(-1) > 0
+            witnessed[layer.index] = torch.bincount(chosen.argmax(-1)[kept], minlength=layer.num_experts)
+        elif chosen.shape[-1] == layer.top_k:
+            witnessed[layer.index] = torch.bincount(chosen.reshape(-1), minlength=layer.num_experts)
+
+    handles = []
+    for layer in anatomy.layers:
+        path = _experts_module_path(layer)
+        if path:
+            handles.append(
+                model.get_submodule(path).register_forward_pre_hook(functools.partial(pre_hook, layer=layer))
+            )
+    callback = ExpertLoadCallback(probe_size=0, write_jsonl=False, write_heatmap=False, tensorboard=False)
+    callback.bind(model)
+    ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(1))
+    inputs = {"use_cache": False}
+    if model_type in EMBEDS_INPUT:
+        inputs["inputs_embeds"] = torch.randn(2, 8, _hidden_size(model.config), generator=torch.Generator().manual_seed(1))
+    else:
+        inputs["input_ids"] = ids
+    if model.config.is_encoder_decoder:
+        inputs["decoder_input_ids"] = ids
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        callback._consume(TRAIN)
+        loads = {load.index: load for load in callback._counters[TRAIN].reduce()}
+    finally:
+        callback.close()
+        for handle in handles:
+            handle.remove()
+    if not witnessed:
+        pytest.skip(f"{model_type}: the experts module is called without an integer top-k argument")
+    product_key = {layer.index for layer in anatomy.layers if layer.scoring == "product_key"}
+    assert not product_key & set(loads), "product-key layers are not counted (no per-expert router logits)"
+    for index, want in witnessed.items():
+        if index in product_key:
+            continue
+        load = loads[index]
+        got = torch.tensor(load.counts)
+        if load.dropped is not None:
+            got = got - torch.tensor(load.dropped)
+        assert got.tolist() == want.tolist(), (model_type, index)

@@ -456,3 +456,56 @@ def test_interval_without_tokens_omits_metrics_and_warns_once(tmp_path, caplog):
     warnings = [r for r in caplog.records if "no unmasked token" in r.getMessage()]
     assert len(warnings) == 1
     assert all(layer["tokens"] == 0 for r in read_jsonl(tmp_path, "train") for layer in r["layers"])
+
+
+# ---------------------------------------------------------------------------------------------- router's own choice
+def test_counts_follow_the_routers_own_choice_where_emulation_would_not(tmp_path):
+    """DeepSeek-V2's group-limited greedy routing (max per group, softmax): the counts are the router's choice."""
+    model = build_tiny_model(
+        "deepseek_v2", topk_method="group_limited_greedy", n_group=4, topk_group=2, n_routed_experts=8,
+        num_experts_per_tok=2,
+    )
+    torch.manual_seed(0)
+    routers = {}
+    for layer in RouterCapture(model).anatomy.layers:
+        router = model.get_submodule(layer.router_path)
+        with torch.no_grad():
+            router.weight.normal_(std=0.5)
+        routers[layer.index] = router
+    seen: dict[int, torch.Tensor] = {}
+    handles = [
+        router.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, out[2].detach().clone()))
+        for i, router in routers.items()
+    ]
+    callback = ExpertLoadCallback(probe_size=0, write_jsonl=False, write_heatmap=False)
+    callback.bind(model)
+    with torch.no_grad():
+        model(input_ids=torch.randint(3, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0)))
+    logits = {i: callback.capture.logits[i].clone() for i in routers}
+    callback._consume("train")
+    loads = {load.index: load for load in callback._counters["train"].reduce()}
+    callback.close()
+    for handle in handles:
+        handle.remove()
+    differs = False
+    for index, chosen in seen.items():
+        assert loads[index].counts == torch.bincount(chosen.reshape(-1), minlength=8).tolist()
+        emulated = select_experts(logits[index], 2, scoring="softmax", num_groups=4, topk_groups=2)
+        differs |= not torch.equal(emulated.sort(-1).values, chosen.sort(-1).values)
+    assert differs, "the test needs a case where deriving the choice from the logits would miscount"
+
+
+def test_router_indices_out_of_range_are_not_used(caplog):
+    model = build_tiny_model("mixtral")
+    capture = RouterCapture(model)
+    layer = capture.anatomy.layers[0]
+    logits = torch.zeros(2, layer.num_experts)
+    with caplog.at_level(logging.WARNING, logger="hf_moe_tuning.routing.capture"):
+        capture._keep_router_choice(layer, (logits, logits, torch.tensor([[0, layer.num_experts]])))
+    assert layer.index not in capture.indices
+    assert "outside [0, 4)" in caplog.text
+    capture._keep_router_choice(layer, (logits, logits, torch.tensor([[0, 1], [2, 3]])))
+    assert layer.index not in capture.indices  # that router stays on the logits for good
+    other = capture.anatomy.layers[1]
+    capture._keep_router_choice(other, (logits, logits, torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)))
+    assert capture.indices[other.index].dtype == torch.long

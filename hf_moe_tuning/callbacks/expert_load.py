@@ -7,12 +7,17 @@ Usage with a plain Trainer (``MoETrainer`` adds it from ``MoETrainingArguments.m
     trainer.train()
 
 After every forward (``on_substep_end`` / ``on_step_end`` in training, ``on_prediction_step`` in
-evaluation) the router logits recorded by the shared :class:`~hf_moe_tuning.routing.capture.RouterCapture`
-are turned into top-k expert choices, as the model routes (softmax/sigmoid scores, DeepSeek-style
-correction bias and group limits), and added to per-expert counters on the device; padding and
-ignored labels are masked. When the Trainer is about to log, the counters are summed over processes
-(one ``all_reduce``), reduced to the metrics below and pushed into the log. Evaluation keeps its own
-counters; its metrics carry the ``eval_`` prefix.
+evaluation) the experts each token went to are added to per-expert counters on the device; padding and
+ignored labels are masked. The experts are the router's own choice where the router returns it (the
+``(logits, weights, indices)`` routers of transformers 5: Mixtral, Qwen-MoE, OLMoE, DeepSeek, GPT-OSS
+and most others, recorded by the shared :class:`~hf_moe_tuning.routing.capture.RouterCapture`), so
+group limits, correction biases and hash routing count exactly as the model routed. Where the router is
+a bare linear layer (Switch, NLLB-MoE, JetMoE, DBRX) they are derived from its logits (top-k; Switch
+capacity drops from the routing order of each sequence). Layers that route alike are counted together
+in one scatter-add. When the Trainer is about to log, the counters are summed over processes (one
+``all_reduce``), reduced to the metrics below and pushed into the log. Evaluation keeps its own
+counters; its metrics carry the ``eval_`` prefix. Product-key layers (Doge) have no per-expert logits
+and are not counted.
 
 Routing drift is measured on a fixed probe batch (the first ``probe_size`` training examples, collated
 by the train dataloader's collator, run in eval mode without gradients) against the routing of the
@@ -30,7 +35,8 @@ key                                meaning (``c_e``: tokens routed to expert ``e
 ``moe/layer{i}/max_violation``     MaxVio ``max(c) / mean(c) - 1``; 0 = balanced, ``E - 1`` = collapsed
 ``moe/layer{i}/dead_experts``      experts that received no token in the interval
 ``moe/layer{i}/dropped_frac``      tokens dropped past ``expert_capacity`` / tokens (Switch only)
-``moe/layer{i}/routing_drift``     share of probe tokens whose top-1 expert changed since train start (*)
+``moe/layer{i}/routing_drift``     share of probe tokens whose top-1 expert (the chosen expert with the highest
+                                   router logit) changed since train start (*)
 ``moe/layer{i}/routing_drift_js``  Jensen-Shannon divergence (base 2) of the probe load vs train start (*)
 ``moe/load_cv_mean``               mean of ``load_cv`` over MoE layers
 ``moe/entropy_mean``               mean of ``entropy`` over MoE layers
@@ -248,7 +254,19 @@ class ExpertLoadCallback(MoEMetricsCallback):
         self._seen_forward = self.capture.forward_count
         self._device = _model_device(model)
         self.routing = {}
+        skipped = [layer.path for layer in self.capture.anatomy.layers if layer.scoring == "product_key"]
+        if skipped:
+            self._warn_once(
+                "product_key",
+                "expert load: %d MoE layer(s) route by product keys (e.g. %s) and give no per-expert router "
+                "logits; they are not counted.%s",
+                len(skipped),
+                skipped[0],
+                " No layer is left, so no moe/* metric will be logged." if len(skipped) == len(anatomy.layers) else "",
+            )
         for layer in self.capture.anatomy.layers:
+            if layer.scoring == "product_key":
+                continue
             owner = None
             if layer.capacity:
                 rule = CAPACITY_RULES.get(anatomy.model_type or "")
@@ -263,8 +281,8 @@ class ExpertLoadCallback(MoEMetricsCallback):
                     )
             self.routing[layer.index] = LayerRouting(layer, model.get_submodule(layer.router_path), owner)
         spec = [
-            (layer.index, layer.path, layer.num_experts, layer.top_k, self.routing[layer.index].measures_dropped)
-            for layer in self.capture.anatomy.layers
+            (r.layer.index, r.layer.path, r.layer.num_experts, r.layer.top_k, r.measures_dropped)
+            for r in self.routing.values()
         ]
         self._counters = {TRAIN: ExpertLoadCounter(spec), EVAL: ExpertLoadCounter(spec)}
 
@@ -279,28 +297,41 @@ class ExpertLoadCallback(MoEMetricsCallback):
             self._tb_writer = None
 
     # ------------------------------------------------------------------ counting
-    def _routed(self, with_dropped: bool = True):
+    def _routed(self, with_dropped: bool = True, top1_first: bool = False):
         """Yield ``(routings, indices [L, N, k], mask [N], dropped)`` for the last forward (``dropped``: see :meth:`_dropped`).
 
-        Layers that route alike (same :attr:`LayerRouting.key`, token count and capacity) are stacked and
-        go through top-k, the capacity rule and the counter together: a handful of small kernels per
-        forward instead of a handful per layer.
+        The experts are the router's own choice where the router returns it
+        (:attr:`RouterCapture.indices <hf_moe_tuning.routing.capture.RouterCapture>`), else derived from the
+        logits as the family routes (:func:`select_routed`). Layers that route alike (same
+        :attr:`LayerRouting.key`, source, token count and capacity) are stacked and go through top-k, the
+        capacity rule and the counter together: a handful of small kernels per forward instead of a
+        handful per layer. With ``top1_first``, column 0 is the chosen expert with the highest router
+        logit (router-chosen columns come in no particular order).
         """
-        buckets: dict[tuple, list[tuple[LayerRouting, torch.Tensor, torch.Tensor]]] = {}
-        for layer, logits, mask in self.capture.layer_items():
+        capture = self.capture
+        buckets: dict[tuple, list[tuple[LayerRouting, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        for layer, logits, mask in capture.layer_items():
             routing = self.routing[layer.index]
+            chosen = capture.choice(layer)
             capacity = routing.capacity() if routing.measures_dropped else None
-            key = (routing.key, tuple(logits.shape), logits.device, capacity)
-            buckets.setdefault(key, []).append((routing, logits, mask))
-        for (_, _, _, capacity), items in buckets.items():
-            routings = [routing for routing, _, _ in items]
+            source = logits if chosen is None else chosen
+            key = (routing.key, chosen is not None, tuple(source.shape), source.device, capacity)
+            buckets.setdefault(key, []).append((routing, source, logits, mask))
+        for (_, from_router, _, _, capacity), items in buckets.items():
+            routings = [routing for routing, *_ in items]
             with torch.no_grad():  # the logits may carry autograd history (router losses); counting needs none
-                logits = items[0][1].unsqueeze(0) if len(items) == 1 else torch.stack([x for _, x, _ in items])
-            indices = select_routed(routings, logits)
+                stacked = items[0][1].unsqueeze(0) if len(items) == 1 else torch.stack([x[1] for x in items])
+                if not from_router:
+                    indices = select_routed(routings, stacked)
+                else:
+                    indices = stacked if stacked.dtype == torch.long else stacked.long()
+                    if top1_first:
+                        logits = torch.stack([x[2] for x in items]).gather(-1, indices)
+                        indices = indices.gather(-1, logits.argsort(dim=-1, descending=True))
             dropped = None
             if with_dropped and routings[0].measures_dropped:
                 dropped = self._dropped(routings, capacity, indices[..., 0])
-            yield routings, indices, items[0][2], dropped
+            yield routings, indices, items[0][3], dropped
 
     def _consume(self, kind: str) -> None:
         """Add the routing of the last forward (if not counted yet) to the ``kind`` counters."""
@@ -373,7 +404,7 @@ class ExpertLoadCallback(MoEMetricsCallback):
         finally:
             model.train(was_training)
         out = {}
-        for routings, indices, mask, _ in self._routed(with_dropped=False):
+        for routings, indices, mask, _ in self._routed(with_dropped=False, top1_first=True):
             for routing, layer_indices in zip(routings, indices):
                 num_experts = routing.layer.num_experts
                 out[routing.layer.index] = (layer_indices[:, 0], mask, expert_counts(layer_indices, mask, num_experts))

@@ -455,7 +455,9 @@ class RouterLossCallback(MoEMetricsCallback):
         if training and not torch.is_grad_enabled():
             return None  # e.g. a metrics-only forward of TRL under no_grad
         num_sequences = _batch_size(capture.batch) or 1
-        losses = compute_router_losses(capture.layer_items(), self.specs, num_sequences, self.aux_on, self.z_on)
+        losses = compute_router_losses(
+            capture.layer_items(), self.specs, num_sequences, self.aux_on, self.z_on, selected=capture.indices
+        )
         if losses is None:
             return None
         lm_loss = _output_loss(output)

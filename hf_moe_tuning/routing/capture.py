@@ -11,6 +11,11 @@ What is captured on each forward of the top-level model:
   module's output when it is an ``nn.Linear`` (Switch, NLLB-MoE, JetMoE ...) and otherwise recomputed
   from the router's input and its ``[E, hidden]`` weight (Mixtral, Qwen-MoE, DeepSeek, GPT-OSS ...),
   so nothing depends on the model's own ``output_router_logits`` path.
+* ``indices[layer.index]``: the experts the router chose, ``[num_tokens, top_k]`` int64, when the router
+  module returns them (the ``(logits, weights, indices)`` routers of transformers 5: Mixtral, Qwen-MoE,
+  OLMoE, DeepSeek, GPT-OSS and most others). That is the model's own choice, whatever its rule (group
+  limits, correction bias, hash routing); the columns need not be sorted by score. Families whose
+  router is a bare ``nn.Linear`` (Switch, NLLB-MoE, JetMoE, DBRX ...) have no entry.
 * ``mask(layer)``: a bool ``[num_tokens]`` vector, ``True`` for tokens that count: padding
   (``attention_mask`` / ``decoder_attention_mask``) and ignored labels (``-100``) are ``False``.
 
@@ -31,6 +36,7 @@ from ..anatomy import MoEAnatomy, MoELayer, describe_moe, require_moe
 logger = logging.getLogger(__name__)
 
 _ATTR = "_hf_moe_router_capture"
+_INDEX_DTYPES = (torch.int64, torch.int32)
 
 
 class RouterCapture:
@@ -41,8 +47,10 @@ class RouterCapture:
         self.anatomy = anatomy or describe_moe(model)
         require_moe(self.anatomy, "Capturing router logits")
         self.logits: dict[int, torch.Tensor] = {}
+        self.indices: dict[int, torch.Tensor] = {}
         self.batch: dict[str, torch.Tensor] = {}
         self._masks: dict[tuple, torch.Tensor] = {}
+        self._index_ok: dict[int, bool] = {}
         self.enabled = True
         self.keep_grad = True
         self._handles: list[Any] = []
@@ -85,6 +93,7 @@ class RouterCapture:
             handle.remove()
         self._handles.clear()
         self.logits.clear()
+        self.indices.clear()
         self.batch.clear()
         self._masks.clear()
 
@@ -95,6 +104,7 @@ class RouterCapture:
     # ------------------------------------------------------------------ hooks
     def _on_model_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.logits = {}
+        self.indices = {}
         self._masks = {}
         self.forward_count += 1
         batch: dict[str, torch.Tensor] = {}
@@ -116,6 +126,8 @@ class RouterCapture:
             if isinstance(mod, nn.Linear) and isinstance(output, torch.Tensor):
                 logits = output.reshape(-1, output.shape[-1]).float()
             else:
+                if isinstance(output, (tuple, list)):
+                    self._keep_router_choice(layer, output)
                 hidden = inputs[0]
                 x = hidden.reshape(-1, hidden.shape[-1]).float()
                 logits = F.linear(x, weight.float(), bias.float() if bias is not None else None)
@@ -127,6 +139,37 @@ class RouterCapture:
             self.logits[layer.index] = logits
 
         return hook
+
+    def _keep_router_choice(self, layer: MoELayer, output: tuple | list) -> None:
+        """Record the ``[N, k]`` expert indices a router returned, once they proved to be in range.
+
+        The range is checked on the first forward of each layer (one host sync); a router whose indices
+        fall outside ``[0, num_experts)`` (extra "zero" experts, global expert ids) is not used again.
+        """
+        chosen = next((o for o in output if isinstance(o, torch.Tensor) and o.dtype in _INDEX_DTYPES), None)
+        if chosen is None or chosen.shape[-1] != layer.top_k or self._index_ok.get(layer.index) is False:
+            return
+        chosen = chosen.reshape(-1, layer.top_k)
+        if layer.index not in self._index_ok:
+            ok = chosen.numel() == 0 or (int(chosen.min()) >= 0 and int(chosen.max()) < layer.num_experts)
+            self._index_ok[layer.index] = ok
+            if not ok:
+                logger.warning(
+                    "the router of %s returned expert indices outside [0, %d); its choice is derived from its "
+                    "logits instead",
+                    layer.path,
+                    layer.num_experts,
+                )
+                return
+        self.indices[layer.index] = chosen if chosen.dtype == torch.long else chosen.long()
+
+    def choice(self, layer: MoELayer) -> torch.Tensor | None:
+        """The router's own ``[N, k]`` choice for ``layer`` in the last forward, or ``None``."""
+        chosen = self.indices.get(layer.index)
+        logits = self.logits.get(layer.index)
+        if chosen is None or logits is None or chosen.shape[0] != logits.shape[0]:
+            return None
+        return chosen
 
     # ------------------------------------------------------------------ masks
     def mask(self, layer: MoELayer, num_tokens: int | None = None) -> torch.Tensor:
