@@ -143,6 +143,23 @@ def _expected_router_rows(model_type: str, num_experts: int, config: PretrainedC
     return num_experts + (getattr(config, extra) if isinstance(extra, str) else extra)
 
 
+def _text_inputs(model, model_type: str, seed: int) -> dict:
+    """A [2, 8] text batch for one forward of ``model`` (embeddings where the family takes no ids)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 100, (2, 8), generator=generator)
+    inputs: dict = {"use_cache": False}
+    if model_type in EMBEDS_INPUT:
+        embed = model.get_input_embeddings()
+        inputs["inputs_embeds"] = (
+            embed(ids) if embed is not None else torch.randn(2, 8, _hidden_size(model.config), generator=generator)
+        )
+    else:
+        inputs["input_ids"] = ids
+    if model.config.is_encoder_decoder:
+        inputs["decoder_input_ids"] = ids
+    return inputs
+
+
 FAMILIES = moe_model_types()
 CHECKED = sorted(t for t in FAMILIES if t not in SKIP)
 
@@ -227,19 +244,9 @@ def test_family_router_hooks_fire(model_type):
         model.get_submodule(layer.router_path).register_forward_hook(functools.partial(hook, path=layer.router_path))
         for layer in anatomy.layers
     ]
-    ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(0))
-    inputs = {"use_cache": False}
-    if model_type in EMBEDS_INPUT:
-        inputs["inputs_embeds"] = model.get_input_embeddings()(ids) if model.get_input_embeddings() else torch.randn(
-            2, 8, _hidden_size(model.config)
-        )
-    else:
-        inputs["input_ids"] = ids
-    if model.config.is_encoder_decoder:
-        inputs["decoder_input_ids"] = ids
     try:
         with torch.no_grad():
-            model(**inputs)
+            model(**_text_inputs(model, model_type, seed=0))
     finally:
         for handle in handles:
             handle.remove()
@@ -308,17 +315,9 @@ def test_family_expert_load_counts_what_the_experts_receive(model_type):
             )
     callback = ExpertLoadCallback(probe_size=0, write_jsonl=False, write_heatmap=False, tensorboard=False)
     callback.bind(model)
-    ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(1))
-    inputs = {"use_cache": False}
-    if model_type in EMBEDS_INPUT:
-        inputs["inputs_embeds"] = torch.randn(2, 8, _hidden_size(model.config), generator=torch.Generator().manual_seed(1))
-    else:
-        inputs["input_ids"] = ids
-    if model.config.is_encoder_decoder:
-        inputs["decoder_input_ids"] = ids
     try:
         with torch.no_grad():
-            model(**inputs)
+            model(**_text_inputs(model, model_type, seed=1))
         callback._consume(TRAIN)
         loads = {load.index: load for load in callback._counters[TRAIN].reduce()}
     finally:
