@@ -83,6 +83,11 @@ class LoraTargets:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
+def is_peft_model(model: Any) -> bool:
+    """Whether ``model`` is a PEFT wrapper (``PeftModel``): its adapter decides which parameters train."""
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
 def _is_linear(module: nn.Module) -> bool:
     if isinstance(module, nn.Linear):
         return True

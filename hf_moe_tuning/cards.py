@@ -69,6 +69,8 @@ from huggingface_hub.repocard import metadata_load
 from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
+from .adapters import is_peft_model
+
 logger = logging.getLogger(__name__)
 
 CARD_NAME = "README.md"
@@ -455,7 +457,7 @@ def summary_from_trainer(trainer: Any) -> RunSummary:
         if isinstance(cb, MoEFreezingCallback) and cb.report is not None:
             summary.freeze = cb.report.plan.to_dict()
     report = getattr(model, "moe_adapter_report", None)
-    base = model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
+    base = model.get_base_model() if is_peft_model(model) else model
     config = getattr(base, "config", None)
     summary.model_type = getattr(config, "model_type", None)
     summary.architecture = type(base).__name__

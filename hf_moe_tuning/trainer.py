@@ -17,6 +17,7 @@ from typing import Any, Callable
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from .adapters import is_peft_model
 from .anatomy import NoMoELayersError, describe_moe
 from .cards import MoECardMixin
 from .checkpoint import FusedResumeMixin
@@ -50,6 +51,9 @@ def _freezing_factory(args: MoETrainingArguments, model: Any, trainer_kwargs: di
         or args.moe_extra_frozen
     )
     if not uses_freezing:
+        if is_peft_model(model):
+            logger.info("PEFT model: the adapter decides which parameters train; no freezing callback is added.")
+            return None
         return MoEFreezingCallback.from_args(args) if describe_moe(model).is_moe else None
     resolver = None
     if isinstance(args.moe_experts, str) and args.moe_experts.startswith("esft-"):

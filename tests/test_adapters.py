@@ -243,3 +243,60 @@ def test_adapter_targeting_missing_names_fails_before_upload(adapter_run, hub):
     with pytest.raises(AdapterTargetError, match="expert_9"):
         push_run(out, "me/switch-lora")
     assert hub == []
+
+
+# ---------------------------------------------------------------------------------------------- MoETrainer on PEFT
+def _train_rows(seq2seq: bool, n: int = 8) -> list[dict]:
+    g = torch.Generator().manual_seed(2)
+    rows = []
+    for _ in range(n):
+        ids = torch.randint(3, 300, (12,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": ids[:6] if seq2seq else ids})
+    return rows
+
+
+@pytest.mark.parametrize("name, groups", [("mixtral", ("experts",)), ("switch", ("experts",)), ("qwen2_moe", ("attention",))])
+def test_moe_trainer_on_peft_model_keeps_adapter_choice_and_sees_routers(name, groups, tmp_path):
+    """MoETrainer's defaults must not retrain the base weights of a LoRA model, and its routing callbacks
+    find the routers through the PEFT wrappers (LoRA on fused experts replaces the experts module)."""
+    from datasets import Dataset  # noqa: PLC0415
+    from transformers import DataCollatorForSeq2Seq, ByT5Tokenizer  # noqa: PLC0415
+
+    from hf_moe_tuning import MoETrainer, MoETrainingArguments  # noqa: PLC0415
+
+    base = build_tiny_model(name)
+    base_layers = [(layer.router_path, layer.num_experts, layer.top_k) for layer in describe_moe(base).layers]
+    peft_model, _ = apply_lora(base, groups, r=4)
+    anatomy = describe_moe(peft_model)
+    assert [(layer.router_path, layer.num_experts, layer.top_k) for layer in anatomy.layers] == [
+        ("base_model.model." + path, e, k) for path, e, k in base_layers
+    ]
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+
+    seq2seq = name == "switch"
+    args = MoETrainingArguments(
+        str(tmp_path), max_steps=2, logging_steps=1, per_device_train_batch_size=4, report_to=[], use_cpu=True,
+        save_strategy="no", router_aux_loss_coef=0.01, moe_drift_every_steps=1, disable_tqdm=True,
+    )
+    collator = DataCollatorForSeq2Seq(ByT5Tokenizer(), model=base if seq2seq else None, padding=True)
+    trainer = MoETrainer(
+        model=peft_model, args=args, train_dataset=Dataset.from_list(_train_rows(seq2seq)), data_collator=collator
+    )
+    trainer.train()
+    assert {n for n, p in peft_model.named_parameters() if p.requires_grad} == trainable
+    log = next(h for h in trainer.state.log_history if "loss" in h)
+    assert "router/aux_loss" in log and "moe/layer0/load_cv" in log and "moe/routing_drift" in log
+    assert not any(k.startswith("freeze/") for k in log)  # the adapter, not a freezing plan, chose what trains
+
+
+def test_freezing_arguments_on_a_peft_model_are_refused(tmp_path):
+    from hf_moe_tuning import MoETrainer, MoETrainingArguments  # noqa: PLC0415
+    from hf_moe_tuning.callbacks.freezing import MoEFreezingCallback  # noqa: PLC0415
+
+    peft_model, _ = apply_lora(build_tiny_model("mixtral"), ("experts",), r=4)
+    args = MoETrainingArguments(str(tmp_path / "out"), moe_freeze_strategy="non_moe", report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match=r"apply_lora\(model, groups, strategy='non_moe'\)"):
+        MoETrainer(model=peft_model, args=args)
+    with pytest.raises(ValueError, match="PEFT model"):
+        MoEFreezingCallback("all").freeze(peft_model)

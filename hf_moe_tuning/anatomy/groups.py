@@ -181,6 +181,12 @@ class MoEAnatomy:
 _ATTN_IN_NAME = re.compile(r"attn|attention", re.IGNORECASE)
 
 
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The module a PEFT tuner layer wraps (LoRA on experts or linears), else ``module`` itself."""
+    get_base_layer = getattr(module, "get_base_layer", None)
+    return get_base_layer() if callable(get_base_layer) else module
+
+
 def _direct_params(module: nn.Module) -> dict[str, nn.Parameter]:
     return dict(module.named_parameters(recurse=False))
 
@@ -322,9 +328,10 @@ def _find_block(module: nn.Module, family: MoEFamily, config) -> _Block | None:
     for child_name, child in module.named_children():
         if child_name in shared:
             continue
-        found = _expert_count_of_container(child)
+        base = _unwrap(child)  # a PEFT model's experts may sit inside a LoRA wrapper
+        found = _expert_count_of_container(base)
         if found is None and child_name in family.expert_names:
-            found = _named_container(child, family)
+            found = _named_container(base, family)
         if found is not None:
             containers.append((child_name, found[0], found[1]))
     if not containers:
@@ -401,8 +408,10 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
         for cname, kind in block.containers:
             container = module.get_submodule(cname)
             if kind in ("fused", "blocks"):
-                for pname in _fused_params(container):
-                    fused[f"{prefix}{cname}.{pname}"] = 0
+                # names as they are in the (possibly LoRA-wrapped) model: experts.base_layer.gate_up_proj
+                wrapped_names = {id(p): n for n, p in container.named_parameters(remove_duplicate=False)}
+                for param in _fused_params(_unwrap(container)).values():
+                    fused[f"{prefix}{cname}.{wrapped_names[id(param)]}"] = 0
             else:
                 experts = [
                     (n, c)

@@ -26,6 +26,7 @@ from typing import Any, Callable
 from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer import TRAINER_STATE_NAME
 
+from ..adapters import is_peft_model
 from ..freezing import ExpertSpec, FreezePlan, FreezeReport, apply_plan, plan_freezing
 from .base import MoEMetricsCallback
 
@@ -88,7 +89,21 @@ class MoEFreezingCallback(MoEMetricsCallback, ExportableState):
         return self.report.plan if self.report is not None else None
 
     def freeze(self, model: Any) -> FreezeReport:
-        """Validate and apply the freezing to ``model`` (idempotent for the same model)."""
+        """Validate and apply the freezing to ``model`` (idempotent for the same model).
+
+        Raises:
+            ValueError: ``model`` is a PEFT model. A freezing plan sets ``requires_grad`` on every base
+                weight, which would undo the adapter's choice (even ``"all"`` would train every base
+                weight next to the adapters); LoRA runs choose what trains in full with
+                ``apply_lora(model, groups, strategy=...)``.
+        """
+        if is_peft_model(model):
+            raise ValueError(
+                f"MoEFreezingCallback(strategy={self.strategy!r}) on a PEFT model would overwrite which base weights "
+                "train. Choose them when wrapping instead: hf_moe_tuning.apply_lora(model, groups, "
+                f"strategy={self.strategy!r}), and leave the moe_freeze_strategy / moe_experts / moe_train_router / "
+                "moe_extra_* arguments at their defaults."
+            )
         experts = self.experts
         if isinstance(experts, str) and experts.startswith("esft-"):
             if self.expert_resolver is None:
