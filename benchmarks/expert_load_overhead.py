@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
+import functools
 import logging
+import math
 import tempfile
-import time
 
 import torch
 from torch.utils.data import DataLoader
 from transformers import ByT5Tokenizer, DataCollatorForSeq2Seq, TrainerControl, TrainerState, TrainingArguments
 
+from _interleave import CLOCKS, interleaved_block_times, median_ratio
 from hf_moe_tuning import MoETrainingArguments
 from hf_moe_tuning.callbacks.expert_load import ExpertLoadCallback
 from hf_moe_tuning.models import build_tiny_model
@@ -102,8 +103,6 @@ def main() -> None:
         model.train()
     callback.on_train_begin(targs, state, control, model=copies["with"], train_dataloader=loader)
 
-    clock = time.process_time if args.clock == "process" else time.perf_counter
-
     def step(name: str, batch) -> None:
         train_step(copies[name], optimizers[name], batch)
         if name != "with":
@@ -115,44 +114,27 @@ def main() -> None:
             callback.pop_metrics("train")  # what Trainer.log does with the pushed metrics
             control.should_log = False
 
-    def timed(name: str, batch) -> float:
-        start = clock()
-        step(name, batch)
-        return clock() - start
-
-    names = list(copies)
-    for batch in batches[: args.logging_steps]:  # warm-up
-        for name in names:
-            step(name, batch)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(args.rounds):
-        block = dict.fromkeys(names, 0.0)
-        for i, batch in enumerate(batches):
-            for j in range(len(names)):  # rotate who goes first, so no copy always runs in the same slot
-                name = names[(i + j) % len(names)]
-                block[name] += timed(name, batch)
-        for name, value in block.items():
-            times[name].append(value)
+    times = interleaved_block_times(
+        {name: functools.partial(step, name) for name in copies},
+        batches,
+        args.rounds,
+        clock=CLOCKS[args.clock],
+        warmup=args.logging_steps,
+    )
     callback.close()
     steps = args.rounds * block_steps
-
-    def median_ratio(a: str, b: str) -> tuple[float, float, float]:
-        # Each block's ratio compares steps that ran interleaved; the median over blocks drops bursts.
-        ratios = sorted(x / y for x, y in zip(times[a], times[b]))
-        mid = len(ratios) // 2
-        median = ratios[mid] if len(ratios) % 2 else 0.5 * (ratios[mid - 1] + ratios[mid])
-        return median, ratios[0], ratios[-1]
-
+    names = list(copies)
     capacity = getattr(base.config, "expert_capacity", None)
+
     print(f"model={args.model} batch={args.batch_size} max_len={args.max_len} expert_capacity={capacity} "
           f"logging_steps={args.logging_steps} "
           f"probe_size={args.probe_size} drift_every_steps={args.drift_every_steps} steps_each={steps} "
           f"threads={args.threads} clock={args.clock}")
     for name in names:
         print(f"step time {name + ':':9s} {1000 * sum(times[name]) / steps:.2f} ms")
-    null, null_lo, null_hi = median_ratio("control", "without")
+    null, null_lo, null_hi = median_ratio(times, "control", "without")
     print(f"noise floor, identical copies C/B: {null:.4f} (blocks {null_lo:.3f}..{null_hi:.3f})")
-    median, lo, hi = median_ratio("with", "without")
+    median, lo, hi = median_ratio(times, "with", "without")
     print(f"ratio of totals A/B: {sum(times['with']) / sum(times['without']):.4f}; blocks {lo:.3f}..{hi:.3f}")
     print(f"step-time ratio with/without ExpertLoadCallback (median of {len(times['with'])} blocks):")
     print(f"{median:.4f}")
