@@ -120,10 +120,6 @@ class LayerRouting:
         bias = getattr(self.router, "e_score_correction_bias", None)
         return bias if isinstance(bias, torch.Tensor) else None
 
-    def select(self, logits: torch.Tensor) -> torch.Tensor:
-        """Top-k experts ``[N, k]`` of this layer for router logits ``[N, E]``."""
-        return select_routed([self], logits.unsqueeze(0))[0]
-
     @property
     def measures_dropped(self) -> bool:
         return self.capacity_owner is not None
