@@ -106,3 +106,9 @@ def test_two_processes_log_the_same_counts_as_one(tmp_path):
 
 if __name__ == "__main__":
     run_training(sys.argv[1])
+    from accelerate import PartialState  # noqa: E402 - teardown of the launched run only
+
+    # without this, gloo's threads can abort the interpreter at exit ("terminate called without an active
+    # exception"), failing an otherwise finished run
+    PartialState().wait_for_everyone()
+    PartialState().destroy_process_group()

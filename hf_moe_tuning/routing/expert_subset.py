@@ -69,9 +69,11 @@ class TrainableExpertSlices(nn.Module):
     Args:
         block: the MoE block module.
         masks: fused tensor name relative to ``block`` (e.g. ``"experts.gate_up_proj"``) -> expert mask.
+        blocks: the tensors stack each expert as a block of rows (DBRX: ``[E * intermediate, hidden]``);
+            expert ``e`` owns rows ``e * R .. (e + 1) * R - 1`` with ``R = rows / E``.
     """
 
-    def __init__(self, block: nn.Module, masks: Mapping[str, Sequence[bool]]) -> None:
+    def __init__(self, block: nn.Module, masks: Mapping[str, Sequence[bool]], blocks: bool = False) -> None:
         super().__init__()
         self.relative_names: list[str] = []
         self._indices: dict[str, torch.Tensor] = {}
@@ -79,6 +81,8 @@ class TrainableExpertSlices(nn.Module):
         for rel, mask in masks.items():
             fused = block.get_parameter(rel)
             keep = torch.tensor(list(mask), dtype=torch.bool)
+            if blocks and keep.numel() and fused.shape[0] % keep.numel() == 0:
+                keep = keep.repeat_interleave(fused.shape[0] // keep.numel())  # expert mask -> row mask
             if keep.numel() != fused.shape[0]:
                 raise ValueError(f"mask of {rel} has {keep.numel()} entries but the tensor has {fused.shape[0]} experts")
             index = keep.nonzero().flatten().to(fused.device)
@@ -281,7 +285,7 @@ def install_expert_subsets(
         block = model.get_submodule(path)
         if hasattr(block, SUBSET_MODULE):
             raise ValueError(f"MoE block {path!r} already has a child named {SUBSET_MODULE!r}")
-        holder = TrainableExpertSlices(block, masks)
+        holder = TrainableExpertSlices(block, masks, blocks=anatomy.family.expert_blocks)
         for rel in masks:
             block.get_parameter(rel).requires_grad_(False)
         if not holder.relative_names:

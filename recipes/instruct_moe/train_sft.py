@@ -27,6 +27,7 @@ import os
 import sys
 
 import torch
+from accelerate import PartialState
 
 from hf_moe_tuning.instruct.config import load_instruct_config, lora_config
 from hf_moe_tuning.instruct.sft import align_special_tokens, build_sft_trainer
@@ -87,6 +88,8 @@ def main(argv=None) -> int:
     trainer.save_model(args.output_dir)  # every rank calls it (FSDP / ZeRO-3 gather); LoRA: the adapter
     if trainer.is_world_process_zero() and logs:
         print(json.dumps(logs[-1], sort_keys=True))
+    PartialState().wait_for_everyone()
+    PartialState().destroy_process_group()  # a clean exit for every launched process (gloo/NCCL threads)
     return 0
 
 

@@ -124,3 +124,9 @@ def run(out: str, expect_backend: str = "none") -> None:
 
 if __name__ == "__main__":
     run(*sys.argv[1:3])
+    from accelerate import PartialState  # noqa: E402 - teardown of the launched run only
+
+    # without this, gloo's threads can abort the interpreter at exit ("terminate called without an active
+    # exception"), failing an otherwise finished run
+    PartialState().wait_for_everyone()
+    PartialState().destroy_process_group()
