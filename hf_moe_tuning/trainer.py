@@ -200,14 +200,16 @@ class MoETrainer(FusedResumeMixin, MoECardMixin, Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         """``Trainer.train``, after preparing FSDP / ZeRO-3 for the MoE blocks (:func:`configure_distributed`);
-        when resuming, first checks the checkpoint was made with the same freezing plan."""
+        when resuming, first checks the checkpoint was made with the same freezing plan, and points the
+        expert-load callback at it (for its saved drift reference)."""
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
             checkpoint = get_last_checkpoint(self.args.output_dir)
-        if isinstance(checkpoint, str):
-            for cb in self.callback_handler.callbacks:
-                if isinstance(cb, MoEFreezingCallback):
-                    cb.check_checkpoint(checkpoint)
+        for cb in self.callback_handler.callbacks:
+            if isinstance(cb, MoEFreezingCallback) and isinstance(checkpoint, str):
+                cb.check_checkpoint(checkpoint)
+            if isinstance(cb, ExpertLoadCallback):
+                cb.resume_checkpoint = checkpoint if isinstance(checkpoint, str) else None
         configure_distributed(self)  # FSDP wrap units / ZeRO-3 leaf modules from the anatomy; no-op for DDP/CPU
         return super().train(resume_from_checkpoint, *args, **kwargs)
 

@@ -509,3 +509,45 @@ def test_router_indices_out_of_range_are_not_used(caplog):
     other = capture.anatomy.layers[1]
     capture._keep_router_choice(other, (logits, logits, torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)))
     assert capture.indices[other.index].dtype == torch.long
+
+
+@pytest.mark.parametrize("runner", ["trainer", "moe_trainer"])
+def test_drift_after_resume_is_against_the_runs_start(runner, tmp_path, caplog):
+    """A run resumed from a checkpoint logs the same drift as the uninterrupted run (reference saved with it).
+
+    ``trainer``: a plain Trainer whose script passes ``args.resume_from_checkpoint`` on (the HF examples'
+    pattern); ``moe_trainer``: MoETrainer, which tells the callback the folder it resumes from.
+    """
+    from hf_moe_tuning import MoETrainer  # noqa: PLC0415
+
+    rows = make_rows("switch", 16)
+    common = dict(max_steps=4, logging_steps=1, gradient_accumulation_steps=1, learning_rate=5e-2,
+                  save_strategy="steps", save_steps=2)
+
+    def run(out, resume=None):
+        model = build_tiny_model("switch")
+        if runner == "trainer":
+            callback = ExpertLoadCallback(probe_size=6, drift_every_steps=1, write_heatmap=False)
+            trainer = make_trainer(model, "switch", out, [callback], rows=rows, resume_from_checkpoint=resume, **common)
+        else:
+            args = MoETrainingArguments(
+                str(out), per_device_train_batch_size=4, use_cpu=True, report_to=[], disable_tqdm=True, seed=0,
+                moe_drift_probe_size=6, moe_drift_every_steps=1, moe_expert_load_heatmap=False, **common,
+            )
+            collator = DataCollatorForSeq2Seq(ByT5Tokenizer(), model=model, padding=True)
+            trainer = MoETrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), data_collator=collator)
+        trainer.train(resume_from_checkpoint=resume)
+        return {h["step"]: h["moe/routing_drift"] for h in trainer.state.log_history if "moe/routing_drift" in h}
+
+    full = run(tmp_path / "full")
+    assert full[4] > 0, "the run must move the routing for the test to mean anything"
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+    assert (checkpoint / "expert_load_drift_reference.pt").is_file()
+    resumed = run(tmp_path / "resumed", resume=str(checkpoint))  # another output_dir: found through the resume path
+    assert resumed[3] == pytest.approx(full[3]) and resumed[4] == pytest.approx(full[4])
+
+    os.remove(checkpoint / "expert_load_drift_reference.pt")
+    with caplog.at_level(logging.WARNING, logger="hf_moe_tuning.callbacks.expert_load"):
+        fallback = run(tmp_path / "fallback", resume=str(checkpoint))
+    assert "without the drift reference" in caplog.text
+    assert fallback[3] < full[3]  # measured against the resumed model: less drift than since the start

@@ -5,7 +5,8 @@ fresh model's router and expert weights), its two fixes (``FusedResumeCallback``
 ``FusedResumeMixin`` in ``MoETrainer``), and a full MoE run – router aux + z losses with scheduled
 coefficients, expert-load logging, each freezing strategy, expert subsets inside fused tensors and ESFT
 selection – on a Qwen2-MoE with a dense first layer (fused experts, a shared expert and a dense FFN, so
-every strategy applies). Routing drift is off: its reference is the model at (re)start by design.
+every strategy applies). Routing drift is off here; its reference across a resume is tested in
+test_expert_load.py (test_drift_after_resume_is_against_the_runs_start).
 """
 
 from __future__ import annotations

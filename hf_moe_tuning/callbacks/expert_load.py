@@ -25,7 +25,10 @@ model at train start, at the first log at or after every ``drift_every_steps`` o
 forward of the probe per measurement costs about ``probe_size / (3 * batch_size * drift_every_steps)``
 of the training time (0.7% for 8 examples, batch 8, every 50 steps). The same probe tokens are routed
 at start and later, so a small probe measures drift without sampling noise.
-When resuming from a checkpoint, the reference is the resumed model.
+The reference is saved with every checkpoint (``expert_load_drift_reference.pt``, the probe's top-1
+choices and loads, a few bytes per probe token and layer), so a run resumed from that checkpoint keeps
+measuring drift against the model as it was when the run first started; without the file (a checkpoint
+written by something else) the resumed model becomes the reference, and the callback says so.
 
 =================================  ============================================================================
 key                                meaning (``c_e``: tokens routed to expert ``e`` of the layer in the interval)
@@ -68,6 +71,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..anatomy import MoELayer, describe_moe, require_moe
 from ..metrics.expert_load import (
@@ -89,6 +93,8 @@ logger = logging.getLogger(__name__)
 CAPACITY_RULES: dict[str, str] = {"switch_transformers": "per-sequence top-1, priority > expert_capacity"}
 
 JSONL_NAME = "expert_load.jsonl"
+#: File in each checkpoint folder holding the routing-drift reference of the run's start.
+REFERENCE_NAME = "expert_load_drift_reference.pt"
 
 
 @dataclass
@@ -158,6 +164,10 @@ def _capacity_owner(model: nn.Module, layer: MoELayer) -> nn.Module | None:
     return None
 
 
+def _fits_int16(values: torch.Tensor) -> bool:
+    return values.numel() == 0 or int(values.max()) <= torch.iinfo(torch.int16).max
+
+
 def _world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -222,6 +232,9 @@ class ExpertLoadCallback(MoEMetricsCallback):
         self._reference: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._tb_writer = None
         self._warned: set[str] = set()
+        #: the checkpoint folder ``train()`` resumes from, when known (``MoETrainer`` sets it); otherwise the
+        #: drift reference is looked up in ``args.resume_from_checkpoint`` and ``output_dir/checkpoint-<step>``
+        self.resume_checkpoint: str | None = None
 
     @classmethod
     def from_args(cls, args: Any) -> "ExpertLoadCallback | None":
@@ -564,7 +577,55 @@ class ExpertLoadCallback(MoEMetricsCallback):
         if self.probe_size > 0 and train_dataloader is not None:
             self._probe = self._build_probe(train_dataloader)
             if self._probe is not None:
-                self._reference = self._probe_routing(self.model)
+                saved = self._load_reference(args, state) if state.global_step > 0 else None
+                self._reference = saved if saved is not None else self._probe_routing(self.model)
+
+    # ------------------------------------------------------------------ drift reference in checkpoints
+    def _reference_payload(self) -> dict[str, Any]:
+        return {
+            "probe_input_ids": self._probe.get("input_ids") if self._probe else None,
+            "layers": {
+                index: {"top1": top1.to("cpu", torch.int16 if _fits_int16(top1) else torch.int32), "mask": mask.cpu(),
+                        "counts": counts.cpu()}
+                for index, (top1, mask, counts) in self._reference.items()
+            },
+        }
+
+    def _load_reference(self, args: Any, state: Any) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None:
+        """The train-start reference saved with the checkpoint this run resumed from, if it matches the probe."""
+        folders = [
+            self.resume_checkpoint,  # set by MoETrainer.train
+            getattr(args, "resume_from_checkpoint", None),  # scripts that pass args.resume_from_checkpoint on
+            os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"),  # resume_from_checkpoint=True
+        ]
+        path = next(
+            (os.path.join(f, REFERENCE_NAME) for f in folders if isinstance(f, str) and os.path.isfile(os.path.join(f, REFERENCE_NAME))),
+            None,
+        )
+        payload = torch.load(path, map_location="cpu", weights_only=True) if path else None
+        probe_ids = self._probe.get("input_ids")
+        saved_ids = payload.get("probe_input_ids") if payload else None
+        if payload is None or probe_ids is None or saved_ids is None or not torch.equal(saved_ids, probe_ids.cpu()):
+            self._warn_once(
+                "resume-reference",
+                "expert load: resumed at step %d without the drift reference of the run's start (%s); routing drift "
+                "is measured against the resumed model from here on.",
+                state.global_step,
+                "no " + REFERENCE_NAME + " in the checkpoint" if payload is None else "the probe batch differs",
+            )
+            return None
+        device = self._device
+        return {
+            int(index): (layer["top1"].to(device, torch.long), layer["mask"].to(device), layer["counts"].to(device))
+            for index, layer in payload["layers"].items()
+        }
+
+    def on_save(self, args, state, control, **kwargs):
+        if not self._reference or not state.is_world_process_zero:
+            return
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if os.path.isdir(folder):
+            torch.save(self._reference_payload(), os.path.join(folder, REFERENCE_NAME))
 
     def on_substep_end(self, args, state, control, **kwargs):
         self._consume(TRAIN)
