@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import functools
 import glob
 
@@ -228,6 +230,25 @@ def test_nan_router_logits_skip_policy(tmp_path):
     assert trainer.state.log_history[1]["router/skipped_steps"] == 2.0
     for n, p in model.named_parameters():
         assert torch.equal(p.detach(), before[n]) or torch.isnan(before[n]).any(), n  # no update at all
+
+
+def test_skipped_steps_keep_counting_after_a_resume(tmp_path):
+    def run(resume=None):
+        model = build_tiny_model("mixtral")
+        _nan_router(model)  # every step is skipped
+        cb = RouterLossCallback(nan_policy="skip")
+        args = _args(tmp_path, max_steps=3, save_strategy="steps", save_steps=2)
+        trainer = enable_moe_logging(Trainer(model=model, args=args, train_dataset=_dataset(4), callbacks=[cb]))
+        trainer.train(resume_from_checkpoint=resume)
+        return cb, trainer
+
+    cb, _ = run()
+    assert cb.skipped_steps == 3
+    saved = json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())
+    assert saved["stateful_callbacks"]["RouterLossCallback"]["attributes"] == {"skipped_steps": 2}
+    cb, trainer = run(resume=str(tmp_path / "checkpoint-2"))
+    assert cb.skipped_steps == 3  # 2 from the checkpoint + the one step after it
+    assert trainer.state.log_history[-2]["router/skipped_steps"] == 3.0
 
 
 def test_unbound_sft_trainer_is_detected_and_bound_one_works(tmp_path):

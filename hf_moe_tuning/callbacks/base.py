@@ -72,6 +72,19 @@ class MoEMetricsCallback(TrainerCallback):
             )
 
 
+def saved_callback_state(state, callback: TrainerCallback) -> dict | None:
+    """What ``callback``'s class saved in the checkpoint this run resumed from (``TrainerState.stateful_callbacks``).
+
+    ``Trainer`` writes every ``ExportableState`` callback's ``state()`` into ``trainer_state.json`` but only
+    restores it with ``restore_callback_states_from_checkpoint=True``; callbacks that must keep counting
+    across a resume read it here in ``on_train_begin``. ``None`` on a fresh run.
+    """
+    saved = (getattr(state, "stateful_callbacks", None) or {}).get(type(callback).__name__)
+    if isinstance(saved, list):
+        saved = saved[0] if saved else None
+    return saved if isinstance(saved, dict) else None
+
+
 def merge_pending_metrics(callbacks, logs: dict) -> dict:
     """Return ``logs`` updated with the pending metrics of every :class:`MoEMetricsCallback` in ``callbacks``."""
     kind = log_kind(logs)

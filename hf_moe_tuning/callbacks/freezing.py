@@ -28,7 +28,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 
 from ..adapters import is_peft_model
 from ..freezing import ExpertSpec, FreezePlan, FreezeReport, apply_plan, plan_freezing
-from .base import MoEMetricsCallback
+from .base import MoEMetricsCallback, saved_callback_state
 
 logger = logging.getLogger(__name__)
 
@@ -169,9 +169,7 @@ class MoEFreezingCallback(MoEMetricsCallback, ExportableState):
             self._check_resumed_state(TrainerState.load_from_json(path))
 
     def _check_resumed_state(self, state) -> None:
-        saved = (getattr(state, "stateful_callbacks", None) or {}).get(type(self).__name__)
-        if isinstance(saved, list):
-            saved = saved[0] if saved else None
+        saved = saved_callback_state(state, self)
         if not saved or self.report is None:
             return
         attrs = saved.get("attributes", {})

@@ -38,7 +38,7 @@ from torch import nn
 from transformers.trainer_callback import ExportableState
 
 from ..config import NAN_POLICIES
-from .base import TRAIN, MoEMetricsCallback
+from .base import TRAIN, MoEMetricsCallback, saved_callback_state
 
 logger = logging.getLogger(__name__)
 
@@ -109,10 +109,8 @@ class NaNGuardCallback(MoEMetricsCallback, ExportableState):
 
     # ------------------------------------------------------------------ trainer events
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        saved = (getattr(state, "stateful_callbacks", None) or {}).get(type(self).__name__)
-        if isinstance(saved, list):
-            saved = saved[0] if saved else None
-        if isinstance(saved, dict):  # resumed: keep counting from the checkpoint
+        saved = saved_callback_state(state, self)
+        if saved is not None:  # resumed: keep counting from the checkpoint
             self.skipped_steps = int(saved.get("attributes", {}).get("skipped_steps", self.skipped_steps))
         if model is not None and self._handle is None:
             self._handle = model.register_forward_hook(self._hook)

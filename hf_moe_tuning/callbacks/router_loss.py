@@ -55,6 +55,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from transformers import TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
 
 from ..anatomy import describe_moe, require_moe
 from ..config import NAN_POLICIES
@@ -68,7 +69,7 @@ from ..router_loss import (
     validate_schedule,
 )
 from ..routing.capture import RouterCapture
-from .base import EVAL, TRAIN, MoEMetricsCallback
+from .base import EVAL, TRAIN, MoEMetricsCallback, saved_callback_state
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ def _zero_loss(loss: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(loss * 0.0, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-class RouterLossCallback(MoEMetricsCallback):
+class RouterLossCallback(MoEMetricsCallback, ExportableState):
     """Add scheduled router aux / z losses to the training loss and log them apart (see module docstring).
 
     Args:
@@ -308,6 +309,9 @@ class RouterLossCallback(MoEMetricsCallback):
         if "cosine" in (self.aux_schedule, self.z_schedule) and self._max_steps is None:
             raise ValueError("the 'cosine' router-loss schedule needs max_steps (or a dataloader with a length)")
         self._step = state.global_step
+        saved = saved_callback_state(state, self)
+        if saved is not None:  # resumed: router/skipped_steps keeps counting from the checkpoint
+            self.skipped_steps = int(saved.get("attributes", {}).get("skipped_steps", self.skipped_steps))
         self._accumulation_steps = max(1, args.gradient_accumulation_steps)
         self._world_size = max(1, args.world_size)
         self._average_tokens = bool(getattr(args, "average_tokens_across_devices", False))
@@ -355,6 +359,16 @@ class RouterLossCallback(MoEMetricsCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.detach()
+
+    def state(self) -> dict:
+        """Saved in every checkpoint's ``trainer_state.json``; ``skipped_steps`` is read back on resume."""
+        return {
+            "args": {
+                "aux_coef": self.aux_coef, "z_coef": self.z_coef, "aux_schedule": self.aux_schedule,
+                "z_schedule": self.z_schedule, "warmup_steps": self.warmup_steps, "nan_policy": self.nan_policy,
+            },
+            "attributes": {"skipped_steps": self.skipped_steps},
+        }
 
     def _disable_builtin_router_loss(self, model: nn.Module) -> None:
         for module in model.modules():
