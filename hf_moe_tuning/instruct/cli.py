@@ -14,6 +14,8 @@ import shlex
 import sys
 from typing import Sequence
 
+from ..cli import run_command
+
 logger = logging.getLogger(__name__)
 
 
@@ -88,13 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     register(parser.add_subparsers(dest="command", required=True))
     parser.set_defaults(prog="python -m hf_moe_tuning.instruct.cli")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_command(parser.parse_args(argv))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -32,6 +32,7 @@ from ..callbacks.freezing import MoEFreezingCallback
 from ..callbacks.router_loss import RouterLossCallback
 from ..config import MoETrainingArguments
 from ..distributed import configure_distributed
+from ..study.stages import STAGE_DEFAULTS
 from ..trainer import enable_moe_logging
 
 logger = logging.getLogger(__name__)
@@ -41,22 +42,15 @@ MOE_ARG_NAMES: frozenset[str] = frozenset(
     f.name for f in dataclasses.fields(MoETrainingArguments)
 ) - frozenset(f.name for f in dataclasses.fields(TrainingArguments))
 
-#: Defaults of every SFT stage (recipe ``args`` override them). TRL defaults to bf16 and gradient
-#: checkpointing, which fail (bf16 on a CPU without support) or only cost time for the tiny models;
-#: the real recipe turns both on.
+#: Defaults of every SFT stage (recipe ``args`` override them): the encoder-decoder study's stage
+#: defaults (no saving, constant LR, no per-run files), logging every 25 steps, and bf16 and gradient
+#: checkpointing off. TRL defaults to both, which fail (bf16 on a CPU without support) or only cost time
+#: for the tiny models; the real recipe turns both on.
 SFT_DEFAULTS: dict[str, Any] = {
+    **{k: v for k, v in STAGE_DEFAULTS.items() if k != "dataloader_pin_memory"},
     "bf16": False,
     "gradient_checkpointing": False,
-    "save_strategy": "no",
-    "logging_strategy": "steps",
     "logging_steps": 25,
-    "disable_tqdm": True,
-    "lr_scheduler_type": "constant",
-    "warmup_steps": 0,
-    "dataloader_num_workers": 0,
-    "moe_expert_load_jsonl": False,
-    "moe_expert_load_heatmap": False,
-    "moe_model_card": False,
 }
 
 #: ``MoETrainingArguments`` options a dense model must not be given.
