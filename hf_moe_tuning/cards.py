@@ -20,11 +20,16 @@ file in ``OUTPUT_DIR``          used for
 ``trainer_state.json``          log history (metrics, router losses) and the freezing plan
                                 (``stateful_callbacks.MoEFreezingCallback.attributes``); the newest
                                 ``checkpoint-*/trainer_state.json`` when the folder has none
-``training_args.bin``           router-loss coefficients/schedules, MoE options, hyperparameters
+``moe_run.json``                what trained: router-loss coefficients/schedules, freezing plan, expert
+                                options, base model, hyperparameters (written by the MoE callbacks at
+                                train start, :mod:`hf_moe_tuning.hub.run_record`)
 ``expert_load.jsonl``           per-layer expert counts written by ``ExpertLoadCallback``
 ``expert_load_*.png``           heatmaps, embedded in the card and uploaded with it
 ``run_info.json``               base model, datasets, evaluation dataset, recipe/arm (convention below)
 =============================  ==========================================================================
+
+``training_args.bin`` is never read: it is a pickle, and unpickling a file from a run folder can run
+arbitrary code. Nor is it uploaded (it holds the raw ``hub_token``).
 
 ``run_info.json`` convention (written by :func:`write_run_info`; every key optional, extra keys are
 listed in the card's recipe table)::
@@ -43,7 +48,12 @@ listed in the card's recipe table)::
 Commands::
 
     hf-moe-tuning card OUTPUT_DIR                      # writes OUTPUT_DIR/README.md
-    hf-moe-tuning push OUTPUT_DIR user/repo [--private] [--revision BRANCH] [--merge-adapter]
+    hf-moe-tuning push OUTPUT_DIR user/repo [--private] [--revision BRANCH] [--merge-adapter] [--dry-run]
+
+A push uploads an allow-list of top-level files only (:data:`UPLOAD_ALLOW_PATTERNS`: safetensors
+weights and their index, configs, tokenizer files, the card, the adapter, this package's JSON files and
+PNG plots); hidden files, folders, pickles (``*.bin``, ``*.pt``, ``*.pth``) and symlinks that point out of
+the folder never go. ``--dry-run`` prints that list and touches no network.
 
 In Python, ``MoETrainer`` (with :class:`MoECardMixin`) writes the card in ``create_model_card`` and
 ``push_to_hub`` uploads it with the heatmaps; :func:`push_run` pushes any finished run.
@@ -52,6 +62,8 @@ In Python, ``MoETrainer`` (with :class:`MoECardMixin`) writes the card in ``crea
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import glob
 import json
 import logging
 import os
@@ -63,64 +75,82 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.repocard import metadata_load
 from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
-from huggingface_hub.utils import filter_repo_objects, validate_repo_id
+from huggingface_hub.utils import validate_repo_id
+from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
+from transformers.utils import (
+    CONFIG_NAME,
+    GENERATION_CONFIG_NAME,
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+)
 
 from .adapters import is_peft_model
+from .hub.run_record import MOE_RUN_NAME, RECORDED_ARGS, callback_settings, read_moe_run, recorded_training_args
 
 logger = logging.getLogger(__name__)
 
 CARD_NAME = "README.md"
 RUN_INFO_NAME = "run_info.json"
-TRAINER_STATE_NAME = "trainer_state.json"
-TRAINING_ARGS_NAME = "training_args.bin"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 EXPERT_LOAD_JSONL = "expert_load.jsonl"
 TRAIN_HEATMAP = "expert_load_train.png"
 PROJECT_URL = "https://github.com/hf-moe-tuning/hf_moe_tuning"
 
-#: Files never uploaded: checkpoints, optimizer/scheduler/RNG state, private files (as ``Trainer.push_to_hub``).
+#: The only files a push uploads: fnmatch patterns on top-level file names (nothing in sub-folders).
+UPLOAD_ALLOW_PATTERNS: tuple[str, ...] = (
+    "*.safetensors",  # model.safetensors, model-0000i-of-0000n.safetensors, adapter_model.safetensors
+    "*.safetensors.index.json",
+    CONFIG_NAME,
+    GENERATION_CONFIG_NAME,
+    ADAPTER_CONFIG_NAME,
+    # tokenizer / processor files
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "spiece.model",
+    "tokenizer.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    # the card and this package's own files
+    CARD_NAME,
+    MOE_RUN_NAME,
+    RUN_INFO_NAME,
+    EXPERT_LOAD_JSONL,
+    TRAINER_STATE_NAME,
+    "*.png",
+)
+
+#: Never uploaded even where an allow pattern matches (defence in depth; also passed to ``upload_folder``):
+#: hidden and private files, anything in a sub-folder, pickles, optimizer/scheduler/RNG state.
 UPLOAD_IGNORE_PATTERNS: tuple[str, ...] = (
-    "checkpoint-*",
-    "checkpoint-*/*",
+    ".*",
     "_*",
-    "optimizer.pt",
-    "scheduler.pt",
-    "scaler.pt",
-    "rng_state*.pth",
+    "*/*",
+    TRAINING_ARGS_NAME,
+    "*.bin",
+    "*.pt",
+    "*.pth",
+    "*.pkl",
+    "*.pickle",
     "*.lock",
 )
 
 #: Training arguments shown in the card (when set), in this order.
-CARD_ARGS: tuple[str, ...] = (
-    "learning_rate",
-    "lr_scheduler_type",
-    "warmup_steps",
-    "warmup_ratio",
-    "weight_decay",
-    "optim",
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "num_train_epochs",
-    "max_steps",
-    "max_grad_norm",
-    "seed",
-    "bf16",
-    "fp16",
-    "moe_freeze_strategy",
-    "moe_train_router",
-    "moe_experts",
-    "moe_extra_trainable",
-    "moe_extra_frozen",
-    "moe_expert_dropout",
-    "moe_capacity_factor_train",
-    "moe_capacity_factor_eval",
-    "moe_router_jitter",
-    "moe_bias_balancing",
-    "moe_hparam_preset",
-)
+CARD_ARGS: tuple[str, ...] = RECORDED_ARGS
 
 _RUN_INFO_TYPES: dict[str, type | tuple[type, ...]] = {
     "base_model": str,
@@ -205,6 +235,8 @@ class RunSummary:
     heatmaps: list[str] = field(default_factory=list)
     run_info: dict[str, Any] = field(default_factory=dict)
     moe: dict[str, Any] | None = None
+    #: settings per MoE callback class that trained (``moe_run.json`` "callbacks"); ``None``: not recorded
+    callbacks: dict[str, dict[str, Any]] | None = None
 
     @property
     def global_step(self) -> int | None:
@@ -236,10 +268,10 @@ class RunSummary:
 
 def _has_weights(path: str) -> bool:
     names = set(os.listdir(path))
-    full = "config.json" in names and (
-        "model.safetensors" in names or "model.safetensors.index.json" in names or "pytorch_model.bin" in names
+    full = CONFIG_NAME in names and bool(
+        {SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME} & names
     )
-    adapter = "adapter_config.json" in names and "adapter_model.safetensors" in names
+    adapter = ADAPTER_CONFIG_NAME in names and ADAPTER_WEIGHTS_NAME in names
     return full or adapter
 
 
@@ -289,19 +321,13 @@ def _freeze_from_state(state: dict[str, Any]) -> dict[str, Any] | None:
     return attributes or None
 
 
-def _load_training_args(output_dir: str) -> dict[str, Any]:
-    """``training_args.bin`` as a dict (a pickle: only read run folders you trust)."""
-    path = os.path.join(output_dir, TRAINING_ARGS_NAME)
-    if not os.path.isfile(path):
-        return {}
-    import torch  # noqa: PLC0415
-
-    try:
-        args = torch.load(path, weights_only=False)
-    except Exception as err:  # noqa: BLE001 - an unreadable pickle must not stop the card
-        logger.warning("could not read %s (%s); training arguments are left out of the card", path, err)
-        return {}
-    return args.to_dict() if hasattr(args, "to_dict") else dict(vars(args))
+def _load_moe_run(output_dir: str) -> dict[str, Any] | None:
+    """``moe_run.json`` of the folder, else of its newest checkpoint (``None`` when the run recorded none)."""
+    record = read_moe_run(output_dir)
+    if record is None:
+        checkpoint = _latest_checkpoint(output_dir)
+        record = read_moe_run(checkpoint) if checkpoint else None
+    return record
 
 
 def read_expert_load(output_dir: str) -> list[dict[str, Any]]:
@@ -402,14 +428,20 @@ def load_run(output_dir: str) -> RunSummary:
     require_finished_run(output_dir)
     run_info = read_run_info(output_dir)
     state = _load_trainer_state(output_dir)
+    record = _load_moe_run(output_dir)
+    callbacks = dict(record["callbacks"]) if record is not None else None
+    freeze = _freeze_from_state(state)
+    if freeze is None and callbacks:
+        freeze = (callbacks.get("MoEFreezingCallback") or {}).get("plan") or None
     summary = RunSummary(
         output_dir=output_dir,
-        args=_load_training_args(output_dir),
+        args=dict(record["training_args"]) if record is not None else {},
         log_history=list(state.get("log_history") or []),
-        freeze=_freeze_from_state(state),
+        freeze=freeze,
         expert_load=read_expert_load(output_dir),
         heatmaps=_heatmaps(output_dir),
         run_info=run_info,
+        callbacks=callbacks,
     )
     anatomy = None
     from .adapters import is_adapter_dir  # noqa: PLC0415
@@ -421,7 +453,7 @@ def load_run(output_dir: str) -> RunSummary:
         if anatomy is not None:
             summary.model_type = anatomy.model_type
     else:
-        with open(os.path.join(output_dir, "config.json"), encoding="utf-8") as f:
+        with open(os.path.join(output_dir, CONFIG_NAME), encoding="utf-8") as f:
             config = json.load(f)
         summary.model_type = config.get("model_type")
         summary.architecture = (config.get("architectures") or [None])[0]
@@ -447,11 +479,16 @@ def summary_from_trainer(trainer: Any) -> RunSummary:
     model = trainer.accelerator.unwrap_model(trainer.model) if hasattr(trainer, "accelerator") else trainer.model
     summary = RunSummary(
         output_dir=output_dir,
-        args=trainer.args.to_dict(),
+        args=recorded_training_args(trainer.args),
         log_history=list(trainer.state.log_history),
         expert_load=read_expert_load(output_dir) if os.path.isdir(output_dir) else [],
         heatmaps=_heatmaps(output_dir) if os.path.isdir(output_dir) else [],
         run_info=run_info,
+        callbacks={
+            type(cb).__name__: callback_settings(cb)
+            for cb in trainer.callback_handler.callbacks
+            if hasattr(cb, "moe_run_settings")
+        },
     )
     for cb in trainer.callback_handler.callbacks:
         if isinstance(cb, MoEFreezingCallback) and cb.report is not None:
@@ -589,28 +626,24 @@ def _adapter_section(summary: RunSummary) -> str:
 
 
 def _router_section(summary: RunSummary) -> str:
-    args = summary.args
-    if not args and summary.last_logged("router/aux_loss") is None:
-        return "### Router losses\n\nNot recorded (no `training_args.bin` in the run folder)."
-    warmup = args.get("router_loss_warmup_steps", 0)
+    settings = (summary.callbacks or {}).get("RouterLossCallback")
+    if settings is None:
+        if summary.callbacks is None:
+            return f"### Router losses\n\nNot recorded (no `{MOE_RUN_NAME}` in the run folder)."
+        return "### Router losses\n\nNone added by hf_moe_tuning (the run had no `RouterLossCallback`)."
+    warmup = settings.get("warmup_steps", 0)
 
     def schedule(name: str) -> str:
-        value = args.get(name, "constant")
+        value = settings.get(name, "constant")
         return f"{value} (warmup {warmup} steps)" if value in ("linear_warmup", "cosine") and warmup else str(value)
 
+    def last(key: str) -> str:
+        value = summary.last_logged(key)
+        return _fmt(value) if value is not None else "–"
+
     rows = [
-        (
-            "load balancing (aux)",
-            args.get("router_aux_loss_coef", 0.0),
-            schedule("router_aux_loss_schedule"),
-            _fmt(summary.last_logged("router/aux_loss")) if summary.last_logged("router/aux_loss") is not None else "–",
-        ),
-        (
-            "router z-loss",
-            args.get("router_z_loss_coef", 0.0),
-            schedule("router_z_loss_schedule"),
-            _fmt(summary.last_logged("router/z_loss")) if summary.last_logged("router/z_loss") is not None else "–",
-        ),
+        ("load balancing (aux)", settings.get("aux_coef", 0.0), schedule("aux_schedule"), last("router/aux_loss")),
+        ("router z-loss", settings.get("z_coef", 0.0), schedule("z_schedule"), last("router/z_loss")),
     ]
     text = [
         "### Router losses",
@@ -621,8 +654,21 @@ def _router_section(summary: RunSummary) -> str:
     ]
     lm = summary.last_logged("lm_loss")
     if lm is not None:
-        text += ["", f"Last logged `lm_loss`: {_fmt(lm)}; non-finite policy: `{args.get('router_nan_policy', 'error')}`."]
+        text += ["", f"Last logged `lm_loss`: {_fmt(lm)}; non-finite policy: `{settings.get('nan_policy', 'error')}`."]
     return "\n".join(text)
+
+
+def _controls_section(summary: RunSummary) -> str:
+    """Settings of the other recording MoE callbacks (expert dropout, capacity, jitter, bias balancing)."""
+    shown = {"RouterLossCallback", "MoEFreezingCallback"}
+    rows = [
+        (f"`{name}`", ", ".join(f"`{k}` = {_fmt(v)}" for k, v in sorted(settings.items())) or "–")
+        for name, settings in sorted((summary.callbacks or {}).items())
+        if name not in shown
+    ]
+    if not rows:
+        return ""
+    return "### Expert-level controls\n\n" + _table(("callback", "settings"), rows)
 
 
 def _summed_loads(records: Sequence[dict[str, Any]]) -> list[Any]:
@@ -747,7 +793,7 @@ def moe_card_section(summary: RunSummary) -> str:
             f"{moe['total_params']:,} parameters; fine-tuned with [hf_moe_tuning]({PROJECT_URL}).",
             "",
         ]
-    for section in (_freeze_section, _router_section, _expert_load_section, _args_section, _recipe_section):
+    for section in (_freeze_section, _router_section, _controls_section, _expert_load_section, _args_section, _recipe_section):
         text = section(summary)
         if text:
             parts += [text, ""]
@@ -932,12 +978,18 @@ def validate_card(card: ModelCard) -> dict[str, Any]:
     return loaded
 
 
-def write_model_card(output_dir: str, **card_kwargs: Any) -> str:
-    """Build the card of the finished run in ``output_dir`` and write ``output_dir/README.md``."""
-    card = build_model_card(load_run(output_dir), **card_kwargs)
-    path = os.path.join(output_dir, CARD_NAME)
+def save_card(card: ModelCard, folder: str) -> str:
+    """Write ``card`` to ``folder/README.md`` as a regular file; a ``README.md`` symlink is replaced, never written through."""
+    path = os.path.join(folder, CARD_NAME)
+    if os.path.islink(path):
+        os.unlink(path)
     card.save(path)
     return path
+
+
+def write_model_card(output_dir: str, **card_kwargs: Any) -> str:
+    """Build the card of the finished run in ``output_dir`` and write ``output_dir/README.md``."""
+    return save_card(build_model_card(load_run(output_dir), **card_kwargs), output_dir)
 
 
 # --------------------------------------------------------------------------------------------- push
@@ -952,17 +1004,55 @@ def check_repo_id(repo_id: str) -> str:
     return repo_id
 
 
+@dataclass
+class UploadPlan:
+    """What a push of ``folder`` sends (``files``, top-level names) and what it leaves out (``skipped``: name -> reason)."""
+
+    folder: str
+    files: list[str]
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def _allowed_name(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in UPLOAD_ALLOW_PATTERNS) and not any(
+        fnmatch.fnmatchcase(name, p) for p in UPLOAD_IGNORE_PATTERNS
+    )
+
+
+def upload_plan(folder: str) -> UploadPlan:
+    """The files of ``folder`` a push uploads: top-level regular files whose name matches
+    :data:`UPLOAD_ALLOW_PATTERNS` and no :data:`UPLOAD_IGNORE_PATTERNS`; a symlink only when it resolves
+    to a regular file inside ``folder``. Sub-folders are never entered."""
+    root = os.path.realpath(folder)
+    files, skipped = [], {}
+    with os.scandir(folder) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            name = entry.name
+            if entry.is_dir(follow_symlinks=False):
+                skipped[name + "/"] = "folder"
+            elif not _allowed_name(name):
+                skipped[name] = "not on the allow-list"
+            elif entry.is_symlink():
+                target = os.path.realpath(entry.path)
+                if os.path.commonpath([root, target]) != root:
+                    skipped[name] = "symlink out of the folder"
+                elif not os.path.isfile(target):
+                    skipped[name] = "symlink to a non-file"
+                else:
+                    files.append(name)
+            elif not entry.is_file(follow_symlinks=False):
+                skipped[name] = "not a regular file"
+            else:
+                files.append(name)
+    return UploadPlan(folder=folder, files=files, skipped=skipped)
+
+
 def files_to_upload(folder: str) -> list[str]:
-    """Relative paths (POSIX) under ``folder`` that a push sends: all but :data:`UPLOAD_IGNORE_PATTERNS`."""
-    paths = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in files:
-            paths.append(Path(os.path.relpath(os.path.join(root, name), folder)).as_posix())
-    return sorted(filter_repo_objects(paths, ignore_patterns=list(UPLOAD_IGNORE_PATTERNS)))
+    """Names (sorted) of the files a push of ``folder`` uploads; see :func:`upload_plan`."""
+    return upload_plan(folder).files
 
 
-_MODEL_FILES = re.compile(r"(model.*\.safetensors(\.index\.json)?|pytorch_model.*\.bin|adapter_model\.safetensors|adapter_config\.json|config\.json)")
+_MODEL_FILES = re.compile(r"(model.*\.safetensors(\.index\.json)?|adapter_model\.safetensors|adapter_config\.json|config\.json)")
 
 
 def _merge_into(output_dir: str, staging: str, run_info: dict[str, Any]) -> None:
@@ -980,12 +1070,10 @@ def _merge_into(output_dir: str, staging: str, run_info: dict[str, Any]) -> None
         )
     merged = merge_adapter(load_lora_model(base, output_dir))
     merged.save_pretrained(staging)
-    for rel in files_to_upload(output_dir):
-        if rel == CARD_NAME or _MODEL_FILES.fullmatch(os.path.basename(rel)):
+    for name in files_to_upload(output_dir):
+        if name == CARD_NAME or _MODEL_FILES.fullmatch(name):
             continue
-        target = os.path.join(staging, rel)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        shutil.copy2(os.path.join(output_dir, rel), target)
+        shutil.copyfile(os.path.join(output_dir, name), os.path.join(staging, name))
 
 
 def push_run(
@@ -998,14 +1086,27 @@ def push_run(
     commit_message: str | None = None,
     token: str | None = None,
     api: HfApi | None = None,
+    dry_run: bool = False,
     **card_kwargs: Any,
 ) -> Any:
     """Write the card of the finished run in ``output_dir`` and upload the run to ``repo_id``.
 
     Everything is checked before the first Hub call: the repo id, that the folder holds a finished
     run, and (adapters) that every adapter target has saved weights and exists in the base model when
-    that is available offline. ``merge_adapter`` uploads the base model with the adapter merged in
-    (``merge_and_unload``) instead of the adapter. Returns the ``CommitInfo`` of ``create_commit``.
+    that is available offline. ``merge_adapter`` uploads the
+    base model with the adapter merged in (``merge_and_unload``) instead of the adapter. Only the
+    files of :func:`upload_plan` are sent, through ``HfApi.upload_folder`` with exactly those names as
+    ``allow_patterns``.
+
+    Args:
+        dry_run: build and validate the card without writing it, and return the :class:`UploadPlan`
+            (``README.md`` included) without any network call.
+
+    Returns:
+        The ``CommitInfo`` of ``upload_folder``, or the :class:`UploadPlan` with ``dry_run``.
+
+    Raises:
+        ValueError: a bad repo id or request; :class:`NoFinishedRunError`: nothing to push.
     """
     from .adapters import check_adapter_checkpoint, is_adapter_dir  # noqa: PLC0415
 
@@ -1018,7 +1119,6 @@ def push_run(
         check_adapter_checkpoint(output_dir, base_model=_resolve_base(spec, run_info, meta=True))
     elif merge_adapter:
         raise ValueError(f"--merge-adapter was given, but {output_dir!r} holds a full model, not an adapter")
-    api = api or HfApi(token=token)
     card_kwargs.setdefault("model_name", repo_id.split("/")[-1])
     with tempfile.TemporaryDirectory() as staging:
         folder = output_dir
@@ -1028,20 +1128,30 @@ def push_run(
             summary.base_model = run_info.get("base_model") or summary.base_model
             card = build_model_card(summary, **card_kwargs)
             card.text += "\nThe LoRA adapter of this run was merged into the base weights (`merge_and_unload`) before upload.\n"
-            card.save(os.path.join(staging, CARD_NAME))
             folder = staging
         else:
             card = build_model_card(load_run(output_dir), **card_kwargs)
-            card.save(os.path.join(output_dir, CARD_NAME))
-        files = files_to_upload(folder)
-        operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=os.path.join(folder, rel)) for rel in files]
-        logger.info("pushing %d files of %s to %s%s", len(files), folder, repo_id, f"@{revision}" if revision else "")
+        if dry_run:
+            plan = upload_plan(folder)
+            plan.files = sorted(set(plan.files) | {CARD_NAME})  # the push writes the card first
+            plan.skipped.pop(CARD_NAME, None)
+            plan.folder = output_dir
+            return plan
+        save_card(card, folder)
+        plan = upload_plan(folder)
+        if CARD_NAME not in plan.files:
+            raise OSError(f"the card {os.path.join(folder, CARD_NAME)} was not written as a regular file")
+        logger.info("pushing %d files of %s to %s%s: %s", len(plan.files), folder, repo_id,
+                    f"@{revision}" if revision else "", ", ".join(plan.files))
+        api = api or HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        return api.create_commit(
-            repo_id,
-            operations,
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            allow_patterns=[glob.escape(name) for name in plan.files],
+            ignore_patterns=list(UPLOAD_IGNORE_PATTERNS),
             commit_message=commit_message or f"Upload MoE fine-tuning run {Path(os.path.abspath(output_dir)).name}",
             revision=revision,
         )
@@ -1091,7 +1201,7 @@ class MoECardMixin:
             tags=[tags] if isinstance(tags, str) else (tags or []),
             pipeline_tag=tasks if isinstance(tasks, str) else None,
         )
-        card.save(os.path.join(self.args.output_dir, CARD_NAME))
+        save_card(card, self.args.output_dir)
         return None
 
     def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, token: str | None = None,
@@ -1131,7 +1241,7 @@ def _card_command(args: argparse.Namespace) -> int:
 
 
 def _push_command(args: argparse.Namespace) -> int:
-    info = push_run(
+    result = push_run(
         args.output_dir,
         args.repo_id,
         private=args.private,
@@ -1140,8 +1250,17 @@ def _push_command(args: argparse.Namespace) -> int:
         commit_message=args.commit_message,
         token=args.token,
         license=args.license,
+        dry_run=args.dry_run,
     )
-    print(f"pushed {args.output_dir} to {getattr(info, 'commit_url', None) or args.repo_id}")
+    if args.dry_run:
+        where = f"{args.repo_id}@{args.revision}" if args.revision else args.repo_id
+        print(f"dry run: would upload {len(result.files)} files of {args.output_dir} to {where}:")
+        for name in result.files:
+            print(f"  {name}")
+        if result.skipped:
+            print(f"not uploaded ({len(result.skipped)}): " + ", ".join(f"{n} ({why})" for n, why in result.skipped.items()))
+        return 0
+    print(f"pushed {args.output_dir} to {getattr(result, 'commit_url', None) or args.repo_id}")
     return 0
 
 
@@ -1167,4 +1286,5 @@ def register(subparsers: Any) -> None:
     p.add_argument("--commit-message", default=None)
     p.add_argument("--license", default=None)
     p.add_argument("--token", default=None, help="Hub token (default: the logged-in token)")
+    p.add_argument("--dry-run", action="store_true", help="print the files that would be uploaded; no network")
     p.set_defaults(func=_push_command)

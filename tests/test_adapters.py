@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard
+from huggingface_hub.utils import filter_repo_objects
 from peft import LoraConfig, PeftModel
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -206,8 +207,11 @@ def hub(monkeypatch):
 
     def record(name):
         def fn(self, *args, **kwargs):
-            if name == "create_commit":
-                kwargs["sent"] = {op.path_in_repo: op.path_or_fileobj for op in args[1]}
+            if name == "upload_folder":  # the files upload_folder selects, read while the staging folder exists
+                kwargs["sent"] = {
+                    rel: os.path.join(kwargs["folder_path"], rel)
+                    for rel in filter_repo_objects(sorted(os.listdir(kwargs["folder_path"])), allow_patterns=kwargs["allow_patterns"])
+                }
                 kwargs["merged"] = load_file(kwargs["sent"]["model.safetensors"]) if "model.safetensors" in kwargs["sent"] else None
                 kwargs["card"] = open(kwargs["sent"]["README.md"], encoding="utf-8").read()
             calls.append((name, args, kwargs))

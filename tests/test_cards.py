@@ -5,15 +5,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 import yaml
 from huggingface_hub import HfApi, ModelCard
+from huggingface_hub import constants as hub_constants
+from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
 from huggingface_hub.repocard import metadata_load
 from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
-from transformers import ByT5Tokenizer, DataCollatorForSeq2Seq
+from transformers import ByT5Tokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+from transformers.trainer import TRAINING_ARGS_NAME
 
-from hf_moe_tuning import MoETrainer, MoETrainingArguments, build_tiny_model
+from hf_moe_tuning import MoETrainer, MoETrainingArguments, RouterLossCallback, build_tiny_model
 from hf_moe_tuning.cards import (
     CardValidationError,
     MoECardMixin,
@@ -22,12 +28,14 @@ from hf_moe_tuning.cards import (
     files_to_upload,
     load_run,
     push_run,
+    upload_plan,
     validate_card,
     write_model_card,
     write_run_info,
 )
 from hf_moe_tuning.cli import main
 from hf_moe_tuning.demo import reverse_task, tokenize_seq2seq
+from hf_moe_tuning.hub.run_record import MOE_RUN_NAME, read_moe_run, record_moe_run
 
 
 # What MoETrainer becomes once the mixin is in its bases (a subclass until then).
@@ -42,7 +50,9 @@ def _add_missing_callbacks(trainer, args):
     present = {type(cb) for cb in trainer.callback_handler.callbacks}
     for cls in (RouterLossCallback, ExpertLoadCallback):
         if cls not in present:
-            trainer.add_callback(cls.from_args(args))
+            callback = cls.from_args(args)
+            if callback is not None:
+                trainer.add_callback(callback)
 
 
 @pytest.fixture(scope="module")
@@ -54,17 +64,14 @@ def switch_run(tmp_path_factory):
     args = MoETrainingArguments(
         out,
         moe_freeze_strategy="non_moe",
-        router_aux_loss_coef=0.01,
-        router_z_loss_coef=0.001,
-        router_z_loss_schedule="linear_warmup",
-        router_loss_warmup_steps=2,
         moe_drift_probe_size=0,
         max_steps=4,
         per_device_train_batch_size=8,
         logging_steps=2,
         eval_strategy="steps",
         eval_steps=4,
-        save_strategy="no",
+        save_strategy="steps",
+        save_steps=4,
         report_to=[],
         use_cpu=True,
         disable_tqdm=True,
@@ -76,6 +83,8 @@ def switch_run(tmp_path_factory):
         train_dataset=tokenize_seq2seq(reverse_task(32), tokenizer),
         eval_dataset=tokenize_seq2seq(reverse_task(8, seed=1), tokenizer),
         data_collator=DataCollatorForSeq2Seq(tokenizer, model=model),
+        # passed as a callback (not as MoETrainingArguments fields) so the card must find it in the run's record
+        callbacks=[RouterLossCallback(aux_coef=0.01, z_coef=0.001, z_schedule="linear_warmup", warmup_steps=2)],
     )
     _add_missing_callbacks(trainer, args)
     write_run_info(out, base_model="tiny:switch", task="reverse", recipe="recipes/demo.yaml", arm="non_moe", seed=42)
@@ -154,23 +163,34 @@ def test_card_passes_local_hub_validation(switch_run):
         validate_card(bad)
 
 
+def sent_by_upload_folder(folder_path, allow_patterns=None, ignore_patterns=None, path_in_repo=None, **_):
+    """What ``HfApi.upload_folder`` would send for these arguments: huggingface_hub's own file selection
+    (``_prepare_upload_folder_additions``, with its default ignore patterns), minus the network YAML check."""
+    api = HfApi()
+    api._validate_yaml = lambda *a, **k: None
+    ignore = ([ignore_patterns] if isinstance(ignore_patterns, str) else list(ignore_patterns or [])) + DEFAULT_IGNORE_PATTERNS
+    ops = api._prepare_upload_folder_additions(folder_path, path_in_repo or "", allow_patterns=allow_patterns, ignore_patterns=ignore)
+    return {op.path_in_repo: open(op.path_or_fileobj, "rb").read() for op in ops}
+
+
 @pytest.fixture
 def hub(monkeypatch):
-    """Intercept every HfApi call a push makes; record them."""
+    """Intercept every HfApi call a push makes; record them (online mode, with a token, but no network)."""
     calls = []
 
     def record(name):
         def fn(self, *args, **kwargs):
+            if name == "upload_folder":  # read what would be sent while the files still exist
+                kwargs["sent"] = sent_by_upload_folder(**kwargs)
             calls.append((name, args, kwargs))
-            if name == "create_commit":
-                # read what would be sent while the files still exist
-                kwargs["sent"] = {op.path_in_repo: open(op.path_or_fileobj, "rb").read() for op in args[1]}
             return type("Info", (), {"commit_url": "https://hf.co/me/x/commit/1", "repo_id": args[0] if args else None})()
 
         return fn
 
-    for name in ("create_repo", "create_branch", "create_commit", "upload_folder"):
+    for name in ("create_repo", "create_branch", "create_commit", "upload_folder", "upload_file"):
         monkeypatch.setattr(HfApi, name, record(name))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token_not_real")
     return calls
 
 
@@ -183,15 +203,15 @@ def test_push_sends_model_card_and_heatmap(switch_run, tmp_path, hub):
         open(os.path.join(run, junk), "wb").close()
     assert main(["push", run, "me/tiny-switch", "--private", "--revision", "exp1"]) == 0
     names = [c[0] for c in hub]
-    assert names == ["create_repo", "create_branch", "create_commit"]
+    assert names == ["create_repo", "create_branch", "upload_folder"]
     assert hub[0][1] == ("me/tiny-switch",) and hub[0][2]["private"] is True
     assert hub[1][2]["branch"] == "exp1"
     commit = hub[2][2]
-    assert commit["revision"] == "exp1"
+    assert commit["revision"] == "exp1" and commit["repo_id"] == "me/tiny-switch"
     sent = commit["sent"]
     assert {"README.md", "config.json", "model.safetensors", "expert_load_train.png", "expert_load.jsonl",
-            "run_info.json", "training_args.bin", "trainer_state.json"} <= set(sent)
-    assert not {"optimizer.pt", "rng_state.pth", "_scratch.txt"} & set(sent)
+            "run_info.json", MOE_RUN_NAME, "trainer_state.json"} <= set(sent)
+    assert not {"optimizer.pt", "rng_state.pth", "_scratch.txt", TRAINING_ARGS_NAME} & set(sent)
     assert not any(p.startswith("checkpoint-") for p in sent)
     card = sent["README.md"].decode()
     meta = yaml.safe_load(card.split("---")[1])
@@ -241,3 +261,154 @@ def test_card_without_optional_files(tmp_path):
     assert "No freezing plan was recorded" in text and "No expert-load log" in text
     assert "model-index" not in text
     validate_card(ModelCard.load(path))
+
+
+# ---------------------------------------------------------------------------------------------- security
+
+
+class _TouchOnUnpickle:
+    """A crafted pickle payload: unpickling it opens (creates) ``path``, as a hostile training_args.bin could."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_card_and_dry_run_never_unpickle_training_args(switch_run, tmp_path, capsys):
+    out, _ = switch_run
+    checkpoint = str(tmp_path / "checkpoint-4")
+    shutil.copytree(os.path.join(out, "checkpoint-4"), checkpoint)
+    assert os.path.isfile(os.path.join(checkpoint, MOE_RUN_NAME))  # copied there by the callbacks' on_save
+    marker = tmp_path / "pwned"
+    torch.save(_TouchOnUnpickle(marker), os.path.join(checkpoint, TRAINING_ARGS_NAME))
+
+    assert main(["card", checkpoint]) == 0
+    assert main(["push", checkpoint, "me/tiny-switch", "--dry-run"]) == 0
+    listed = [line.strip() for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert not marker.exists()
+    assert TRAINING_ARGS_NAME not in listed and "README.md" in listed
+    # the card still says what trained, from the checkpoint's JSON
+    text = Path(checkpoint, "README.md").read_text(encoding="utf-8")
+    assert "| load balancing (aux) | 0.01 | constant |" in text
+    assert "| router z-loss | 0.001 | linear_warmup (warmup 2 steps) |" in text
+    assert "| `learning_rate` | 0.001 |" in text and "Strategy **`non_moe`**" in text
+    # the payload is live: loading it the way the old code did creates the marker
+    torch.load(os.path.join(checkpoint, TRAINING_ARGS_NAME), weights_only=False)
+    assert marker.exists()
+
+
+def _hostile_run(out, tmp_path):
+    """A copy of ``out`` with files a push must never send."""
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "id_rsa").write_text("PRIVATE KEY")
+    (outside / "dir").mkdir()
+    (run / ".env").write_text("HF_TOKEN=hf_secret")
+    (run / ".git-credentials").write_text("https://user:hf_secret@huggingface.co")
+    for nested in ("last-checkpoint/optimizer.pt", "nested/scheduler.pt", "nested/config.json"):
+        (run / nested).parent.mkdir(exist_ok=True)
+        (run / nested).write_bytes(b"state")
+    (run / "rng_state.pth").write_bytes(b"rng")
+    (run / "pytorch_model.bin").write_bytes(b"pickle")
+    # symlinks whose names are on the allow-list but whose targets are outside the run folder
+    os.symlink(outside / "id_rsa", run / "model-00002-of-00002.safetensors")
+    os.symlink(outside / "id_rsa", run / "leak.png")
+    os.symlink(outside / "dir", run / "linked_dir")
+    os.symlink(run / "expert_load_train.png", run / "alias.png")  # inside the folder: fine
+    (outside / "bashrc").write_text("keep me")
+    os.remove(run / "README.md")
+    os.symlink(outside / "bashrc", run / "README.md")  # the card must replace the link, not write through it
+    return run
+
+
+BAD_FILES = {
+    ".env", ".git-credentials", "last-checkpoint/optimizer.pt", "nested/scheduler.pt", "nested/config.json",
+    "rng_state.pth", "pytorch_model.bin", TRAINING_ARGS_NAME, "model-00002-of-00002.safetensors", "leak.png",
+    "linked_dir", "checkpoint-4/optimizer.pt", "checkpoint-4/model.safetensors",
+}
+
+
+def test_push_uploads_the_allow_list_only(switch_run, tmp_path, hub, capsys):
+    out, _ = switch_run
+    run = _hostile_run(out, tmp_path)
+    assert main(["push", str(run), "me/tiny-switch", "--dry-run"]) == 0
+    listed = [line.strip() for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert hub == [] and os.path.islink(run / "README.md")  # no network, nothing written
+    expected = {"README.md", "config.json", "generation_config.json", "model.safetensors", "expert_load.jsonl",
+                "alias.png", MOE_RUN_NAME, "run_info.json", "trainer_state.json"}
+    expected |= {n for n in os.listdir(run) if n.startswith(("tokenizer", "added_tokens", "special_tokens", "expert_load_"))}
+    assert set(listed) == expected & (set(os.listdir(run)) | {"README.md"})
+    assert {"README.md", "config.json", "model.safetensors", MOE_RUN_NAME} <= set(listed)
+    assert not BAD_FILES & set(listed)
+    skipped = upload_plan(str(run)).skipped
+    assert skipped["model-00002-of-00002.safetensors"] == "symlink out of the folder"
+    assert skipped["nested/"] == "folder" and skipped[".env"] == "not on the allow-list"
+    assert skipped["README.md"] == "symlink out of the folder"  # until the push writes the card over the link
+
+    # what a real push hands to upload_folder selects exactly the dry-run list (huggingface_hub's own matching)
+    assert main(["push", str(run), "me/tiny-switch"]) == 0
+    upload = next(c for c in hub if c[0] == "upload_folder")[2]
+    sent = upload["sent"]
+    assert sorted(sent) == sorted(listed)
+    assert not any(b"PRIVATE KEY" in data or b"hf_secret" in data for data in sent.values())
+    assert b"## MoE fine-tuning" in sent["README.md"] and not os.path.islink(run / "README.md")
+    assert (tmp_path / "outside" / "bashrc").read_text() == "keep me"
+    assert [c[0] for c in hub] == ["create_repo", "upload_folder"]
+
+
+# ---------------------------------------------------------------------------------------------- what trained
+
+
+def test_plain_trainer_card_records_router_loss(tmp_path):
+    model = build_tiny_model("switch")
+    tokenizer = ByT5Tokenizer()
+    out = tmp_path / "plain-run"
+    args = TrainingArguments(
+        str(out), max_steps=2, per_device_train_batch_size=4, save_strategy="no", report_to=[], use_cpu=True,
+        disable_tqdm=True, learning_rate=5e-4,
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=tokenize_seq2seq(reverse_task(8), tokenizer),
+        data_collator=DataCollatorForSeq2Seq(tokenizer, model=model),
+        callbacks=[RouterLossCallback(aux_coef=0.01, z_coef=0.001)],
+    )
+    trainer.train()
+    trainer.save_model()
+    record = read_moe_run(str(out))
+    assert record["training_args"]["learning_rate"] == 5e-4
+    assert record["callbacks"]["RouterLossCallback"]["aux_coef"] == 0.01
+    assert main(["card", str(out)]) == 0
+    card = ModelCard.load(out / "README.md")
+    assert "| load balancing (aux) | 0.01 | constant |" in card.text
+    assert "| router z-loss | 0.001 | constant |" in card.text
+    assert "| `learning_rate` | 0.0005 |" in card.text
+
+
+def test_run_record_starts_fresh_per_train_call(tmp_path):
+    class Setting:
+        def __init__(self, **settings):
+            self.settings = settings
+
+        def moe_run_settings(self):
+            return self.settings
+
+    class Other(Setting):
+        pass
+
+    args = SimpleNamespace(output_dir=str(tmp_path), learning_rate=1e-3, hub_token="hf_secret")
+    first = SimpleNamespace(is_world_process_zero=True)
+    record_moe_run(args, first, Setting(a=1))
+    record_moe_run(args, first, Other(b=(1, 2)))
+    record = read_moe_run(str(tmp_path))
+    assert record["callbacks"] == {"Setting": {"a": 1}, "Other": {"b": [1, 2]}}
+    assert record["training_args"] == {"learning_rate": 1e-3} and "hf_secret" not in (tmp_path / MOE_RUN_NAME).read_text()
+    second = SimpleNamespace(is_world_process_zero=True)  # a new train() call: the old record is replaced
+    record_moe_run(args, second, Setting(a=2))
+    assert read_moe_run(str(tmp_path))["callbacks"] == {"Setting": {"a": 2}}
+    assert record_moe_run(args, SimpleNamespace(is_world_process_zero=False), Other(b=3)) is None
+    assert read_moe_run(str(tmp_path))["callbacks"] == {"Setting": {"a": 2}}
+    assert [n for n in os.listdir(tmp_path) if n != MOE_RUN_NAME] == []  # no temporary files left

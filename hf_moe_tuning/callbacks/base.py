@@ -20,6 +20,8 @@ import logging
 
 from transformers import TrainerCallback
 
+from ..hub.run_record import copy_moe_run_to_checkpoint, record_moe_run
+
 logger = logging.getLogger(__name__)
 
 TRAIN = "train"
@@ -131,3 +133,11 @@ class ModelPatchCallback(MoEMetricsCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.install(model)
         self.push_metrics(self._metrics())
+        record_moe_run(args, state, self, model)  # moe_run.json: the setting the card reports
+
+    def on_save(self, args, state, control, **kwargs):
+        copy_moe_run_to_checkpoint(args, state)
+
+    def moe_run_settings(self) -> dict[str, float]:
+        """The applied setting, recorded in ``moe_run.json``."""
+        return self._metrics()

@@ -22,6 +22,7 @@ from typing import Any
 
 from transformers.trainer_callback import ExportableState
 
+from ..hub.run_record import copy_moe_run_to_checkpoint, record_moe_run
 from ..routing.bias_balancing import BiasBalancer
 from .base import MoEMetricsCallback
 
@@ -75,6 +76,14 @@ class BiasBalancingCallback(MoEMetricsCallback, ExportableState):
             self.balancer.load_hook_biases(biases)
             logger.info("restored routing-bias hooks of %d MoE layers from the checkpoint", len(biases))
         self.balancer.reset_counts()
+        record_moe_run(args, state, self, model)
+
+    def on_save(self, args, state, control, **kwargs):
+        copy_moe_run_to_checkpoint(args, state)
+
+    def moe_run_settings(self) -> dict:
+        """The settings recorded in ``moe_run.json``."""
+        return {"rate": self.rate, "allow_hooks": self.allow_hooks}
 
     def on_step_end(self, args, state, control, **kwargs):
         stats = self.balancer.step()

@@ -28,6 +28,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 
 from ..adapters import is_peft_model
 from ..freezing import ExpertSpec, FreezePlan, FreezeReport, apply_plan, plan_freezing
+from ..hub.run_record import copy_moe_run_to_checkpoint, record_moe_run
 from .base import MoEMetricsCallback, saved_callback_state
 
 logger = logging.getLogger(__name__)
@@ -148,6 +149,10 @@ class MoEFreezingCallback(MoEMetricsCallback, ExportableState):
         self._push(state)
         if self.print_table and state.is_world_process_zero:
             print(self.report.plan.format_table())
+        record_moe_run(args, state, self, model)  # moe_run.json: the plan the card reports
+
+    def on_save(self, args, state, control, **kwargs):
+        copy_moe_run_to_checkpoint(args, state)
 
     def on_step_end(self, args, state, control, **kwargs):
         if control.should_log:
@@ -180,6 +185,11 @@ class MoEFreezingCallback(MoEMetricsCallback, ExportableState):
                     f"Resuming with a different freezing plan: checkpoint has {key}={attrs[key]!r}, "
                     f"this run has {current[key]!r}. Use the same moe_* arguments as the interrupted run."
                 )
+
+    def moe_run_settings(self) -> dict:
+        """The settings and the applied plan, recorded in ``moe_run.json`` (read by the model card)."""
+        saved = self.state()
+        return {**saved["args"], "plan": saved["attributes"] or None}
 
     def state(self) -> dict:
         attributes = self.report.plan.to_dict() if self.report is not None else {}

@@ -59,6 +59,7 @@ from transformers.trainer_callback import ExportableState
 
 from ..anatomy import describe_moe, require_moe
 from ..config import NAN_POLICIES
+from ..hub.run_record import copy_moe_run_to_checkpoint, record_moe_run
 from ..router_loss import (
     RouterLosses,
     RoutingSpec,
@@ -322,6 +323,10 @@ class RouterLossCallback(MoEMetricsCallback, ExportableState):
             self._steps_in_epoch = None
         self._window = accumulation_window(self._step, self._steps_in_epoch, self._accumulation_steps)
         self.attach(model)
+        record_moe_run(args, state, self, model)  # moe_run.json: the coefficients the card reports
+
+    def on_save(self, args, state, control, **kwargs):
+        copy_moe_run_to_checkpoint(args, state)
 
     def attach(self, model: nn.Module) -> None:
         """Capture router logits of ``model``, hook its forward and switch its built-in router loss off."""
@@ -359,6 +364,10 @@ class RouterLossCallback(MoEMetricsCallback, ExportableState):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.detach()
+
+    def moe_run_settings(self) -> dict:
+        """The settings recorded in ``moe_run.json`` (read by the model card)."""
+        return dict(self.state()["args"])
 
     def state(self) -> dict:
         """Saved in every checkpoint's ``trainer_state.json``; ``skipped_steps`` is read back on resume."""
