@@ -69,13 +69,16 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import huggingface_hub
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.repocard import metadata_load
 from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
@@ -183,6 +186,10 @@ class NoFinishedRunError(FileNotFoundError):
 
 class CardValidationError(ValueError):
     """The card's metadata would be rejected by the Hub."""
+
+
+class HubPushError(OSError):
+    """A push could not start or failed at the Hub (no token, offline mode, no connection, refused); one-line message."""
 
 
 # --------------------------------------------------------------------------------------------- run info
@@ -1076,6 +1083,40 @@ def _merge_into(output_dir: str, staging: str, run_info: dict[str, Any]) -> None
         shutil.copyfile(os.path.join(output_dir, name), os.path.join(staging, name))
 
 
+def _hub_error_types() -> tuple[type[BaseException], ...]:
+    """Errors of a failed Hub call: ``OSError`` (``HfHubHTTPError``, ``OfflineModeIsEnabled``, ``ConnectionError``)
+    and the base error of the HTTP client ``huggingface_hub`` uses (``httpx`` / ``httpx2`` transport errors)."""
+    types: list[type[BaseException]] = [OSError]
+    for name in ("httpx2", "httpx"):
+        module = sys.modules.get(name)
+        error = getattr(module, "HTTPError", None) if module is not None else None
+        if isinstance(error, type) and issubclass(error, BaseException):
+            types.append(error)
+    return tuple(types)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split("\n")[0].split())
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _require_hub_access(token: str | None) -> str:
+    """The token to push with; raises :class:`HubPushError` in offline mode or when there is no token (no network used)."""
+    if hub_constants.is_offline_mode():
+        raise HubPushError("HF_HUB_OFFLINE is set: pushing needs the Hub; unset it, or use --dry-run to list the files")
+    if token:
+        return token
+    try:
+        token = huggingface_hub.get_token()
+    except Exception as err:  # e.g. a failed OIDC exchange or token refresh
+        raise HubPushError(f"could not get a Hugging Face token ({_one_line(err)})") from err
+    if not token:
+        raise HubPushError(
+            "no Hugging Face token: run `hf auth login`, set HF_TOKEN, or pass --token (nothing was uploaded)"
+        )
+    return token
+
+
 def push_run(
     output_dir: str,
     repo_id: str,
@@ -1092,8 +1133,8 @@ def push_run(
     """Write the card of the finished run in ``output_dir`` and upload the run to ``repo_id``.
 
     Everything is checked before the first Hub call: the repo id, that the folder holds a finished
-    run, and (adapters) that every adapter target has saved weights and exists in the base model when
-    that is available offline. ``merge_adapter`` uploads the
+    run, (adapters) that every adapter target has saved weights and exists in the base model when
+    that is available offline, offline mode, and that there is a token. ``merge_adapter`` uploads the
     base model with the adapter merged in (``merge_and_unload``) instead of the adapter. Only the
     files of :func:`upload_plan` are sent, through ``HfApi.upload_folder`` with exactly those names as
     ``allow_patterns``.
@@ -1106,7 +1147,8 @@ def push_run(
         The ``CommitInfo`` of ``upload_folder``, or the :class:`UploadPlan` with ``dry_run``.
 
     Raises:
-        ValueError: a bad repo id or request; :class:`NoFinishedRunError`: nothing to push.
+        ValueError: a bad repo id or request; :class:`NoFinishedRunError`: nothing to push;
+        :class:`HubPushError`: no token, offline mode, or the Hub could not be reached / refused the push.
     """
     from .adapters import check_adapter_checkpoint, is_adapter_dir  # noqa: PLC0415
 
@@ -1119,6 +1161,8 @@ def push_run(
         check_adapter_checkpoint(output_dir, base_model=_resolve_base(spec, run_info, meta=True))
     elif merge_adapter:
         raise ValueError(f"--merge-adapter was given, but {output_dir!r} holds a full model, not an adapter")
+    if not dry_run:
+        token = _require_hub_access(token)
     card_kwargs.setdefault("model_name", repo_id.split("/")[-1])
     with tempfile.TemporaryDirectory() as staging:
         folder = output_dir
@@ -1144,17 +1188,22 @@ def push_run(
         logger.info("pushing %d files of %s to %s%s: %s", len(plan.files), folder, repo_id,
                     f"@{revision}" if revision else "", ", ".join(plan.files))
         api = api or HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        if revision and revision != "main":
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        return api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            allow_patterns=[glob.escape(name) for name in plan.files],
-            ignore_patterns=list(UPLOAD_IGNORE_PATTERNS),
-            commit_message=commit_message or f"Upload MoE fine-tuning run {Path(os.path.abspath(output_dir)).name}",
-            revision=revision,
-        )
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            if revision and revision != "main":
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                allow_patterns=[glob.escape(name) for name in plan.files],
+                ignore_patterns=list(UPLOAD_IGNORE_PATTERNS),
+                commit_message=commit_message or f"Upload MoE fine-tuning run {Path(os.path.abspath(output_dir)).name}",
+                revision=revision,
+            )
+        except _hub_error_types() as err:
+            raise HubPushError(
+                f"push to {repo_id} at {getattr(api, 'endpoint', None) or hub_constants.ENDPOINT} failed: {_one_line(err)}"
+            ) from err
 
 
 # --------------------------------------------------------------------------------------------- trainer mixin

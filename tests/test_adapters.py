@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from huggingface_hub import HfApi, ModelCard
+from huggingface_hub import HfApi, ModelCard, constants as hub_constants
 from huggingface_hub.utils import filter_repo_objects
 from peft import LoraConfig, PeftModel
 from safetensors import safe_open
@@ -220,6 +220,8 @@ def hub(monkeypatch):
 
     for name in ("create_repo", "create_branch", "create_commit", "upload_folder"):
         monkeypatch.setattr(HfApi, name, record(name))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)  # push_run refuses offline mode; nothing leaves here
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token_not_real")
     return calls
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -358,6 +359,49 @@ def test_push_uploads_the_allow_list_only(switch_run, tmp_path, hub, capsys):
     assert b"## MoE fine-tuning" in sent["README.md"] and not os.path.islink(run / "README.md")
     assert (tmp_path / "outside" / "bashrc").read_text() == "keep me"
     assert [c[0] for c in hub] == ["create_repo", "upload_folder"]
+
+
+def _no_network(monkeypatch):
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a Hub call was made")
+
+    for name in ("create_repo", "create_branch", "create_commit", "upload_folder", "whoami"):
+        monkeypatch.setattr(HfApi, name, refuse)
+
+
+def test_push_without_token_fails_in_one_line_before_any_hub_call(switch_run, tmp_path, monkeypatch, capsys):
+    out, _ = switch_run
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.delenv("HF_OIDC_RESOURCE", raising=False)
+    monkeypatch.setattr(hub_constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(hub_constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-tokens"), raising=False)
+    _no_network(monkeypatch)
+    assert main(["push", out, "me/tiny-switch"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no Hugging Face token" in err and "Traceback" not in err
+    # offline mode says so, also before any Hub call
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    assert main(["push", out, "me/tiny-switch", "--token", "hf_x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "HF_HUB_OFFLINE" in err
+
+
+def test_push_without_network_fails_in_one_line(switch_run, tmp_path, monkeypatch, capsys):
+    out, _ = switch_run
+    run = str(tmp_path / "run")
+    shutil.copytree(out, run)
+    with socket.socket() as s:  # a local port nothing listens on: the connection is refused, no real network
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token_not_real")
+    assert main(["push", run, "me/tiny-switch"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("error: push to me/tiny-switch at http://127.0.0.1") and "ConnectError" in err
 
 
 # ---------------------------------------------------------------------------------------------- what trained
