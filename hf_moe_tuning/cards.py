@@ -233,6 +233,8 @@ class RunSummary:
     model_type: str | None = None
     architecture: str | None = None
     base_model: str | None = None
+    #: ``base_model`` is a local folder (recorded at train start), never a Hub id
+    base_model_local: bool = False
     is_adapter: bool = False
     adapter: dict[str, Any] | None = None
     freeze: dict[str, Any] | None = None
@@ -335,6 +337,18 @@ def _load_moe_run(output_dir: str) -> dict[str, Any] | None:
         checkpoint = _latest_checkpoint(output_dir)
         record = read_moe_run(checkpoint) if checkpoint else None
     return record
+
+
+def _card_base_model(output_dir: str) -> str | None:
+    """``base_model`` of a card already in the folder (e.g. the one ``Trainer.create_model_card`` wrote)."""
+    path = os.path.join(output_dir, CARD_NAME)
+    if not os.path.isfile(path) or os.path.islink(path):
+        return None
+    try:
+        base = (metadata_load(path) or {}).get("base_model")
+    except Exception:  # noqa: BLE001 - a malformed old card only loses this fallback
+        return None
+    return base if isinstance(base, str) and base else None
 
 
 def read_expert_load(output_dir: str) -> list[dict[str, Any]]:
@@ -450,13 +464,17 @@ def load_run(output_dir: str) -> RunSummary:
         run_info=run_info,
         callbacks=callbacks,
     )
+    recorded_base = (record or {}).get("base_model") or None
     anatomy = None
     from .adapters import is_adapter_dir  # noqa: PLC0415
 
     if is_adapter_dir(output_dir):
         summary.is_adapter = True
         summary.adapter, anatomy = _adapter_summary(output_dir, run_info)
-        summary.base_model = run_info.get("base_model") or summary.adapter.get("base_model_name_or_path") or None
+        summary.base_model = (
+            run_info.get("base_model") or recorded_base or summary.adapter.get("base_model_name_or_path")
+            or _card_base_model(output_dir) or None
+        )
         if anatomy is not None:
             summary.model_type = anatomy.model_type
     else:
@@ -464,7 +482,9 @@ def load_run(output_dir: str) -> RunSummary:
             config = json.load(f)
         summary.model_type = config.get("model_type")
         summary.architecture = (config.get("architectures") or [None])[0]
-        summary.base_model = run_info.get("base_model") or config.get("_name_or_path") or None
+        summary.base_model = (
+            run_info.get("base_model") or recorded_base or config.get("_name_or_path") or _card_base_model(output_dir) or None
+        )
         try:
             from .anatomy import describe_moe  # noqa: PLC0415
             from .models import load_model  # noqa: PLC0415
@@ -472,6 +492,9 @@ def load_run(output_dir: str) -> RunSummary:
             anatomy = describe_moe(load_model(output_dir, meta=True))
         except (OSError, ValueError) as err:
             logger.info("could not describe the model in %s (%s)", output_dir, err)
+    summary.base_model_local = bool(
+        record and record.get("base_model_local") and recorded_base and summary.base_model == recorded_base
+    )
     summary.moe = _anatomy_summary(anatomy)
     return summary
 
@@ -525,6 +548,7 @@ def summary_from_trainer(trainer: Any) -> RunSummary:
             summary.adapter["base_params"] = report.base_params
             summary.adapter["strategy"] = report.strategy
     summary.base_model = run_info.get("base_model") or getattr(config, "_name_or_path", None) or None
+    summary.base_model_local = bool(summary.base_model) and os.path.isdir(summary.base_model)
     summary.moe = _anatomy_summary(describe_moe(base)) if base is not None else None
     return summary
 
@@ -891,7 +915,8 @@ def build_model_card(
     """
     model_name = model_name or Path(os.path.abspath(summary.output_dir)).name
     base_spec = base_model or summary.base_model
-    hub_base = _hub_model_id(base_spec)
+    local_base = base_model is None and summary.base_model_local
+    hub_base = None if local_base else _hub_model_id(base_spec)
     if isinstance(datasets, str):
         datasets = [datasets]
     datasets = list(datasets or summary.run_info.get("datasets") or []) or None
@@ -912,7 +937,11 @@ def build_model_card(
     if hub_base:
         origin = f"[{hub_base}](https://huggingface.co/{hub_base})"
     elif base_spec:
-        origin = f"`{base_spec}`" + (" (a tiny random-init model built by hf_moe_tuning)" if str(base_spec).startswith("tiny:") else "")
+        origin = f"`{base_spec}`" + (
+            " (a tiny random-init model built by hf_moe_tuning)" if str(base_spec).startswith("tiny:")
+            else " (a local folder)" if local_base or os.path.isdir(str(base_spec))
+            else ""
+        )
     else:
         origin = f"a `{summary.model_type or 'MoE'}` model built from its config (random init)"
     body = [

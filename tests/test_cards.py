@@ -17,7 +17,7 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
 from huggingface_hub.repocard import metadata_load
 from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
-from transformers import ByT5Tokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+from transformers import AutoModelForSeq2SeqLM, ByT5Tokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from hf_moe_tuning import MoETrainer, MoETrainingArguments, RouterLossCallback, build_tiny_model
@@ -407,8 +407,11 @@ def test_push_without_network_fails_in_one_line(switch_run, tmp_path, monkeypatc
 # ---------------------------------------------------------------------------------------------- what trained
 
 
-def test_plain_trainer_card_records_router_loss(tmp_path):
-    model = build_tiny_model("switch")
+def test_plain_trainer_card_records_router_loss_and_local_base(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = "models/base"  # relative: it reads like a Hub id once the card is written from another folder
+    build_tiny_model("switch").save_pretrained(base)
+    model = AutoModelForSeq2SeqLM.from_pretrained(base)
     tokenizer = ByT5Tokenizer()
     out = tmp_path / "plain-run"
     args = TrainingArguments(
@@ -423,12 +426,17 @@ def test_plain_trainer_card_records_router_loss(tmp_path):
     trainer.train()
     trainer.save_model()
     record = read_moe_run(str(out))
+    assert record["base_model"] == base and record["base_model_local"] is True
     assert record["training_args"]["learning_rate"] == 5e-4
     assert record["callbacks"]["RouterLossCallback"]["aux_coef"] == 0.01
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
     assert main(["card", str(out)]) == 0
     card = ModelCard.load(out / "README.md")
     assert "| load balancing (aux) | 0.01 | constant |" in card.text
     assert "| router z-loss | 0.001 | constant |" in card.text
+    assert f"fine-tuned version of `{base}` (a local folder)" in card.text and "random init" not in card.text
+    assert "base_model" not in card.data.to_dict()  # a local folder is no Hub model
     assert "| `learning_rate` | 0.0005 |" in card.text
 
 

@@ -12,6 +12,7 @@ the others merge their section into it::
       "format": 1,
       "hf_moe_tuning_version": "0.1.0",
       "base_model": "google/switch-base-8",         # model.config._name_or_path at train start (null: built from a config)
+      "base_model_local": false,                     # true: base_model was a local folder at train start, not a Hub id
       "model_type": "switch_transformers",
       "training_args": {"learning_rate": 0.001, "max_steps": 40, ...},   # RECORDED_ARGS that the args have
       "callbacks": {                                 # one section per recording callback class
@@ -97,6 +98,12 @@ def base_model_of(model: Any) -> str | None:
     return str(name) if name else None
 
 
+def base_model_fields(model: Any) -> dict[str, Any]:
+    """``base_model`` (:func:`base_model_of`) and ``base_model_local`` (it names a local folder) of ``model``."""
+    name = base_model_of(model)
+    return {"base_model": name, "base_model_local": bool(name) and os.path.isdir(name)}
+
+
 def callback_settings(callback: Any) -> dict[str, Any]:
     """The settings ``callback`` trains with (its ``moe_run_settings()``), JSON-safe."""
     return _json_safe(callback.moe_run_settings())
@@ -118,7 +125,7 @@ def new_record(args: Any = None, model: Any = None) -> dict[str, Any]:
     return {
         "format": FORMAT_VERSION,
         "hf_moe_tuning_version": _version(),
-        "base_model": base_model_of(model),
+        **base_model_fields(model),
         "model_type": getattr(config, "model_type", None),
         "training_args": recorded_training_args(args),
         "callbacks": {},
@@ -181,7 +188,7 @@ def record_moe_run(args: Any, state: Any, callback: Any, model: Any = None) -> s
         record = new_record(args, model)
         setattr(state, _SESSION_ATTR, uuid.uuid4().hex)
     if model is not None and record.get("base_model") is None:
-        record["base_model"] = base_model_of(model)
+        record.update(base_model_fields(model))
     record["callbacks"][type(callback).__name__] = callback_settings(callback)
     return write_json_atomic(os.path.join(output_dir, MOE_RUN_NAME), record)
 
