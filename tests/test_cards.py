@@ -17,26 +17,24 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
 from huggingface_hub.repocard import metadata_load
 from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
-from transformers import AutoModelForSeq2SeqLM, ByT5Tokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+from transformers import (
+    AutoModelForSeq2SeqLM,
+    ByT5Tokenizer,
+    DataCollatorForSeq2Seq,
+    PreTrainedModel,
+    Trainer,
+    TrainingArguments,
+)
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from hf_moe_tuning import MoETrainer, MoETrainingArguments, RouterLossCallback, build_tiny_model
-from hf_moe_tuning.cards import (
-    CardValidationError,
-    MoECardMixin,
-    NoFinishedRunError,
-    build_model_card,
-    files_to_upload,
-    load_run,
-    push_run,
-    upload_plan,
-    validate_card,
-    write_model_card,
-    write_run_info,
-)
 from hf_moe_tuning.cli import main
 from hf_moe_tuning.demo import reverse_task, tokenize_seq2seq
+from hf_moe_tuning.hub.card import TEMPLATE_PATH, CardValidationError, build_model_card, validate_card, write_model_card
+from hf_moe_tuning.hub.mixin import MoECardMixin
+from hf_moe_tuning.hub.push import files_to_upload, push_run, upload_plan
 from hf_moe_tuning.hub.run_record import MOE_RUN_NAME, read_moe_run, record_moe_run
+from hf_moe_tuning.hub.summary import NoFinishedRunError, load_run, write_run_info
 
 
 # What MoETrainer becomes once the mixin is in its bases (a subclass until then).
@@ -252,6 +250,33 @@ def test_bad_push_inputs_fail_before_any_hub_call(switch_run, tmp_path, hub, cap
     with pytest.raises(ValueError, match="invalid repo id"):
         trainer.push_to_hub()
     assert hub == []
+
+
+def test_card_builds_no_model_and_renders_the_shipped_template(switch_run, tmp_path, monkeypatch):
+    out, _ = switch_run
+    run = str(tmp_path / "tiny-switch")
+    shutil.copytree(out, run)
+    live = Path(run, "README.md").read_text(encoding="utf-8")
+
+    def no_model(self, *args, **kwargs):
+        raise AssertionError("a model was built to write a card")
+
+    monkeypatch.setattr(PreTrainedModel, "__init__", no_model)
+    assert main(["card", run]) == 0
+    text = Path(run, "README.md").read_text(encoding="utf-8")
+    assert text == live  # same card as the trainer wrote, MoE layout from moe_run.json
+    assert "`switch_transformers` with 4 MoE layers (8 experts, top-1 routing)" in text
+    template = Path(TEMPLATE_PATH).read_text(encoding="utf-8")
+    assert "{{ moe_section }}" in template and "## Framework versions" in text
+
+
+def test_cards_module_keeps_the_names_other_modules_import():
+    import hf_moe_tuning
+    from hf_moe_tuning import cards, hub
+
+    for name in ("MoECardMixin", "build_model_card", "push_run", "write_run_info", "check_repo_id", "load_run", "register"):
+        assert getattr(cards, name) is getattr(hub, name)
+    assert hf_moe_tuning.MoECardMixin is hub.MoECardMixin
 
 
 def test_card_without_optional_files(tmp_path):

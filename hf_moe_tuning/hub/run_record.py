@@ -14,6 +14,9 @@ the others merge their section into it::
       "base_model": "google/switch-base-8",         # model.config._name_or_path at train start (null: built from a config)
       "base_model_local": false,                     # true: base_model was a local folder at train start, not a Hub id
       "model_type": "switch_transformers",
+      "moe": {"moe_layers": 4, "num_experts": [8], "top_k": [1], "total_params": 814592},   # MoE layout
+      "adapter": {"groups": {"experts": {"total": ..., "adapter": ..., "full": 0}, ...},   # apply_lora report
+                  "base_params": ..., "strategy": "non_moe"},                               # (PEFT runs only)
       "training_args": {"learning_rate": 0.001, "max_steps": 40, ...},   # RECORDED_ARGS that the args have
       "callbacks": {                                 # one section per recording callback class
         "RouterLossCallback": {"aux_coef": 0.01, "z_coef": 0.001, "aux_schedule": "constant", ...},
@@ -90,9 +93,7 @@ def base_model_of(model: Any) -> str | None:
     """Where ``model`` was loaded from: ``config._name_or_path`` of the (PEFT base) model, ``None`` when built from a config."""
     if model is None:
         return None
-    model = getattr(model, "module", model)  # DDP / accelerate wrappers
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
+    model = _unwrap(model)
     config = getattr(model, "config", None)
     name = getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None)
     return str(name) if name else None
@@ -102,6 +103,51 @@ def base_model_fields(model: Any) -> dict[str, Any]:
     """``base_model`` (:func:`base_model_of`) and ``base_model_local`` (it names a local folder) of ``model``."""
     name = base_model_of(model)
     return {"base_model": name, "base_model_local": bool(name) and os.path.isdir(name)}
+
+
+def _unwrap(model: Any) -> Any:
+    """``model`` without DDP / accelerate wrappers and, for a PEFT model, its base model."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def anatomy_record(anatomy: Any) -> dict[str, Any] | None:
+    """The MoE layout a card reports (MoE layers, experts, top-k, parameters) of a ``MoEAnatomy``; ``None`` for dense models."""
+    if anatomy is None or not anatomy.layers:
+        return None
+    return {
+        "moe_layers": len(anatomy.layers),
+        "num_experts": sorted({layer.num_experts for layer in anatomy.layers}),
+        "top_k": sorted({layer.top_k for layer in anatomy.layers}),
+        "total_params": anatomy.total_params,
+    }
+
+
+def model_anatomy_record(model: Any) -> dict[str, Any] | None:
+    """:func:`anatomy_record` of ``model`` (its PEFT base model); ``None`` when it cannot be described."""
+    if model is None:
+        return None
+    from ..anatomy import describe_moe  # noqa: PLC0415 - keeps this module importable from the callbacks
+
+    try:
+        return anatomy_record(describe_moe(_unwrap(model)))
+    except (ValueError, TypeError, RuntimeError) as err:
+        logger.info("MoE layout not recorded: %s", err)
+        return None
+
+
+def adapter_record(model: Any) -> dict[str, Any] | None:
+    """What ``apply_lora`` reported about a PEFT model (scalars per group, base size, strategy); ``None`` otherwise."""
+    report = getattr(getattr(model, "module", model), "moe_adapter_report", None)
+    if report is None:
+        return None
+    return _json_safe(
+        {
+            "groups": {g: {"total": row["total"], "adapter": row["adapter"], "full": row["full"]} for g, row in report.groups.items()},
+            "base_params": report.base_params,
+            "strategy": report.strategy,
+        }
+    )
 
 
 def callback_settings(callback: Any) -> dict[str, Any]:
@@ -117,16 +163,16 @@ def _version() -> str | None:
 
 
 def new_record(args: Any = None, model: Any = None) -> dict[str, Any]:
-    """A fresh record: format, version, base model and model type of ``model``, recorded training arguments."""
-    unwrapped = getattr(model, "module", model)
-    if unwrapped is not None and hasattr(unwrapped, "get_base_model"):
-        unwrapped = unwrapped.get_base_model()
-    config = getattr(unwrapped, "config", None)
+    """A fresh record: format, version, base model, model type, MoE layout and adapter report of ``model``,
+    and the recorded training arguments."""
+    config = getattr(_unwrap(model), "config", None) if model is not None else None
     return {
         "format": FORMAT_VERSION,
         "hf_moe_tuning_version": _version(),
         **base_model_fields(model),
         "model_type": getattr(config, "model_type", None),
+        "moe": model_anatomy_record(model),
+        "adapter": adapter_record(model),
         "training_args": recorded_training_args(args),
         "callbacks": {},
     }
@@ -189,6 +235,8 @@ def record_moe_run(args: Any, state: Any, callback: Any, model: Any = None) -> s
         setattr(state, _SESSION_ATTR, uuid.uuid4().hex)
     if model is not None and record.get("base_model") is None:
         record.update(base_model_fields(model))
+    if model is not None and record.get("moe") is None:
+        record["moe"] = model_anatomy_record(model)
     record["callbacks"][type(callback).__name__] = callback_settings(callback)
     return write_json_atomic(os.path.join(output_dir, MOE_RUN_NAME), record)
 
