@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import socket
+from concurrent.futures import Future
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -33,8 +34,8 @@ from hf_moe_tuning.demo import reverse_task, tokenize_seq2seq
 from hf_moe_tuning.hub.card import TEMPLATE_PATH, CardValidationError, build_model_card, validate_card, write_model_card
 from hf_moe_tuning.hub.mixin import MoECardMixin
 from hf_moe_tuning.hub.push import files_to_upload, push_run, upload_plan
-from hf_moe_tuning.hub.run_record import MOE_RUN_NAME, read_moe_run, record_moe_run
-from hf_moe_tuning.hub.summary import NoFinishedRunError, load_run, write_run_info
+from hf_moe_tuning.hub.run_record import MOE_RUN_NAME, copy_moe_run_to_checkpoint, read_moe_run, record_moe_run
+from hf_moe_tuning.hub.summary import NoFinishedRunError, load_run, read_run_info, write_run_info
 
 
 # What MoETrainer becomes once the mixin is in its bases (a subclass until then).
@@ -182,7 +183,12 @@ def hub(monkeypatch):
             if name == "upload_folder":  # read what would be sent while the files still exist
                 kwargs["sent"] = sent_by_upload_folder(**kwargs)
             calls.append((name, args, kwargs))
-            return type("Info", (), {"commit_url": "https://hf.co/me/x/commit/1", "repo_id": args[0] if args else None})()
+            info = type("Info", (), {"commit_url": "https://hf.co/me/x/commit/1", "repo_id": args[0] if args else None})()
+            if kwargs.get("run_as_future"):  # the Trainer's checkpoint pushes: a finished Future
+                future = Future()
+                future.set_result(info)
+                return future
+            return info
 
         return fn
 
@@ -384,6 +390,105 @@ def test_push_uploads_the_allow_list_only(switch_run, tmp_path, hub, capsys):
     assert b"## MoE fine-tuning" in sent["README.md"] and not os.path.islink(run / "README.md")
     assert (tmp_path / "outside" / "bashrc").read_text() == "keep me"
     assert [c[0] for c in hub] == ["create_repo", "upload_folder"]
+
+
+#: never sent by a push from the trainer, whatever the hub_strategy (basenames, at any depth)
+NEVER_SENT = {".env", ".git-credentials", "leak.png", "merges.txt", TRAINING_ARGS_NAME, "optimizer.pt", "scheduler.pt",
+              "rng_state.pth", "expert_load_drift_reference.pt"}
+
+
+@pytest.mark.parametrize("hub_strategy", ["every_save", "checkpoint"])
+def test_trainer_pushes_send_the_allow_list_only(tmp_path, hub, hub_strategy):
+    """MoETrainer.push_to_hub and the per-save pushes of push_to_hub=True (transformers' own path sends the whole
+    folder: training_args.bin with the hub_token, hidden files, outside symlinks, optimizer/RNG state)."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("PRIVATE KEY")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".env").write_text("HF_TOKEN=hf_secret")
+    (out / ".git-credentials").write_text("https://user:hf_secret@huggingface.co")
+    (out / "optimizer.pt").write_bytes(b"optimizer state")
+    os.symlink(outside / "secret.txt", out / "leak.png")  # names on the allow-list, contents from outside
+    os.symlink(outside / "secret.txt", out / "merges.txt")
+    tokenizer = ByT5Tokenizer()
+    model = build_tiny_model("switch")
+    args = MoETrainingArguments(
+        str(out), push_to_hub=True, hub_model_id="me/tiny-push", hub_strategy=hub_strategy, hub_token="hf_args_token",
+        max_steps=2, save_strategy="steps", save_steps=1, per_device_train_batch_size=4, report_to=[], use_cpu=True,
+        disable_tqdm=True, moe_drift_probe_size=2,
+    )
+    trainer = MoETrainer(
+        model=model, args=args, train_dataset=tokenize_seq2seq(reverse_task(8), tokenizer),
+        data_collator=DataCollatorForSeq2Seq(tokenizer, model=model),
+    )
+    trainer.train()
+    checkpoint_uploads = [c[2] for c in hub if c[0] == "upload_folder"]
+    trainer.push_to_hub()
+    uploads = [c[2] for c in hub if c[0] == "upload_folder"]
+    final = uploads[-1]
+    per_save = 2 if hub_strategy == "checkpoint" else 1  # output_dir, and the checkpoint folder
+    assert len(checkpoint_uploads) == 2 * per_save and len(uploads) == 2 * per_save + 1
+    assert all(u["repo_id"] == "me/tiny-push" for u in uploads)
+
+    # what must not go is there to be sent
+    assert (out / TRAINING_ARGS_NAME).is_file() and (out / "checkpoint-2" / "optimizer.pt").is_file()
+    assert (out / "checkpoint-2" / "rng_state.pth").is_file()
+    for upload in uploads:
+        sent = upload["sent"]
+        assert sent, upload["folder_path"]
+        assert not {Path(p).name for p in sent} & NEVER_SENT, sorted(sent)
+        assert not any(b"PRIVATE KEY" in data or b"hf_secret" in data or b"hf_args_token" in data for data in sent.values())
+        assert not any(p.startswith("checkpoint-") for p in sent)  # output_dir pushes: top-level files only
+    assert {"config.json", "model.safetensors", MOE_RUN_NAME} <= set(checkpoint_uploads[0]["sent"])
+    assert {"README.md", "config.json", "model.safetensors", MOE_RUN_NAME, "trainer_state.json",
+            "expert_load.jsonl"} <= set(final["sent"])
+    assert b"## MoE fine-tuning" in final["sent"]["README.md"]  # the card is still written and sent
+    if hub_strategy == "checkpoint":
+        pushed = [u for u in checkpoint_uploads if u.get("path_in_repo") == "last-checkpoint"]
+        assert len(pushed) == 2
+        assert {"last-checkpoint/model.safetensors", "last-checkpoint/trainer_state.json",
+                f"last-checkpoint/{MOE_RUN_NAME}"} <= set(pushed[-1]["sent"])
+    assert (outside / "secret.txt").read_text() == "PRIVATE KEY"
+
+    # ExpertLoadCallback and NaNGuardCallback record their settings like the other MoE callbacks
+    live = {type(cb).__name__: cb for cb in trainer.callback_handler.callbacks}
+    for folder in (out, out / "checkpoint-1"):
+        callbacks = read_moe_run(str(folder))["callbacks"]
+        assert callbacks["ExpertLoadCallback"] == live["ExpertLoadCallback"].moe_run_settings()
+        assert callbacks["ExpertLoadCallback"]["probe_size"] == 2 and callbacks["ExpertLoadCallback"]["write_jsonl"] is True
+        assert callbacks["NaNGuardCallback"] == live["NaNGuardCallback"].moe_run_settings()
+        assert callbacks["NaNGuardCallback"]["policy"] == "error"
+    card = final["sent"]["README.md"].decode()
+    assert "`ExpertLoadCallback`" not in card and "`NaNGuardCallback`" not in card  # not routing controls
+
+
+def test_run_json_symlinks_are_replaced_not_written_through(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret.json"
+    secret.write_text('{"api_key": "hf_secret"}')
+    run = tmp_path / "run"
+    (run / "checkpoint-3").mkdir(parents=True)
+
+    os.symlink(secret, run / "run_info.json")
+    assert read_run_info(str(run)) == {}  # not read: its keys would be listed in the card
+    write_run_info(str(run), task="reverse")
+    assert not os.path.islink(run / "run_info.json") and read_run_info(str(run)) == {"task": "reverse"}
+
+    os.symlink(secret, run / MOE_RUN_NAME)
+    assert read_moe_run(str(run)) is None
+    args = SimpleNamespace(output_dir=str(run), learning_rate=1e-3)
+    state = SimpleNamespace(is_world_process_zero=True, global_step=3)
+    record_moe_run(args, state, RouterLossCallback(aux_coef=0.01))
+    assert not os.path.islink(run / MOE_RUN_NAME) and "api_key" not in (run / MOE_RUN_NAME).read_text()
+
+    os.symlink(secret, run / "checkpoint-3" / MOE_RUN_NAME)
+    copy_moe_run_to_checkpoint(args, state)
+    assert not os.path.islink(run / "checkpoint-3" / MOE_RUN_NAME)
+    assert read_moe_run(str(run / "checkpoint-3"))["callbacks"]["RouterLossCallback"]["aux_coef"] == 0.01
+    assert secret.read_text() == '{"api_key": "hf_secret"}'
+    assert sorted(os.listdir(run / "checkpoint-3")) == [MOE_RUN_NAME]  # no temporary file left
 
 
 def _no_network(monkeypatch):

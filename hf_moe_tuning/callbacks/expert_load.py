@@ -74,6 +74,7 @@ from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..anatomy import MoELayer, describe_moe, require_moe
+from ..hub.run_record import copy_moe_run_to_checkpoint, record_moe_run
 from ..metrics.expert_load import (
     ExpertLoadCounter,
     LayerLoad,
@@ -579,6 +580,17 @@ class ExpertLoadCallback(MoEMetricsCallback):
             if self._probe is not None:
                 saved = self._load_reference(args, state) if state.global_step > 0 else None
                 self._reference = saved if saved is not None else self._probe_routing(self.model)
+        record_moe_run(args, state, self, model)  # moe_run.json: the settings the card reports
+
+    def moe_run_settings(self) -> dict[str, Any]:
+        """The settings recorded in ``moe_run.json``."""
+        return {
+            "write_jsonl": self.write_jsonl,
+            "write_heatmap": self.write_heatmap,
+            "probe_size": self.probe_size,
+            "drift_every_steps": self.drift_every_steps,
+            "tensorboard": self.tensorboard,
+        }
 
     # ------------------------------------------------------------------ drift reference in checkpoints
     def _reference_payload(self) -> dict[str, Any]:
@@ -621,6 +633,7 @@ class ExpertLoadCallback(MoEMetricsCallback):
         }
 
     def on_save(self, args, state, control, **kwargs):
+        copy_moe_run_to_checkpoint(args, state)
         if not self._reference or not state.is_world_process_zero:
             return
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")

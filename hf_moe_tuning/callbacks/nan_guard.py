@@ -38,6 +38,7 @@ from torch import nn
 from transformers.trainer_callback import ExportableState
 
 from ..config import NAN_POLICIES
+from ..hub.run_record import copy_moe_run_to_checkpoint, record_moe_run
 from .base import TRAIN, MoEMetricsCallback, saved_callback_state
 
 logger = logging.getLogger(__name__)
@@ -115,6 +116,14 @@ class NaNGuardCallback(MoEMetricsCallback, ExportableState):
         if model is not None and self._handle is None:
             self._handle = model.register_forward_hook(self._hook)
         self._flag = None
+        record_moe_run(args, state, self, model)  # moe_run.json: the policy and limits the card reports
+
+    def on_save(self, args, state, control, **kwargs):
+        copy_moe_run_to_checkpoint(args, state)
+
+    def moe_run_settings(self) -> dict[str, Any]:
+        """The policy and limits recorded in ``moe_run.json``."""
+        return dict(self.state()["args"])
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         flag, self._flag = self._flag, None

@@ -7,7 +7,7 @@ module                        what
 :mod:`.summary`               :class:`RunSummary` from a run folder (JSON only, never a pickle) or a live trainer
 :mod:`.card`                  the card: ``ModelCard.from_template`` with ``templates/model_card.md``, validated
 :mod:`.push`                  an allow-list of files through ``HfApi.upload_folder``; dry run; one-line errors
-:mod:`.mixin`                 :class:`MoECardMixin` for ``Trainer`` (``create_model_card`` / ``push_to_hub``)
+:mod:`.mixin`                 :class:`MoECardMixin` (card) and :class:`AllowListPushMixin` (pushes) for ``Trainer``
 :mod:`.cli`                   ``hf-moe-tuning card`` and ``hf-moe-tuning push``
 ============================  ================================================================================
 
@@ -45,7 +45,9 @@ _EXPORTS = {
     "check_repo_id": "push",
     "files_to_upload": "push",
     "push_run": "push",
+    "upload_allowed": "push",
     "upload_plan": "push",
+    "AllowListPushMixin": "mixin",
     "MoECardMixin": "mixin",
     "register": "cli",
 }

@@ -162,13 +162,16 @@ def _router_section(summary: RunSummary) -> str:
     ]
     lm = summary.last_logged("lm_loss")
     if lm is not None:
-        text += ["", f"Last logged `lm_loss`: {_fmt(lm)}; non-finite policy: `{settings.get('nan_policy', 'error')}`."]
+        guard = (summary.callbacks or {}).get("NaNGuardCallback") or {}
+        policy = guard.get("policy") or settings.get("nan_policy", "error")
+        text += ["", f"Last logged `lm_loss`: {_fmt(lm)}; non-finite policy: `{policy}`."]
     return "\n".join(text)
 
 
 def _controls_section(summary: RunSummary) -> str:
-    """Settings of the other recording MoE callbacks (expert dropout, capacity, jitter, bias balancing)."""
-    shown = {"RouterLossCallback", "MoEFreezingCallback"}
+    """Settings of the other recording MoE callbacks (expert dropout, capacity, jitter, bias balancing); the
+    expert-load logger and the NaN guard record theirs too, but they control nothing in the routing."""
+    shown = {"RouterLossCallback", "MoEFreezingCallback", "ExpertLoadCallback", "NaNGuardCallback"}
     rows = [
         (f"`{name}`", ", ".join(f"`{k}` = {_fmt(v)}" for k, v in sorted(settings.items())) or "–")
         for name, settings in sorted((summary.callbacks or {}).items())

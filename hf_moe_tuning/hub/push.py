@@ -4,8 +4,10 @@ A push uploads top-level files only, those matching :data:`UPLOAD_ALLOW_PATTERNS
 and their index, configs, tokenizer files, the card, the adapter, this package's JSON files and PNG
 plots); hidden files, folders, pickles (``*.bin``, ``*.pt``, ``*.pth``; ``training_args.bin`` holds the
 raw ``hub_token``) and symlinks that point out of the folder never go. :func:`upload_plan` computes the
-list once; the dry run prints it and the upload passes exactly those names to ``upload_folder``. Every
-check that needs no network runs first: repo id, finished run, adapter targets, offline mode, token.
+list once; the dry run prints it and the upload passes exactly those names to ``upload_folder``
+(:func:`upload_allowed`, also used by ``MoETrainer.push_to_hub`` and the trainer's ``hub_strategy`` checkpoint
+pushes, see :mod:`.mixin`). Every check that needs no network runs first: repo id, finished run, adapter
+targets, offline mode, token.
 """
 
 from __future__ import annotations
@@ -153,6 +155,48 @@ def files_to_upload(folder: str) -> list[str]:
     return upload_plan(folder).files
 
 
+def upload_allowed(
+    api: HfApi,
+    repo_id: str,
+    folder: str,
+    *,
+    commit_message: str,
+    path_in_repo: str | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+    run_as_future: bool = False,
+    plan: UploadPlan | None = None,
+) -> Any:
+    """``api.upload_folder`` of exactly the files of ``plan`` (default: :func:`upload_plan` of ``folder``).
+
+    The one upload call of both ``hf-moe-tuning push`` and ``MoETrainer.push_to_hub`` / its checkpoint pushes:
+    the checked names go as ``allow_patterns`` (glob-escaped) and :data:`UPLOAD_IGNORE_PATTERNS` as
+    ``ignore_patterns``, so ``huggingface_hub``'s own file selection can add nothing. Returns what
+    ``upload_folder`` returns (a ``Future`` with ``run_as_future``), or ``None`` when nothing is on the
+    allow-list (no empty commit).
+    """
+    plan = plan if plan is not None else upload_plan(folder)
+    if not plan.files:
+        logger.warning("nothing of %s is on the upload allow-list; nothing was pushed to %s", folder, repo_id)
+        return None
+    logger.info("pushing %d files of %s to %s%s%s: %s", len(plan.files), folder, repo_id,
+                f"/{path_in_repo}" if path_in_repo else "", f"@{revision}" if revision else "", ", ".join(plan.files))
+    if plan.skipped:
+        logger.info("not pushed (see hf_moe_tuning.hub.push): %s",
+                    ", ".join(f"{name} ({why})" for name, why in sorted(plan.skipped.items())))
+    return api.upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        path_in_repo=path_in_repo,
+        allow_patterns=[glob.escape(name) for name in plan.files],
+        ignore_patterns=list(UPLOAD_IGNORE_PATTERNS),
+        commit_message=commit_message,
+        token=token,
+        revision=revision,
+        run_as_future=run_as_future,
+    )
+
+
 _MODEL_FILES = re.compile(r"(model.*\.safetensors(\.index\.json)?|adapter_model\.safetensors|adapter_config\.json|config\.json)")
 
 
@@ -279,18 +323,16 @@ def push_run(
         plan = upload_plan(folder)
         if CARD_NAME not in plan.files:
             raise OSError(f"the card {os.path.join(folder, CARD_NAME)} was not written as a regular file")
-        logger.info("pushing %d files of %s to %s%s: %s", len(plan.files), folder, repo_id,
-                    f"@{revision}" if revision else "", ", ".join(plan.files))
         api = api or HfApi(token=token)
         try:
             api.create_repo(repo_id, private=private, exist_ok=True)
             if revision and revision != "main":
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
-            return api.upload_folder(
-                repo_id=repo_id,
-                folder_path=folder,
-                allow_patterns=[glob.escape(name) for name in plan.files],
-                ignore_patterns=list(UPLOAD_IGNORE_PATTERNS),
+            return upload_allowed(
+                api,
+                repo_id,
+                folder,
+                plan=plan,
                 commit_message=commit_message or f"Upload MoE fine-tuning run {Path(os.path.abspath(output_dir)).name}",
                 revision=revision,
             )

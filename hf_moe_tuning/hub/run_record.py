@@ -123,14 +123,17 @@ def anatomy_record(anatomy: Any) -> dict[str, Any] | None:
     }
 
 
-def model_anatomy_record(model: Any) -> dict[str, Any] | None:
-    """:func:`anatomy_record` of ``model`` (its PEFT base model); ``None`` when it cannot be described."""
+def model_anatomy_record(model: Any, anatomy: Any = None) -> dict[str, Any] | None:
+    """:func:`anatomy_record` of ``model`` (its PEFT base model); ``None`` when it cannot be described.
+
+    ``anatomy`` is the trainer's (computed once, shared by the MoE callbacks): used when it describes that model.
+    """
     if model is None:
         return None
-    from ..anatomy import describe_moe  # noqa: PLC0415 - keeps this module importable from the callbacks
+    from ..anatomy import anatomy_for  # noqa: PLC0415 - keeps this module importable from the callbacks
 
     try:
-        return anatomy_record(describe_moe(_unwrap(model)))
+        return anatomy_record(anatomy_for(_unwrap(model), anatomy))
     except (ValueError, TypeError, RuntimeError) as err:
         logger.info("MoE layout not recorded: %s", err)
         return None
@@ -162,7 +165,7 @@ def _version() -> str | None:
         return None
 
 
-def new_record(args: Any = None, model: Any = None) -> dict[str, Any]:
+def new_record(args: Any = None, model: Any = None, anatomy: Any = None) -> dict[str, Any]:
     """A fresh record: format, version, base model, model type, MoE layout and adapter report of ``model``,
     and the recorded training arguments."""
     config = getattr(_unwrap(model), "config", None) if model is not None else None
@@ -171,20 +174,32 @@ def new_record(args: Any = None, model: Any = None) -> dict[str, Any]:
         "hf_moe_tuning_version": _version(),
         **base_model_fields(model),
         "model_type": getattr(config, "model_type", None),
-        "moe": model_anatomy_record(model),
+        "moe": model_anatomy_record(model, anatomy),
         "adapter": adapter_record(model),
         "training_args": recorded_training_args(args),
         "callbacks": {},
     }
 
 
+def links_out_of(folder: str, path: str) -> bool:
+    """``path`` is a symlink that resolves outside ``folder`` (its contents are not the run's own)."""
+    if not os.path.islink(path):
+        return False
+    root = os.path.realpath(folder)
+    return os.path.commonpath([root, os.path.realpath(path)]) != root
+
+
 def read_moe_run(folder: str) -> dict[str, Any] | None:
-    """``folder/moe_run.json`` as a dict; ``None`` when the file is absent.
+    """``folder/moe_run.json`` as a dict; ``None`` when the file is absent or a symlink out of ``folder``
+    (never read: its contents would end up in the card and the upload).
 
     Raises:
         ValueError: the file is not a JSON object.
     """
     path = os.path.join(folder, MOE_RUN_NAME)
+    if links_out_of(folder, path):
+        logger.warning("%s is a symlink out of %s: not read (a new record replaces the link)", path, folder)
+        return None
     if not os.path.isfile(path):
         return None
     with open(path, encoding="utf-8") as f:
@@ -200,7 +215,9 @@ def read_moe_run(folder: str) -> dict[str, Any] | None:
 
 
 def write_json_atomic(path: str, data: Any) -> str:
-    """Write ``data`` as JSON to ``path`` atomically (a hidden temporary file in the same folder, then ``os.replace``)."""
+    """Write ``data`` as JSON to ``path`` atomically (a hidden temporary file in the same folder, then ``os.replace``).
+
+    A ``path`` symlink is replaced by the new file, never written through."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
@@ -231,12 +248,12 @@ def record_moe_run(args: Any, state: Any, callback: Any, model: Any = None) -> s
     output_dir = args.output_dir
     record = read_moe_run(output_dir) if getattr(state, _SESSION_ATTR, None) else None
     if record is None:
-        record = new_record(args, model)
+        record = new_record(args, model, getattr(callback, "anatomy", None))
         setattr(state, _SESSION_ATTR, uuid.uuid4().hex)
     if model is not None and record.get("base_model") is None:
         record.update(base_model_fields(model))
     if model is not None and record.get("moe") is None:
-        record["moe"] = model_anatomy_record(model)
+        record["moe"] = model_anatomy_record(model, getattr(callback, "anatomy", None))
     record["callbacks"][type(callback).__name__] = callback_settings(callback)
     return write_json_atomic(os.path.join(output_dir, MOE_RUN_NAME), record)
 
@@ -250,7 +267,13 @@ def copy_moe_run_to_checkpoint(args: Any, state: Any) -> str | None:
     if not os.path.isfile(source) or not os.path.isdir(checkpoint):
         return None
     target = os.path.join(checkpoint, MOE_RUN_NAME)
-    tmp = os.path.join(checkpoint, f".{MOE_RUN_NAME}.tmp")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+    fd, tmp = tempfile.mkstemp(prefix=f".{MOE_RUN_NAME}.", suffix=".tmp", dir=checkpoint)  # a new file: no link
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)  # replaces a target symlink, never writes through it
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
     return target

@@ -54,7 +54,15 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from ..adapters import is_peft_model
-from .run_record import adapter_record, anatomy_record, callback_settings, read_moe_run, recorded_training_args
+from .run_record import (
+    adapter_record,
+    anatomy_record,
+    callback_settings,
+    links_out_of,
+    read_moe_run,
+    recorded_training_args,
+    write_json_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -88,28 +96,30 @@ class NoFinishedRunError(FileNotFoundError):
 
 
 def write_run_info(output_dir: str, **fields: Any) -> str:
-    """Write (merge into) ``output_dir/run_info.json``; see the module docstring for the keys."""
+    """Write (merge into) ``output_dir/run_info.json``; see the module docstring for the keys.
+
+    The file is written atomically; a ``run_info.json`` symlink is replaced by a regular file, never written
+    through (and one that leads out of ``output_dir`` is not merged from: :func:`read_run_info`)."""
     for key, value in fields.items():
         expected = _RUN_INFO_TYPES.get(key)
         if expected is not None and value is not None and not isinstance(value, expected):
             raise TypeError(f"run_info {key!r} must be {getattr(expected, '__name__', expected)}, got {value!r}")
     info = read_run_info(output_dir)
     info.update({k: v for k, v in fields.items() if v is not None})
-    os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, RUN_INFO_NAME)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=2, sort_keys=True)
-        f.write("\n")
-    return path
+    return write_json_atomic(os.path.join(output_dir, RUN_INFO_NAME), info)
 
 
 def read_run_info(output_dir: str) -> dict[str, Any]:
-    """``output_dir/run_info.json`` as a dict (empty when absent).
+    """``output_dir/run_info.json`` as a dict (empty when absent, or a symlink out of ``output_dir``: its
+    contents would end up in the card).
 
     Raises:
         ValueError: the file does not hold a JSON object.
     """
     path = os.path.join(output_dir, RUN_INFO_NAME)
+    if links_out_of(output_dir, path):
+        logger.warning("%s is a symlink out of %s: not read", path, output_dir)
+        return {}
     if not os.path.isfile(path):
         return {}
     with open(path, encoding="utf-8") as f:
@@ -462,4 +472,7 @@ def save_run_state(trainer: Any) -> None:
         if isinstance(cb, ExportableState):
             trainer.state.stateful_callbacks[type(cb).__name__] = cb.state()
     os.makedirs(trainer.args.output_dir, exist_ok=True)
-    trainer.state.save_to_json(os.path.join(trainer.args.output_dir, TRAINER_STATE_NAME))
+    path = os.path.join(trainer.args.output_dir, TRAINER_STATE_NAME)
+    if os.path.islink(path):  # replaced, never written through
+        os.unlink(path)
+    trainer.state.save_to_json(path)
