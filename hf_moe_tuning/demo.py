@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from datasets import Dataset
 from transformers import ByT5Tokenizer, DataCollatorForSeq2Seq
 
-from .config import MoETrainingArguments
 from .models import build_tiny_model
-from .trainer import MoETrainer
+from .trainer import MoETrainer, MoETrainingArguments
 
 
 @dataclass

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .anatomy import MoEAnatomy, NoMoELayersError, ParamGroup, describe_moe
-from .config import FREEZE_STRATEGIES, parse_experts
+from .configuration import FREEZE_STRATEGIES, parse_experts
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,9 @@ class FreezePlan:
         }
 
 
-def _compile_all(patterns: Iterable[str], what: str) -> list[re.Pattern]:
+def _compile_all(patterns: Iterable[str] | str, what: str) -> list[re.Pattern]:
+    if isinstance(patterns, str):
+        patterns = [patterns]  # one regex, not one per character
     compiled = []
     for p in patterns:
         try:
@@ -214,6 +216,8 @@ def plan_freezing(
             f"strategy {strategy!r} needs MoE layers, but model_type={anatomy.model_type!r} has none "
             "(use 'all', 'attention' or 'ffn' for dense models)"
         )
+    if train_router is not None and not isinstance(train_router, bool):
+        raise FreezingError(f"train_router must be True, False or None, got {train_router!r}")
     if train_router is not None and not anatomy.is_moe:
         raise NoMoELayersError(f"train_router was set but model_type={anatomy.model_type!r} has no routers")
     groups = set(STRATEGY_GROUPS[strategy])

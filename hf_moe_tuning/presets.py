@@ -16,10 +16,15 @@ dense     1e-4           1,048,576        0.1        0.0
 :func:`apply_hparam_preset` sets ``learning_rate`` and ``moe_expert_dropout`` on the arguments, the model's
 dropout (config field and ``nn.Dropout`` modules outside the experts), and – when the sequence length is
 known – ``gradient_accumulation_steps`` so that one optimizer step sees about the preset's tokens.
+
+A value the user set explicitly wins over the preset's, with a logged note: an argument counts as set
+when it differs from its dataclass default (``learning_rate=3e-5`` stays 3e-5 under ``"sparse"``). The
+preset cannot tell an explicit value equal to the default from an unset one; such a value is replaced.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -80,34 +85,58 @@ def set_model_dropout(model: nn.Module, p: float, skip: tuple[nn.Module, ...] = 
     return changed
 
 
-def apply_hparam_preset(args: Any, model: nn.Module | None = None, seq_len: int | None = None) -> HParamPreset | None:
+def _explicit(args: Any, name: str) -> bool:
+    """Whether ``args.name`` was set by the user: it differs from the default of ``args``'s own dataclass."""
+    spec = next((f for f in dataclasses.fields(args) if f.name == name), None) if dataclasses.is_dataclass(args) else None
+    if spec is None:
+        return False
+    default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+    return getattr(args, name) != default
+
+
+def _set_unless_explicit(args: Any, name: str, value: Any, preset: str) -> None:
+    if _explicit(args, name):
+        if getattr(args, name) != value:
+            logger.info(
+                "hyperparameter preset %r: keeping the explicitly set %s=%r (the preset's value is %r)",
+                preset, name, getattr(args, name), value,
+            )
+        return
+    setattr(args, name, value)
+
+
+def apply_hparam_preset(
+    args: Any, model: nn.Module | None = None, seq_len: int | None = None, anatomy: Any = None
+) -> HParamPreset | None:
     """Apply ``args.moe_hparam_preset`` to ``args`` (and ``model``); returns the preset or ``None``.
 
-    Sets ``learning_rate``; ``moe_expert_dropout`` unless already set; with ``model``, the dropout outside the
-    experts; with ``seq_len``, ``gradient_accumulation_steps`` for the preset's tokens per batch.
+    Sets ``learning_rate`` and ``moe_expert_dropout`` (the latter only on an MoE model); with ``model``, the
+    dropout outside the experts; with ``seq_len``, ``gradient_accumulation_steps`` for the preset's tokens per
+    batch. Arguments the user set explicitly (see the module docstring) keep their values, with a logged note.
+    ``anatomy`` is ``describe_moe(model)`` if the caller has it.
     """
     preset = get_preset(getattr(args, "moe_hparam_preset", "none"))
     if preset is None:
         return None
-    args.learning_rate = preset.learning_rate
-    if getattr(args, "moe_expert_dropout", 0.0) == 0.0:
-        args.moe_expert_dropout = preset.expert_dropout
-    if model is not None:
+    if model is not None and anatomy is None:
         from .anatomy import describe_moe  # noqa: PLC0415
 
         anatomy = describe_moe(model)
+    _set_unless_explicit(args, "learning_rate", preset.learning_rate, preset.name)
+    if anatomy is None or anatomy.is_moe:  # a dense model has no experts to drop out in
+        _set_unless_explicit(args, "moe_expert_dropout", preset.expert_dropout, preset.name)
+    if model is not None:
         experts = tuple(model.get_submodule(p) for layer in anatomy.layers for p in layer.expert_paths)
         set_model_dropout(model, preset.dropout, skip=experts)
     if seq_len:
         world = max(1, getattr(args, "world_size", 1))
-        args.gradient_accumulation_steps = accumulation_steps_for(
-            preset.tokens_per_batch, args.per_device_train_batch_size, seq_len, world
-        )
+        steps = accumulation_steps_for(preset.tokens_per_batch, args.per_device_train_batch_size, seq_len, world)
+        _set_unless_explicit(args, "gradient_accumulation_steps", steps, preset.name)
     logger.info(
         "hyperparameter preset %r: learning_rate=%g, expert dropout=%g, dropout=%g%s",
         preset.name,
-        preset.learning_rate,
-        args.moe_expert_dropout,
+        args.learning_rate,
+        getattr(args, "moe_expert_dropout", 0.0),
         preset.dropout,
         f", gradient_accumulation_steps={args.gradient_accumulation_steps}" if seq_len else "",
     )

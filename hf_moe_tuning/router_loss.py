@@ -14,8 +14,9 @@ Definitions (one MoE layer, ``E`` experts, top-``k`` routing, a *group* of count
   on one layer and one group its value is ``k ×`` ours (balanced = ``k``). Switch's own function is
   top-1 and per batch row, but pools the layers of a stack, counts padding, and the model *sums* the
   encoder and decoder values. Here every MoE layer is its own term and the terms are **averaged over
-  MoE layers**; for roughly the weight of a model config's ``router_aux_loss_coef``, multiply that
-  coefficient by ``k`` (Switch: by the number of stacks, 2).
+  MoE layers**; for roughly the weight of a model config's ``router_aux_loss_coef`` (and TRL's
+  ``SFTConfig.router_aux_loss_coef``, which weights the model's own loss), multiply that coefficient by
+  ``k`` (Switch: by the number of stacks, 2) to get this package's ``moe_aux_loss_coef``.
 * **z-loss** (ST-MoE): ``mean_t logsumexp(logits_t)²`` over the counted tokens of a group.
 * **sigmoid routers** (DeepSeek-V3, GLM-4-MoE, dots1): ``p_{t,e}`` are the sigmoid scores the
   router routes on, normalised over experts (``s_{t,e} / Σ_j s_{t,j}``, DeepSeek-V3's
@@ -43,7 +44,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from .config import ROUTER_LOSS_SCHEDULES
+from .configuration import ROUTER_LOSS_SCHEDULES
 from .metrics.expert_load import select_experts as metrics_select_experts
 
 __all__ = [

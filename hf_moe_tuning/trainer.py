@@ -1,7 +1,11 @@
-"""``MoETrainer``: a ``transformers.Trainer`` that wires the MoE callbacks from ``MoETrainingArguments``.
+"""``MoETrainingArguments`` and ``MoETrainer``: a ``transformers.Trainer`` with the MoE callbacks its arguments ask for.
 
-* builds the callbacks the arguments ask for (freezing, router losses, expert-load logging, ...);
-* merges their metrics into ``Trainer.log`` so every reporter (console, TensorBoard, W&B, ...) sees them.
+* :class:`MoETrainingArguments` is ``TrainingArguments`` plus :class:`~hf_moe_tuning.configuration.MoEArguments`;
+* :func:`build_moe_callbacks` builds the MoE callbacks (freezing, router losses, expert-load logging,
+  expert-level controls, NaN guard) from the MoE options and the model's anatomy, computed once per trainer;
+  :class:`MoETrainer` and :class:`~hf_moe_tuning.sft.MoESFTTrainer` both use it;
+* the trainers merge the callbacks' metrics into ``Trainer.log`` so every reporter (console, TensorBoard,
+  W&B, ...) sees them.
 
 Plain ``Trainer`` / TRL ``SFTTrainer`` users pass the callbacks themselves and call
 :func:`enable_moe_logging` once to get the same merged logging.
@@ -12,13 +16,14 @@ from __future__ import annotations
 import logging
 import os
 import types
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from .adapters import is_peft_model
-from .anatomy import NoMoELayersError, describe_moe
+from .anatomy import MoEAnatomy, NoMoELayersError, describe_moe
 from .cards import MoECardMixin
 from .checkpoint import FusedResumeMixin
 from .callbacks.nan_guard import NaNGuardCallback
@@ -30,76 +35,82 @@ from .callbacks.base import MoEMetricsCallback, merge_pending_metrics
 from .callbacks.expert_load import ExpertLoadCallback
 from .callbacks.freezing import MoEFreezingCallback
 from .callbacks.router_loss import RouterLossCallback
-from .config import MoETrainingArguments
+from .configuration import MoEArguments
 from .distributed import configure_distributed
 from .presets import apply_hparam_preset
 
 logger = logging.getLogger(__name__)
 
-#: Factories ``(args, model, trainer_kwargs) -> callback | None`` run by :func:`build_moe_callbacks`,
-#: in order. Feature modules append theirs here (router losses, expert load, expert controls, ...).
-CallbackFactory = Callable[[MoETrainingArguments, Any, dict], "TrainerCallback | None"]
-CALLBACK_FACTORIES: list[CallbackFactory] = []
+
+@dataclass
+class MoETrainingArguments(MoEArguments, TrainingArguments):
+    """``TrainingArguments`` plus the MoE options of :class:`~hf_moe_tuning.configuration.MoEArguments`.
+
+    Like TRL's ``SFTConfig``, it extends :class:`transformers.TrainingArguments`, so the same
+    ``HfArgumentParser`` reads it from the command line, a YAML/JSON file or Python.
+
+    Example:
+        >>> args = MoETrainingArguments("out", moe_freeze_strategy="non_moe", moe_aux_loss_coef=0.01)
+    """
 
 
-def _freezing_factory(args: MoETrainingArguments, model: Any, trainer_kwargs: dict) -> TrainerCallback | None:
-    uses_freezing = (
-        args.moe_freeze_strategy != "all"
-        or args.moe_train_router is not None
-        or args.moe_experts != "all"
-        or args.moe_extra_trainable
-        or args.moe_extra_frozen
-    )
-    if not uses_freezing:
-        if is_peft_model(model):
-            logger.info("PEFT model: the adapter decides which parameters train; no freezing callback is added.")
-            return None
-        return MoEFreezingCallback.from_args(args) if describe_moe(model).is_moe else None
-    resolver = None
-    if isinstance(args.moe_experts, str) and args.moe_experts.startswith("esft-"):
-        from .routing.esft import make_resolver  # noqa: PLC0415 - optional feature, imported when asked for
+def build_moe_callbacks(
+    args: MoEArguments,
+    model: Any,
+    anatomy: MoEAnatomy | None = None,
+    *,
+    train_dataset: Any = None,
+    data_collator: Any = None,
+    **trainer_kwargs: Any,
+) -> list[TrainerCallback]:
+    """The MoE callbacks ``args`` asks for, for ``model``, each given the same ``anatomy``.
 
-        resolver = make_resolver(args, trainer_kwargs.get("train_dataset"), trainer_kwargs.get("data_collator"))
-    return MoEFreezingCallback.from_args(args, expert_resolver=resolver)
+    The one place both trainers get their MoE callbacks from. ``anatomy`` is ``describe_moe(model)``,
+    computed here when not given. Validates first: an option that needs MoE layers on a dense model, or a
+    freezing option on a PEFT model (the adapter decides what trains), raises.
 
+    Args:
+        args: ``MoETrainingArguments`` or ``MoESFTConfig`` (any object with the MoE options).
+        model: the model the trainer trains (after any PEFT wrapping).
+        anatomy: ``describe_moe(model)``, if the caller has it already.
+        train_dataset / data_collator: for ESFT expert selection (``moe_experts="esft-..."``).
+    """
+    if model is None:
+        raise ValueError("the MoE trainers need a model (model_init is not supported)")
+    anatomy = anatomy if anatomy is not None else describe_moe(model)
+    if not anatomy.is_moe:
+        asked = args.moe_layer_options_set()
+        if asked:
+            raise NoMoELayersError(f"{', '.join(asked)} set, but model_type={anatomy.model_type!r} has no MoE layers")
+    freezing = args.freezing_options_set()
+    if is_peft_model(model) and freezing:
+        raise ValueError(
+            f"{', '.join(freezing)} set on a PEFT model: a freezing plan sets requires_grad on every base weight, "
+            "which would undo the adapter's choice. Choose what trains when wrapping instead (LoRA targets, or "
+            f"hf_moe_tuning.apply_lora(model, groups, strategy={args.moe_freeze_strategy!r})) and leave the freezing "
+            "options at their defaults."
+        )
+    callbacks: list[TrainerCallback | None] = []
+    if freezing:
+        resolver = None
+        if isinstance(args.moe_experts, str) and args.moe_experts.startswith("esft-"):
+            from .routing.esft import make_resolver  # noqa: PLC0415 - optional feature, imported when asked for
 
-def _expert_load_factory(args: MoETrainingArguments, model: Any, trainer_kwargs: dict) -> TrainerCallback | None:
-    # on by default: dense baselines (the T5 arms of the studies) simply log nothing
-    return ExpertLoadCallback.from_args(args) if describe_moe(model).is_moe else None
-
-
-def _router_loss_factory(args: MoETrainingArguments, model: Any, trainer_kwargs: dict) -> TrainerCallback | None:
-    return RouterLossCallback.from_args(args)
-
-
-def _expert_dropout_factory(args: MoETrainingArguments, model: Any, trainer_kwargs: dict) -> TrainerCallback | None:
-    return ExpertDropoutCallback.from_args(args)
-
-
-def _capacity_factory(args: MoETrainingArguments, model: Any, trainer_kwargs: dict) -> TrainerCallback | None:
-    return CapacityFactorCallback.from_args(args)
-
-
-def _jitter_factory(args: MoETrainingArguments, model: Any, trainer_kwargs: dict) -> TrainerCallback | None:
-    return RouterJitterCallback.from_args(args)
-
-
-def _bias_balancing_factory(args: MoETrainingArguments, model: Any, trainer_kwargs: dict) -> TrainerCallback | None:
-    return BiasBalancingCallback.from_args(args)
-
-
-def _nan_guard_factory(args: MoETrainingArguments, model: Any, trainer_kwargs: dict) -> TrainerCallback | None:
-    return NaNGuardCallback.from_args(args)
-
-
-CALLBACK_FACTORIES.append(_freezing_factory)
-CALLBACK_FACTORIES.append(_router_loss_factory)
-CALLBACK_FACTORIES.append(_expert_load_factory)
-CALLBACK_FACTORIES.append(_expert_dropout_factory)
-CALLBACK_FACTORIES.append(_capacity_factory)
-CALLBACK_FACTORIES.append(_jitter_factory)
-CALLBACK_FACTORIES.append(_bias_balancing_factory)
-CALLBACK_FACTORIES.append(_nan_guard_factory)
+            resolver = make_resolver(args, train_dataset, data_collator)
+        callbacks.append(MoEFreezingCallback.from_args(args, expert_resolver=resolver, anatomy=anatomy))
+    elif is_peft_model(model):
+        logger.info("PEFT model: the adapter decides which parameters train; no freezing callback is added.")
+    elif anatomy.is_moe:  # strategy "all": logs freeze/* and checks a resume against the plan
+        callbacks.append(MoEFreezingCallback.from_args(args, anatomy=anatomy))
+    callbacks.append(RouterLossCallback.from_args(args, anatomy=anatomy))
+    if anatomy.is_moe:  # on by default: dense baselines (the T5 arms of the studies) simply log nothing
+        callbacks.append(ExpertLoadCallback.from_args(args, anatomy=anatomy))
+    callbacks.append(ExpertDropoutCallback.from_args(args, anatomy=anatomy))
+    callbacks.append(CapacityFactorCallback.from_args(args, anatomy=anatomy))
+    callbacks.append(RouterJitterCallback.from_args(args, anatomy=anatomy))
+    callbacks.append(BiasBalancingCallback.from_args(args, anatomy=anatomy))
+    callbacks.append(NaNGuardCallback.from_args(args))
+    return [cb for cb in callbacks if cb is not None]
 
 
 def _bind_callbacks(trainer: Trainer) -> None:
@@ -108,39 +119,6 @@ def _bind_callbacks(trainer: Trainer) -> None:
         bind = getattr(cb, "bind_trainer", None)
         if bind is not None:
             bind(trainer)
-
-
-def build_moe_callbacks(args: MoETrainingArguments, model: Any, **trainer_kwargs: Any) -> list[TrainerCallback]:
-    """The MoE callbacks ``args`` asks for, for ``model`` (validated: MoE options on a dense model raise)."""
-    if model is None:
-        raise ValueError("MoETrainer needs a model (model_init is not supported)")
-    anatomy = describe_moe(model)
-    if not anatomy.is_moe:
-        asked = [
-            name
-            for name, on in (
-                ("router_aux_loss_coef", args.router_aux_loss_coef > 0),
-                ("router_z_loss_coef", args.router_z_loss_coef > 0),
-                ("moe_experts", args.moe_experts != "all"),
-                ("moe_train_router", args.moe_train_router is not None),
-                ("moe_expert_dropout", args.moe_expert_dropout > 0),
-                ("moe_bias_balancing", args.moe_bias_balancing),
-                ("moe_capacity_factor_train", args.moe_capacity_factor_train is not None),
-                ("moe_capacity_factor_eval", args.moe_capacity_factor_eval is not None),
-                ("moe_router_jitter", args.moe_router_jitter is not None),
-            )
-            if on
-        ]
-        if asked:
-            raise NoMoELayersError(
-                f"{', '.join(asked)} set, but model_type={anatomy.model_type!r} has no MoE layers"
-            )
-    callbacks = []
-    for factory in CALLBACK_FACTORIES:
-        cb = factory(args, model, trainer_kwargs)
-        if cb is not None:
-            callbacks.append(cb)
-    return callbacks
 
 
 def _first_missing_dir(path: str | None) -> str | None:
@@ -169,30 +147,15 @@ def _remove_empty_dirs(path: str | None, top: str | None) -> None:
         path = os.path.dirname(path)
 
 
-class MoETrainer(FusedResumeMixin, MoECardMixin, Trainer):
-    """``Trainer`` with MoE freezing, router losses and expert-load logging from :class:`MoETrainingArguments`.
+class MoETrainerMixin:
+    """What :class:`MoETrainer` and :class:`~hf_moe_tuning.sft.MoESFTTrainer` share on top of their ``Trainer``.
 
-    Example:
-        >>> args = MoETrainingArguments("out", moe_freeze_strategy="non_moe", router_z_loss_coef=1e-3)
-        >>> trainer = MoETrainer(model=model, args=args, train_dataset=ds)
-        >>> trainer.train()
+    Metrics of the MoE callbacks merged into ``log``; ``train`` prepares FSDP / ZeRO-3 and checks a resumed
+    checkpoint; the anatomy computed once at construction is kept in ``moe_anatomy``.
     """
 
-    def __init__(self, model: Any = None, args: MoETrainingArguments | None = None, callbacks=None, **kwargs: Any):
-        if args is None:
-            args = MoETrainingArguments(output_dir="tmp_trainer")
-        if not isinstance(args, MoETrainingArguments):
-            raise TypeError(f"MoETrainer needs MoETrainingArguments, got {type(args).__name__}")
-        apply_hparam_preset(args, model)  # moe_hparam_preset="sparse"/"dense" (no-op for "none")
-        moe_callbacks = build_moe_callbacks(args, model, **kwargs)
-        missing = _first_missing_dir(args.output_dir)
-        try:
-            super().__init__(model=model, args=args, callbacks=list(callbacks or []) + moe_callbacks, **kwargs)
-        except BaseException:
-            # a request rejected in on_init_end (e.g. freezing) must not leave the output dir Trainer just created
-            _remove_empty_dirs(args.output_dir, missing)
-            raise
-        _bind_callbacks(self)
+    #: ``describe_moe`` of the trained model, computed once when the trainer was built.
+    moe_anatomy: MoEAnatomy | None = None
 
     def moe_callbacks(self) -> list[MoEMetricsCallback]:
         """The MoE callbacks attached to this trainer."""
@@ -213,17 +176,53 @@ class MoETrainer(FusedResumeMixin, MoECardMixin, Trainer):
         configure_distributed(self)  # FSDP wrap units / ZeRO-3 leaf modules from the anatomy; no-op for DDP/CPU
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        super().log(merge_pending_metrics(self.callback_handler.callbacks, logs), start_time)
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        super().log(merge_pending_metrics(self.callback_handler.callbacks, logs), *args, **kwargs)
+
+
+class MoETrainer(MoETrainerMixin, FusedResumeMixin, MoECardMixin, Trainer):
+    """``Trainer`` with MoE freezing, router losses and expert-load logging from :class:`MoETrainingArguments`.
+
+    The model's anatomy is computed once (``moe_anatomy``) and shared by every MoE callback, which
+    :func:`build_moe_callbacks` builds before ``Trainer.__init__`` (freezing happens before the optimizer exists).
+
+    Example:
+        >>> args = MoETrainingArguments("out", moe_freeze_strategy="non_moe", moe_z_loss_coef=1e-3)
+        >>> trainer = MoETrainer(model=model, args=args, train_dataset=ds)
+        >>> trainer.train()
+    """
+
+    def __init__(self, model: Any = None, args: MoETrainingArguments | None = None, callbacks=None, **kwargs: Any):
+        if args is None:
+            args = MoETrainingArguments(output_dir="tmp_trainer")
+        if not isinstance(args, MoETrainingArguments):
+            raise TypeError(f"MoETrainer needs MoETrainingArguments, got {type(args).__name__}")
+        if model is None:
+            raise ValueError("MoETrainer needs a model (model_init is not supported)")
+        anatomy = describe_moe(model)
+        apply_hparam_preset(args, model, anatomy=anatomy)  # moe_hparam_preset="sparse"/"dense" (no-op for "none")
+        moe_callbacks = build_moe_callbacks(
+            args, model, anatomy, train_dataset=kwargs.get("train_dataset"), data_collator=kwargs.get("data_collator")
+        )
+        missing = _first_missing_dir(args.output_dir)
+        try:
+            super().__init__(model=model, args=args, callbacks=list(callbacks or []) + moe_callbacks, **kwargs)
+        except BaseException:
+            # a request rejected in on_init_end (e.g. freezing) must not leave the output dir Trainer just created
+            _remove_empty_dirs(args.output_dir, missing)
+            raise
+        self.moe_anatomy = anatomy
+        self._moe_created_output_dir = missing  # removed again if training fails before writing anything
+        _bind_callbacks(self)
 
 
 def enable_moe_logging(trainer: Trainer) -> Trainer:
     """Make a plain ``Trainer`` (or TRL ``SFTTrainer``) merge MoE callback metrics into ``log``.
 
     Also binds callbacks that need the trainer (``RouterLossCallback`` must be bound under ``SFTTrainer``,
-    which computes its own loss). ``MoETrainer`` does all this already. Returns ``trainer`` for chaining.
+    which computes its own loss). ``MoETrainer`` and ``MoESFTTrainer`` do all this already. Returns ``trainer`` for chaining.
     """
-    if isinstance(trainer, MoETrainer) or getattr(trainer, "_moe_logging_enabled", False):
+    if isinstance(trainer, MoETrainerMixin) or getattr(trainer, "_moe_logging_enabled", False):
         return trainer
     _bind_callbacks(trainer)
     original = trainer.log

@@ -283,7 +283,7 @@ def test_moe_trainer_on_peft_model_keeps_adapter_choice_and_sees_routers(name, g
     seq2seq = name == "switch"
     args = MoETrainingArguments(
         str(tmp_path), max_steps=2, logging_steps=1, per_device_train_batch_size=4, report_to=[], use_cpu=True,
-        save_strategy="no", router_aux_loss_coef=0.01, moe_drift_every_steps=1, disable_tqdm=True,
+        save_strategy="no", moe_aux_loss_coef=0.01, moe_drift_every_steps=1, disable_tqdm=True,
     )
     collator = DataCollatorForSeq2Seq(ByT5Tokenizer(), model=base if seq2seq else None, padding=True)
     trainer = MoETrainer(

@@ -50,11 +50,11 @@ def _args(out, **kwargs) -> MoETrainingArguments:
     "kwargs, message",
     [
         (dict(moe_freeze_strategy="everything"), "moe_freeze_strategy='everything' is not one of"),
-        (dict(router_aux_loss_coef=-0.01), "router_aux_loss_coef must be >= 0"),
-        (dict(router_z_loss_coef=math.nan), "router_z_loss_coef must be a finite number"),
-        (dict(router_aux_loss_schedule="exponential"), "router_aux_loss_schedule='exponential' is not one of"),
-        (dict(router_nan_policy="ignore"), "router_nan_policy='ignore' is not one of"),
-        (dict(router_loss_warmup_steps=-1), "router_loss_warmup_steps must be >= 0"),
+        (dict(moe_aux_loss_coef=-0.01), "moe_aux_loss_coef must be >= 0"),
+        (dict(moe_z_loss_coef=math.nan), "moe_z_loss_coef must be a finite number"),
+        (dict(moe_aux_loss_schedule="exponential"), "moe_aux_loss_schedule='exponential' is not one of"),
+        (dict(moe_nan_policy="ignore"), "moe_nan_policy='ignore' is not one of"),
+        (dict(moe_router_loss_warmup_steps=-1), "moe_router_loss_warmup_steps must be >= 0"),
         (dict(moe_expert_dropout=1.5), r"moe_expert_dropout must be in \[0, 1\)"),
         (dict(moe_experts="0,x"), "moe_experts='0,x' is not"),
         (dict(moe_capacity_factor_train=0.0), "moe_capacity_factor_train must be > 0"),
@@ -90,7 +90,7 @@ def test_unknown_key_in_recipe_yaml(tmp_path):
     "model_name, kwargs, error, message",
     [
         ("mixtral", dict(moe_freeze_strategy="ffn"), FreezingError, "no dense FFN layer"),
-        ("t5", dict(router_aux_loss_coef=0.01), ValueError, "router_aux_loss_coef set, but model_type='t5' has no MoE"),
+        ("t5", dict(moe_aux_loss_coef=0.01), ValueError, "moe_aux_loss_coef set, but model_type='t5' has no MoE"),
         ("llama", dict(moe_freeze_strategy="moe"), ValueError, "strategy 'moe' needs MoE layers"),
         ("t5", dict(moe_expert_dropout=0.1), ValueError, "moe_expert_dropout set, but model_type='t5' has no MoE"),
         ("mixtral", dict(moe_freeze_strategy="attention", moe_extra_frozen=["self_attn"]), FreezingError,
@@ -167,13 +167,13 @@ def _poisoned(target: str) -> torch.nn.Module:
 @pytest.mark.parametrize(
     "target, kwargs, message",
     [
-        ("router", dict(router_aux_loss_coef=0.01), r"non-finite router logits in MoE layer 0 \(model.layers.0.mlp\) at step 0"),
+        ("router", dict(moe_aux_loss_coef=0.01), r"non-finite router logits in MoE layer 0 \(model.layers.0.mlp\) at step 0"),
         ("head", dict(), "non-finite training loss .* at optimizer step 1"),
     ],
 )
 def test_non_finite_values_stop_the_run_naming_the_step(tmp_path, target, kwargs, message):
     model = _poisoned(target)
-    args = _args(tmp_path / "run", router_nan_policy="error", **kwargs)
+    args = _args(tmp_path / "run", moe_nan_policy="error", **kwargs)
     trainer = MoETrainer(model=model, args=args, train_dataset=_dataset(), callbacks=[NaNGuardCallback.from_args(args)])
     before = _snapshot(model)
     with pytest.raises(FloatingPointError, match=message):
@@ -184,11 +184,11 @@ def test_non_finite_values_stop_the_run_naming_the_step(tmp_path, target, kwargs
 
 @pytest.mark.parametrize(
     "target, kwargs, key",
-    [("router", dict(router_aux_loss_coef=0.01), "router/skipped_steps"), ("head", dict(), "nan_guard/skipped_steps")],
+    [("router", dict(moe_aux_loss_coef=0.01), "router/skipped_steps"), ("head", dict(), "nan_guard/skipped_steps")],
 )
 def test_non_finite_values_skip_the_step_when_asked(tmp_path, target, kwargs, key):
     model = _poisoned(target)
-    args = _args(tmp_path / "run", router_nan_policy="skip", save_strategy="no", **kwargs)
+    args = _args(tmp_path / "run", moe_nan_policy="skip", save_strategy="no", **kwargs)
     trainer = MoETrainer(model=model, args=args, train_dataset=_dataset(), callbacks=[NaNGuardCallback.from_args(args)])
     before = _snapshot(model)
     trainer.train()

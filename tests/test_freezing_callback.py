@@ -78,8 +78,8 @@ def test_moe_trainer_wires_freezing_and_logs(tmp_path, data, capsys) -> None:
 
 def test_moe_trainer_rejects_moe_options_on_dense(tmp_path, data) -> None:
     tok, ds = data
-    args = MoETrainingArguments(**_args(tmp_path), router_z_loss_coef=1e-3)
-    with pytest.raises(NoMoELayersError, match="router_z_loss_coef"):
+    args = MoETrainingArguments(**_args(tmp_path), moe_z_loss_coef=1e-3)
+    with pytest.raises(NoMoELayersError, match="moe_z_loss_coef"):
         MoETrainer(model=build_tiny_model("t5"), args=args, train_dataset=ds)
 
 
@@ -87,9 +87,9 @@ def test_moe_trainer_rejects_moe_options_on_dense(tmp_path, data) -> None:
     "field, value, match",
     [
         ("moe_freeze_strategy", "nonmoe", "not one of"),
-        ("router_aux_loss_coef", -0.1, ">= 0"),
-        ("router_z_loss_coef", float("nan"), "finite"),
-        ("router_aux_loss_schedule", "exp", "not one of"),
+        ("moe_aux_loss_coef", -0.1, ">= 0"),
+        ("moe_z_loss_coef", float("nan"), "finite"),
+        ("moe_aux_loss_schedule", "exp", "not one of"),
         ("moe_expert_dropout", 1.0, r"\[0, 1\)"),
         ("moe_experts", "a,b", "moe_experts"),
     ],

@@ -13,19 +13,18 @@ from transformers import ByT5Tokenizer
 
 from hf_moe_tuning import build_tiny_model
 from hf_moe_tuning.anatomy import NoMoELayersError, describe_moe
-from hf_moe_tuning.config import MoETrainingArguments
 from hf_moe_tuning.data import heldout_task, instruction_mixture
 from hf_moe_tuning.instruct import (
     BYTE_CHAT_TEMPLATE,
     align_special_tokens,
     ensure_chat_template,
     evaluate_chat_task,
+    build_sft_trainer,
     load_instruct_config,
-    moe_callbacks,
     parse_instruct_config,
     render_prompt,
     run_sft,
-    split_training_args,
+    sft_config,
     to_prompt_completion,
     validate_instruct_config,
 )
@@ -76,21 +75,29 @@ def test_to_prompt_completion_converts_mixture_and_heldout():
 
 
 # ---------------------------------------------------------------------------------------------- SFT
-def test_split_training_args_routes_moe_knobs_to_callbacks():
-    sft, moe = split_training_args({"learning_rate": 1e-3, "router_z_loss_coef": 1e-3, "moe_freeze_strategy": "non_moe"})
-    assert sft == {"learning_rate": 1e-3}
-    assert moe == {"router_z_loss_coef": 1e-3, "moe_freeze_strategy": "non_moe"}
+def test_sft_config_is_one_config_for_trl_and_moe_options(tmp_path):
+    config = sft_config({"learning_rate": 1e-3, "moe_z_loss_coef": 1e-3, "moe_freeze_strategy": "non_moe"}, str(tmp_path), seed=3)
+    assert (config.learning_rate, config.moe_z_loss_coef, config.moe_freeze_strategy, config.seed) == (1e-3, 1e-3, "non_moe", 3)
+    assert config.router_aux_loss_coef is None  # TRL's own field, untouched by the config
     with pytest.raises(ValueError, match="unknown training argument 'lerning_rate'"):
-        split_training_args({"lerning_rate": 1e-3})
+        sft_config({"lerning_rate": 1e-3}, str(tmp_path))
+    with pytest.raises(ValueError, match="moe_expert_dropout must be a number"):
+        sft_config({"moe_expert_dropout": "0.1"}, str(tmp_path))
 
 
-def test_moe_callbacks_dense_and_lora_errors(tmp_path):
-    dense = build_tiny_model("llama")
-    assert moe_callbacks(dense, MoETrainingArguments(str(tmp_path))) == []
-    with pytest.raises(NoMoELayersError, match="router_aux_loss_coef"):
-        moe_callbacks(dense, MoETrainingArguments(str(tmp_path), router_aux_loss_coef=0.01))
+def test_sft_trainer_dense_and_lora_errors(tmp_path, tokenizer):
+    from peft import LoraConfig
+
+    data = to_prompt_completion(instruction_mixture(8, seed=0))
+    dense = align_special_tokens(build_tiny_model("llama"), tokenizer)
+    trainer = build_sft_trainer(dense, tokenizer, data, {"max_steps": 1}, str(tmp_path))
+    assert [type(cb).__name__ for cb in trainer.moe_callbacks()] == ["NaNGuardCallback"]
+    with pytest.raises(NoMoELayersError, match="moe_aux_loss_coef"):
+        build_sft_trainer(dense, tokenizer, data, {"moe_aux_loss_coef": 0.01}, str(tmp_path))
+    lora = LoraConfig(r=4, target_modules=["q_proj"])
     with pytest.raises(ValueError, match="with LoRA the adapter targets choose"):
-        moe_callbacks(build_tiny_model("mixtral"), MoETrainingArguments(str(tmp_path), moe_freeze_strategy="non_moe"), lora=True)
+        build_sft_trainer(build_tiny_model("mixtral"), tokenizer, data, {"moe_freeze_strategy": "non_moe"}, str(tmp_path),
+                          peft_config=lora)
 
 
 def test_sft_end_to_end_with_all_callbacks(tmp_path, tokenizer):
@@ -102,7 +109,7 @@ def test_sft_end_to_end_with_all_callbacks(tmp_path, tokenizer):
     data = to_prompt_completion(instruction_mixture(48, seed=0))
     args = {
         "max_steps": 4, "per_device_train_batch_size": 8, "learning_rate": 1e-3, "logging_steps": 2,
-        "moe_freeze_strategy": "non_moe", "router_aux_loss_coef": 0.01, "router_z_loss_coef": 0.001,
+        "moe_freeze_strategy": "non_moe", "moe_aux_loss_coef": 0.01, "moe_z_loss_coef": 0.001,
         "moe_drift_probe_size": 4,
     }
     outcome = run_sft(model, tokenizer, data, args, str(tmp_path), seed=0, sft_options={"max_length": 128})
@@ -121,7 +128,7 @@ def test_sft_end_to_end_with_all_callbacks(tmp_path, tokenizer):
         assert torch.equal(dict(model.named_parameters())[name], before), name
     assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, attention_before)
     # TRL's own aux loss is off: the router term comes from RouterLossCallback only
-    assert outcome.trainer.args.router_aux_loss_coef == 0.0
+    assert outcome.trainer.args.router_aux_loss_coef == 0.0 and not outcome.trainer.aux_loss_enabled
 
 
 def test_evaluate_chat_task_scores_and_generates(tokenizer):

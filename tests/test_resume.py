@@ -120,9 +120,9 @@ def _moe_run(out, name: str, resume: str | None = None, model_kwargs: dict | Non
     model = build_tiny_model(name, seed=0, **(model_kwargs or {}))
     args = MoETrainingArguments(
         **_common(out),
-        router_aux_loss_coef=0.01, router_z_loss_coef=0.001,
-        router_aux_loss_schedule="linear_warmup", router_z_loss_schedule="cosine", router_loss_warmup_steps=3,
-        router_nan_policy="skip", moe_drift_probe_size=0, moe_expert_load_heatmap=False, **moe,
+        moe_aux_loss_coef=0.01, moe_z_loss_coef=0.001,
+        moe_aux_loss_schedule="linear_warmup", moe_z_loss_schedule="cosine", moe_router_loss_warmup_steps=3,
+        moe_nan_policy="skip", moe_drift_probe_size=0, moe_expert_load_heatmap=False, **moe,
     )
     dataset = _dataset()
     wanted = [RouterLossCallback.from_args(args), ExpertLoadCallback.from_args(args), NaNGuardCallback.from_args(args)]

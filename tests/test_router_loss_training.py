@@ -169,8 +169,8 @@ def test_logged_loss_is_lm_plus_weighted_router_losses(tmp_path):
 
 def test_schedule_reaches_logs(tmp_path):
     args = _args(tmp_path, cls=MoETrainingArguments, max_steps=4, per_device_train_batch_size=2, learning_rate=1e-3,
-                 router_aux_loss_coef=0.1, router_aux_loss_schedule="linear_warmup", router_loss_warmup_steps=2,
-                 router_z_loss_coef=0.01, router_z_loss_schedule="off")
+                 moe_aux_loss_coef=0.1, moe_aux_loss_schedule="linear_warmup", moe_router_loss_warmup_steps=2,
+                 moe_z_loss_coef=0.01, moe_z_loss_schedule="off")
     cb = RouterLossCallback.from_args(args)
     assert cb is not None and not cb.z_on
     trainer = MoETrainer(model=build_tiny_model("mixtral"), args=args, train_dataset=_dataset(), callbacks=[cb])
@@ -182,14 +182,14 @@ def test_schedule_reaches_logs(tmp_path):
 
 def test_from_args_none_when_off(tmp_path):
     assert RouterLossCallback.from_args(_args(tmp_path, cls=MoETrainingArguments)) is None
-    off = _args(tmp_path, cls=MoETrainingArguments, router_aux_loss_coef=0.1, router_aux_loss_schedule="off")
+    off = _args(tmp_path, cls=MoETrainingArguments, moe_aux_loss_coef=0.1, moe_aux_loss_schedule="off")
     assert RouterLossCallback.from_args(off) is None
 
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [({"aux_coef": -1.0}, "router_aux_loss_coef"), ({"z_coef": "big"}, "router_z_loss_coef"),
-     ({"aux_schedule": "step"}, "router_aux_loss_schedule"), ({"nan_policy": "ignore"}, "router_nan_policy"),
+    [({"aux_coef": -1.0}, "moe_aux_loss_coef"), ({"z_coef": "big"}, "moe_z_loss_coef"),
+     ({"aux_schedule": "step"}, "moe_aux_loss_schedule"), ({"nan_policy": "ignore"}, "moe_nan_policy"),
      ({"aux_coef": 0.0, "z_coef": 0.0}, "does nothing")],
 )
 def test_bad_arguments(kwargs, match):

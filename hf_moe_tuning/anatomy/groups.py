@@ -592,6 +592,22 @@ def describe_moe(model: nn.Module) -> MoEAnatomy:
     return MoEAnatomy(model_type=model_type, family=_family_of(config), layers=layers, groups=groups, numels=numels)
 
 
+def anatomy_for(model: nn.Module, anatomy: MoEAnatomy | None = None) -> MoEAnatomy:
+    """``anatomy`` if it describes ``model``, else ``describe_moe(model)``.
+
+    Trainers compute the anatomy once and hand it to every MoE callback; a callback that later sees a
+    different module tree (the model wrapped since, e.g. by PEFT or FSDP1, so the MoE layer paths no longer
+    resolve) describes the model it got instead.
+    """
+    if anatomy is not None and anatomy.model_type == getattr(getattr(model, "config", None), "model_type", None):
+        if all(
+            _resolve(model, layer.path) is not None and _resolve(model, layer.router_path) is not None
+            for layer in anatomy.layers
+        ):
+            return anatomy
+    return describe_moe(model)
+
+
 def require_moe(anatomy: MoEAnatomy, what: str) -> None:
     """Raise :class:`NoMoELayersError` naming ``what`` when ``anatomy`` has no MoE layers."""
     if not anatomy.is_moe:

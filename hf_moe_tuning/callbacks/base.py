@@ -20,6 +20,8 @@ import logging
 
 from transformers import TrainerCallback
 
+from ..anatomy import MoEAnatomy
+
 from ..hub.run_record import copy_moe_run_to_checkpoint, record_moe_run
 
 logger = logging.getLogger(__name__)
@@ -105,9 +107,12 @@ class ModelPatchCallback(MoEMetricsCallback):
     sees the same model) or, at the latest, in ``on_train_begin``, and undone by :meth:`remove`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, anatomy: MoEAnatomy | None = None) -> None:
         super().__init__()
         self.handle = None
+        #: the trainer's anatomy of the model, computed once and shared by the MoE callbacks (``None``: computed
+        #: on install); see :func:`~hf_moe_tuning.anatomy.anatomy_for`
+        self.anatomy = anatomy
 
     def _install(self, model):  # pragma: no cover - abstract
         raise NotImplementedError

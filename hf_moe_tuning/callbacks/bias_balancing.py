@@ -23,6 +23,7 @@ from typing import Any
 from transformers.trainer_callback import ExportableState
 
 from ..hub.run_record import copy_moe_run_to_checkpoint, record_moe_run
+from ..anatomy import MoEAnatomy, anatomy_for
 from ..routing.bias_balancing import BiasBalancer
 from .base import MoEMetricsCallback
 
@@ -35,27 +36,31 @@ class BiasBalancingCallback(MoEMetricsCallback, ExportableState):
     Args:
         rate: update rate ``gamma`` (DeepSeek-V3 used 0.001).
         allow_hooks: balance families without a correction bias through a routing-bias hook.
+        anatomy: the trainer's anatomy of the model (computed on install when ``None``).
     """
 
-    def __init__(self, rate: float = 1e-3, allow_hooks: bool = True) -> None:
+    def __init__(self, rate: float = 1e-3, allow_hooks: bool = True, anatomy: MoEAnatomy | None = None) -> None:
         super().__init__()
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0:
             raise ValueError(f"moe_bias_update_rate must be > 0 for bias balancing, got {rate!r}")
         self.rate = float(rate)
         self.allow_hooks = allow_hooks
+        self.anatomy = anatomy
         self.balancer: BiasBalancer | None = None
         self._stats: dict[str, float] = {}
 
     @classmethod
-    def from_args(cls, args: Any) -> "BiasBalancingCallback | None":
+    def from_args(cls, args: Any, anatomy: MoEAnatomy | None = None) -> "BiasBalancingCallback | None":
         """The callback for ``moe_bias_balancing=True`` (rate ``moe_bias_update_rate``), else ``None``."""
         if not getattr(args, "moe_bias_balancing", False):
             return None
-        return cls(rate=args.moe_bias_update_rate)
+        return cls(rate=args.moe_bias_update_rate, anatomy=anatomy)
 
     def install(self, model: Any) -> None:
         if self.balancer is None:
-            self.balancer = BiasBalancer(model, rate=self.rate, allow_hooks=self.allow_hooks)
+            self.balancer = BiasBalancer(
+                model, rate=self.rate, allow_hooks=self.allow_hooks, anatomy=anatomy_for(model, self.anatomy)
+            )
 
     def remove(self) -> None:
         if self.balancer is not None:

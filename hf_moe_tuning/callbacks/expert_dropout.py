@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..anatomy import MoEAnatomy, anatomy_for
 from ..routing.expert_dropout import apply_expert_dropout, validate_dropout
 from .base import ModelPatchCallback
 
@@ -22,18 +23,18 @@ from .base import ModelPatchCallback
 class ExpertDropoutCallback(ModelPatchCallback):
     """Set dropout rate ``p`` inside the routed experts of the trained model."""
 
-    def __init__(self, p: float) -> None:
-        super().__init__()
+    def __init__(self, p: float, anatomy: MoEAnatomy | None = None) -> None:
+        super().__init__(anatomy)
         self.p = validate_dropout(p)
 
     @classmethod
-    def from_args(cls, args: Any) -> "ExpertDropoutCallback | None":
+    def from_args(cls, args: Any, anatomy: MoEAnatomy | None = None) -> "ExpertDropoutCallback | None":
         """The callback for ``args.moe_expert_dropout > 0``, else ``None``."""
         p = getattr(args, "moe_expert_dropout", 0.0)
-        return cls(p) if p > 0 else None
+        return cls(p, anatomy) if p > 0 else None
 
     def _install(self, model: Any):
-        return apply_expert_dropout(model, self.p)
+        return apply_expert_dropout(model, self.p, anatomy_for(model, self.anatomy))
 
     def _metrics(self) -> dict[str, float]:
         return {"moe/expert_dropout": self.p}

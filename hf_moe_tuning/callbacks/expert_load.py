@@ -73,7 +73,7 @@ import torch
 from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..anatomy import MoELayer, describe_moe, require_moe
+from ..anatomy import MoEAnatomy, MoELayer, anatomy_for, require_moe
 from ..hub.run_record import copy_moe_run_to_checkpoint, record_moe_run
 from ..metrics.expert_load import (
     ExpertLoadCounter,
@@ -197,6 +197,7 @@ class ExpertLoadCallback(MoEMetricsCallback):
         probe_size: examples in the fixed probe batch for routing drift; 0 disables drift.
         drift_every_steps: measure drift at the first log at or after every this many optimizer steps.
         tensorboard: write per-expert load histograms; ``None`` = when ``"tensorboard"`` is in ``report_to``.
+        anatomy: the trainer's anatomy of the model (computed when binding if ``None``).
     """
 
     def __init__(
@@ -207,6 +208,7 @@ class ExpertLoadCallback(MoEMetricsCallback):
         probe_size: int = 8,
         drift_every_steps: int = 50,
         tensorboard: bool | None = None,
+        anatomy: MoEAnatomy | None = None,
     ) -> None:
         super().__init__()
         if probe_size < 0:
@@ -219,6 +221,7 @@ class ExpertLoadCallback(MoEMetricsCallback):
         self.write_heatmap = write_heatmap
         self.probe_size = probe_size
         self.tensorboard = tensorboard
+        self.anatomy = anatomy
         self.model: nn.Module | None = None
         self.capture: RouterCapture | None = None
         self.routing: dict[int, LayerRouting] = {}
@@ -238,7 +241,7 @@ class ExpertLoadCallback(MoEMetricsCallback):
         self.resume_checkpoint: str | None = None
 
     @classmethod
-    def from_args(cls, args: Any) -> "ExpertLoadCallback | None":
+    def from_args(cls, args: Any, anatomy: MoEAnatomy | None = None) -> "ExpertLoadCallback | None":
         """Build from :class:`~hf_moe_tuning.MoETrainingArguments`; ``None`` when ``moe_log_expert_load`` is off."""
         if not getattr(args, "moe_log_expert_load", True):
             return None
@@ -248,6 +251,7 @@ class ExpertLoadCallback(MoEMetricsCallback):
             probe_size=args.moe_drift_probe_size,
             drift_every_steps=getattr(args, "moe_drift_every_steps", 50),
             tensorboard="tensorboard" in (args.report_to or []),
+            anatomy=anatomy,
         )
 
     # ------------------------------------------------------------------ binding
@@ -257,7 +261,7 @@ class ExpertLoadCallback(MoEMetricsCallback):
             return
         if self.capture is not None:
             self.capture.release()
-        anatomy = describe_moe(model)
+        anatomy = anatomy_for(model, self.anatomy)
         require_moe(anatomy, "Expert-load logging (ExpertLoadCallback, moe_log_expert_load=True)")
         self.model = model
         self.capture = RouterCapture.acquire(model, anatomy)

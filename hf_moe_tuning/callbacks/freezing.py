@@ -27,6 +27,7 @@ from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer import TRAINER_STATE_NAME
 
 from ..adapters import is_peft_model
+from ..anatomy import MoEAnatomy, anatomy_for
 from ..freezing import ExpertSpec, FreezePlan, FreezeReport, apply_plan, plan_freezing
 from ..hub.run_record import copy_moe_run_to_checkpoint, record_moe_run
 from .base import MoEMetricsCallback, saved_callback_state
@@ -48,6 +49,7 @@ class MoEFreezingCallback(MoEMetricsCallback, ExportableState):
         extra_trainable / extra_frozen: regexes on parameter names.
         expert_resolver: function ``(model, spec) -> {layer: [experts]}`` for ESFT specs.
         print_table: print the per-group table at train start (main process only).
+        anatomy: the trainer's anatomy of the model (computed when freezing if ``None``).
     """
 
     def __init__(
@@ -60,21 +62,26 @@ class MoEFreezingCallback(MoEMetricsCallback, ExportableState):
         extra_frozen: tuple[str, ...] | list[str] = (),
         expert_resolver: ExpertResolver | None = None,
         print_table: bool = True,
+        anatomy: MoEAnatomy | None = None,
     ) -> None:
         super().__init__()
         self.strategy = strategy
         self.train_router = train_router
         self.experts = experts
-        self.extra_trainable = list(extra_trainable)
-        self.extra_frozen = list(extra_frozen)
+        # a single string is one regex, not one per character
+        self.extra_trainable = [extra_trainable] if isinstance(extra_trainable, str) else list(extra_trainable)
+        self.extra_frozen = [extra_frozen] if isinstance(extra_frozen, str) else list(extra_frozen)
+        self.anatomy = anatomy
         self.expert_resolver = expert_resolver
         self.print_table = print_table
         self.report: FreezeReport | None = None
         self._restored_state: dict[str, Any] | None = None
 
     @classmethod
-    def from_args(cls, args: Any, expert_resolver: ExpertResolver | None = None) -> "MoEFreezingCallback":
-        """Build from :class:`~hf_moe_tuning.MoETrainingArguments`."""
+    def from_args(
+        cls, args: Any, expert_resolver: ExpertResolver | None = None, anatomy: MoEAnatomy | None = None
+    ) -> "MoEFreezingCallback":
+        """Build from the MoE options of ``args`` (:class:`~hf_moe_tuning.configuration.MoEArguments`)."""
         return cls(
             args.moe_freeze_strategy,
             train_router=args.moe_train_router,
@@ -82,6 +89,7 @@ class MoEFreezingCallback(MoEMetricsCallback, ExportableState):
             extra_trainable=args.moe_extra_trainable,
             extra_frozen=args.moe_extra_frozen,
             expert_resolver=expert_resolver,
+            anatomy=anatomy,
         )
 
     # ------------------------------------------------------------------ applying
@@ -124,6 +132,7 @@ class MoEFreezingCallback(MoEMetricsCallback, ExportableState):
             experts=experts,
             extra_trainable=self.extra_trainable,
             extra_frozen=self.extra_frozen,
+            anatomy=anatomy_for(model, self.anatomy),
         )
         self.report = apply_plan(model, plan)
         return self.report

@@ -10,7 +10,7 @@ to it). A non-finite loss in any micro-batch of an optimizer step, on any proces
   ``optimizer.step()``, so no parameter moves, no weight decay is applied and no optimizer moment is
   updated (the learning-rate schedule still advances) – and counts it.
 
-``MoETrainingArguments.router_nan_policy`` sets the policy for both guards. The Trainer's own
+The ``moe_nan_policy`` option sets the policy for both guards. The Trainer's own
 ``logging_nan_inf_filter`` (default on) keeps the logged ``loss`` finite on skipped steps.
 
 How the loss is seen: by a forward hook reading ``outputs.loss`` of training forwards (plain
@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers.trainer_callback import ExportableState
 
-from ..config import NAN_POLICIES
+from ..configuration import NAN_POLICIES
 from ..hub.run_record import copy_moe_run_to_checkpoint, record_moe_run
 from .base import TRAIN, MoEMetricsCallback, saved_callback_state
 
@@ -71,7 +71,7 @@ class NaNGuardCallback(MoEMetricsCallback, ExportableState):
     def __init__(self, policy: str = "error") -> None:
         super().__init__()
         if policy not in NAN_POLICIES:
-            raise ValueError(f"router_nan_policy={policy!r} is not one of {list(NAN_POLICIES)}")
+            raise ValueError(f"moe_nan_policy={policy!r} is not one of {list(NAN_POLICIES)}")
         self.policy = policy
         self.skipped_steps = 0
         self._flag: torch.Tensor | None = None
@@ -80,8 +80,8 @@ class NaNGuardCallback(MoEMetricsCallback, ExportableState):
 
     @classmethod
     def from_args(cls, args: Any) -> "NaNGuardCallback":
-        """Build from :class:`~hf_moe_tuning.MoETrainingArguments` (``router_nan_policy``)."""
-        return cls(policy=getattr(args, "router_nan_policy", "error"))
+        """Build from the MoE options of ``args`` (``moe_nan_policy``)."""
+        return cls(policy=getattr(args, "moe_nan_policy", "error"))
 
     # ------------------------------------------------------------------ observing the loss
     def observe(self, loss: torch.Tensor) -> None:
@@ -135,13 +135,13 @@ class NaNGuardCallback(MoEMetricsCallback, ExportableState):
         if self.policy == "error":
             raise FloatingPointError(
                 f"non-finite training loss (NaN/inf) at optimizer step {step}; no update was applied. Lower the "
-                "learning rate, check the data, or set router_nan_policy='skip' to skip such steps"
+                "learning rate, check the data, or set moe_nan_policy='skip' to skip such steps"
             )
         if model is not None:
             for param in model.parameters():
                 param.grad = None  # optimizers skip parameters without gradient: no update, no decay
         self.skipped_steps += 1
-        logger.warning("optimizer step %d skipped: non-finite training loss (router_nan_policy='skip')", step)
+        logger.warning("optimizer step %d skipped: non-finite training loss (moe_nan_policy='skip')", step)
 
     def on_step_end(self, args, state, control, **kwargs):
         if control.should_log and self.policy == "skip":

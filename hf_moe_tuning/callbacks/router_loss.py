@@ -16,10 +16,11 @@ How the loss gets in
   step raises an error instead of training silently without it.
 
 While the callback trains, the model's built-in router loss is off: ``config.output_router_logits``
-is set to ``False`` and the model's ``router_aux_loss_coef`` / ``router_z_loss_coef`` attributes are
-set to 0; both are restored at train end. A training forward that explicitly asks for
-``output_router_logits=True`` (e.g. TRL's ``SFTTrainer`` with a non-zero ``router_aux_loss_coef``)
-raises, since that caller adds its own aux loss.
+is set to ``False`` and the model's ``router_aux_loss_coef`` / ``router_z_loss_coef`` attributes (the
+model config's, not this package's ``moe_aux_loss_coef`` / ``moe_z_loss_coef``) are set to 0; both are
+restored at train end. A training forward that explicitly asks for ``output_router_logits=True`` (e.g.
+TRL's plain ``SFTTrainer`` with a non-zero ``SFTConfig.router_aux_loss_coef``) raises, since that caller
+adds the model's aux loss on top; :class:`~hf_moe_tuning.sft.MoESFTTrainer` switches TRL's off itself.
 
 Scaling (transformers issue #48690)
 -----------------------------------
@@ -57,8 +58,8 @@ from torch import nn
 from transformers import TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
-from ..anatomy import describe_moe, require_moe
-from ..config import NAN_POLICIES
+from ..anatomy import MoEAnatomy, anatomy_for, require_moe
+from ..configuration import NAN_POLICIES
 from ..hub.run_record import copy_moe_run_to_checkpoint, record_moe_run
 from ..router_loss import (
     RouterLosses,
@@ -145,6 +146,7 @@ class RouterLossCallback(MoEMetricsCallback, ExportableState):
         warmup_steps: warmup steps of ``linear_warmup`` and ``cosine``.
         nan_policy: ``"error"`` (raise, naming the MoE layer and step) or ``"skip"`` (drop the step's
             update and count it in ``router/skipped_steps``) on non-finite router logits.
+        anatomy: the trainer's anatomy of the model (computed when attaching if ``None``).
 
     Example (plain ``Trainer``):
         >>> cb = RouterLossCallback(aux_coef=0.01, z_coef=0.001)
@@ -160,18 +162,20 @@ class RouterLossCallback(MoEMetricsCallback, ExportableState):
         z_schedule: str = "constant",
         warmup_steps: int = 0,
         nan_policy: str = "error",
+        anatomy: MoEAnatomy | None = None,
     ) -> None:
         super().__init__()
-        self.aux_coef = validate_coefficient("router_aux_loss_coef", aux_coef)
-        self.z_coef = validate_coefficient("router_z_loss_coef", z_coef)
-        self.aux_schedule = validate_schedule("router_aux_loss_schedule", aux_schedule)
-        self.z_schedule = validate_schedule("router_z_loss_schedule", z_schedule)
+        self.aux_coef = validate_coefficient("moe_aux_loss_coef", aux_coef)
+        self.z_coef = validate_coefficient("moe_z_loss_coef", z_coef)
+        self.aux_schedule = validate_schedule("moe_aux_loss_schedule", aux_schedule)
+        self.z_schedule = validate_schedule("moe_z_loss_schedule", z_schedule)
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"router_loss_warmup_steps must be an int >= 0, got {warmup_steps!r}")
+            raise ValueError(f"moe_router_loss_warmup_steps must be an int >= 0, got {warmup_steps!r}")
         self.warmup_steps = warmup_steps
         if nan_policy not in NAN_POLICIES:
-            raise ValueError(f"router_nan_policy={nan_policy!r} is not one of {list(NAN_POLICIES)}")
+            raise ValueError(f"moe_nan_policy={nan_policy!r} is not one of {list(NAN_POLICIES)}")
         self.nan_policy = nan_policy
+        self.anatomy = anatomy
         if not self.active:
             raise ValueError(
                 "RouterLossCallback with both router losses off (coefficient 0 or schedule 'off') does nothing; "
@@ -218,12 +222,12 @@ class RouterLossCallback(MoEMetricsCallback, ExportableState):
         return self.aux_on or self.z_on
 
     @classmethod
-    def from_args(cls, args: TrainingArguments) -> "RouterLossCallback | None":
-        """Build from ``MoETrainingArguments`` (``router_*`` fields); ``None`` when both losses are off."""
-        aux = validate_coefficient("router_aux_loss_coef", getattr(args, "router_aux_loss_coef", 0.0))
-        z = validate_coefficient("router_z_loss_coef", getattr(args, "router_z_loss_coef", 0.0))
-        aux_schedule = validate_schedule("router_aux_loss_schedule", getattr(args, "router_aux_loss_schedule", "constant"))
-        z_schedule = validate_schedule("router_z_loss_schedule", getattr(args, "router_z_loss_schedule", "constant"))
+    def from_args(cls, args: TrainingArguments, anatomy: MoEAnatomy | None = None) -> "RouterLossCallback | None":
+        """Build from the MoE options of ``args`` (``moe_*_loss_*`` fields); ``None`` when both losses are off."""
+        aux = validate_coefficient("moe_aux_loss_coef", getattr(args, "moe_aux_loss_coef", 0.0))
+        z = validate_coefficient("moe_z_loss_coef", getattr(args, "moe_z_loss_coef", 0.0))
+        aux_schedule = validate_schedule("moe_aux_loss_schedule", getattr(args, "moe_aux_loss_schedule", "constant"))
+        z_schedule = validate_schedule("moe_z_loss_schedule", getattr(args, "moe_z_loss_schedule", "constant"))
         if not ((aux > 0 and aux_schedule != "off") or (z > 0 and z_schedule != "off")):
             return None
         return cls(
@@ -231,8 +235,9 @@ class RouterLossCallback(MoEMetricsCallback, ExportableState):
             z_coef=z,
             aux_schedule=aux_schedule,
             z_schedule=z_schedule,
-            warmup_steps=getattr(args, "router_loss_warmup_steps", 0),
-            nan_policy=getattr(args, "router_nan_policy", "error"),
+            warmup_steps=getattr(args, "moe_router_loss_warmup_steps", 0),
+            nan_policy=getattr(args, "moe_nan_policy", "error"),
+            anatomy=anatomy,
         )
 
     def coefficients(self, step: int | None = None) -> tuple[float, float]:
@@ -301,7 +306,7 @@ class RouterLossCallback(MoEMetricsCallback, ExportableState):
     # ------------------------------------------------------------------ lifecycle
     def on_init_end(self, args, state, control, model=None, **kwargs):
         if model is not None:  # fail at Trainer creation, not after the first step, on a dense model
-            require_moe(describe_moe(model), "The router loss (router_aux_loss_coef / router_z_loss_coef)")
+            require_moe(anatomy_for(model, self.anatomy), "The router loss (moe_aux_loss_coef / moe_z_loss_coef)")
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
         if model is None:
@@ -333,8 +338,8 @@ class RouterLossCallback(MoEMetricsCallback, ExportableState):
         if self.model is model and self.capture is not None and self.capture.attached:
             return
         self.detach()
-        anatomy = describe_moe(model)
-        require_moe(anatomy, "The router loss (router_aux_loss_coef / router_z_loss_coef)")
+        anatomy = anatomy_for(model, self.anatomy)
+        require_moe(anatomy, "The router loss (moe_aux_loss_coef / moe_z_loss_coef)")
         self.model = model
         self.capture = RouterCapture.acquire(model, anatomy)
         self.capture.keep_grad = True
@@ -428,7 +433,7 @@ class RouterLossCallback(MoEMetricsCallback, ExportableState):
                 for p in (model or self.model).parameters():
                     p.grad = None  # optimizers skip parameters without a gradient: no update, no decay
                 self.skipped_steps += 1
-                logger.warning("step %d skipped: non-finite router logits (router_nan_policy='skip')", state.global_step)
+                logger.warning("step %d skipped: non-finite router logits (moe_nan_policy='skip')", state.global_step)
         self._skip_step = False
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -467,7 +472,8 @@ class RouterLossCallback(MoEMetricsCallback, ExportableState):
             raise ValueError(
                 "a training forward asked for output_router_logits=True, so the caller adds the model's own router "
                 "aux loss on top of RouterLossCallback's. Turn the built-in one off (TRL SFTTrainer: "
-                "SFTConfig(router_aux_loss_coef=0.0); otherwise do not pass output_router_logits)."
+                "SFTConfig(router_aux_loss_coef=0.0), or use hf_moe_tuning.sft.MoESFTTrainer, which does it; "
+                "otherwise do not pass output_router_logits)."
             )
 
     def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -535,8 +541,8 @@ class RouterLossCallback(MoEMetricsCallback, ExportableState):
         where = f"MoE layer {index} ({layer.path})" if layer is not None else "an MoE layer"
         if self.nan_policy == "error":
             raise FloatingPointError(
-                f"non-finite router logits in {where} at step {self._step}; set router_nan_policy='skip' to skip "
-                "such steps (or lower the learning rate / raise router_z_loss_coef)"
+                f"non-finite router logits in {where} at step {self._step}; set moe_nan_policy='skip' to skip "
+                "such steps (or lower the learning rate / raise moe_z_loss_coef)"
             )
         logger.warning("non-finite router logits in %s at step %d: skipping the step", where, self._step)
         self._skip_step = True

@@ -101,7 +101,7 @@ def _check_sft(raw: Any, path: Any, base_dir: Path) -> dict[str, Any]:
     for key, value in raw.items():
         where = f"sft.{key}"
         if key in _MANAGED_SFT:
-            hint = " (router losses go in args: router_aux_loss_coef / router_z_loss_coef)" if "router" in key else ""
+            hint = " (router losses go in args: moe_aux_loss_coef / moe_z_loss_coef)" if "router" in key else ""
             raise ConfigError(path, where, f"is set by the pipeline and cannot be given in a recipe{hint}")
         if key not in allowed:
             raise ConfigError(path, where, f"unknown key: not an SFTConfig-only field nor one of {sorted(_OWN_SFT_KEYS)}")
@@ -189,17 +189,14 @@ def load_instruct_config(path: str | Path, overrides: dict[str, Any] | None = No
 def validate_instruct_config(config: InstructStudyConfig, check_lora_targets: bool = True) -> list[str]:
     """Offline checks beyond the schema; returns what was checked (raises :class:`ConfigError`).
 
-    * every stage / arm ``args`` builds an ``SFTConfig`` and ``MoETrainingArguments`` (values valid);
+    * every stage / arm ``args`` builds a ``MoESFTConfig`` (values valid);
     * with LoRA, the targets resolve on the tiny stand-in of each Hub model (same module names):
       attention plus experts for MoE models, attention plus MLP for dense ones.
     """
-    from .sft import SFT_DEFAULTS, split_training_args  # noqa: PLC0415
+    from .sft import sft_config  # noqa: PLC0415
 
     checked: list[str] = []
     import torch  # noqa: PLC0415
-    from trl import SFTConfig  # noqa: PLC0415
-
-    from ..config import MoETrainingArguments  # noqa: PLC0415
 
     mixed = False
     with tempfile.TemporaryDirectory() as tmp:
@@ -216,9 +213,7 @@ def validate_instruct_config(config: InstructStudyConfig, check_lora_targets: bo
                         args = {**args, "bf16": False}  # TrainingArguments rejects bf16 without a capable device
                         mixed = True
                     try:
-                        sft_kwargs, moe_kwargs = split_training_args({**SFT_DEFAULTS, **args})
-                        SFTConfig(output_dir=tmp, report_to="none", router_aux_loss_coef=0.0, **sft_kwargs, **config.sft_options())
-                        MoETrainingArguments(output_dir=tmp, report_to="none", **moe_kwargs)
+                        sft_config(args, tmp, sft_options=config.sft_options())
                     except (ValueError, TypeError) as err:
                         raise ConfigError(config.path, where, f"invalid training arguments: {err}") from None
         checked.append("training arguments of every stage and arm" + (" (bf16 not checked: no bf16 device here)" if mixed else ""))

@@ -1,46 +1,26 @@
-"""Supervised fine-tuning of decoder models with TRL's ``SFTTrainer`` and this package's MoE callbacks.
+"""Supervised fine-tuning of decoder models for the ``instruct_moe`` study, with :class:`~hf_moe_tuning.sft.MoESFTTrainer`.
 
-One recipe ``args`` mapping holds both kinds of options: the MoE knobs of
-:class:`~hf_moe_tuning.MoETrainingArguments` (``moe_*``, ``router_*``) build the callbacks, everything
-else goes to TRL's ``SFTConfig`` (:func:`split_training_args`). The callbacks are
-
-* :class:`~hf_moe_tuning.MoEFreezingCallback` (the ST-MoE preset; not with LoRA, where the adapter
-  targets decide what trains),
-* :class:`~hf_moe_tuning.callbacks.router_loss.RouterLossCallback` (aux and z losses, when a coefficient is set),
-* :class:`~hf_moe_tuning.callbacks.expert_load.ExpertLoadCallback` (``moe/*`` routing statistics),
-
-and :func:`~hf_moe_tuning.enable_moe_logging` merges their metrics into ``SFTTrainer.log``. TRL's own
-MoE aux loss is switched off (``SFTConfig.router_aux_loss_coef=0``): ``RouterLossCallback`` computes the
-aux loss from the router logits with padding and prompt tokens masked, plus the z-loss, and logs the
-terms apart. A dense model gets no MoE callbacks (and MoE options on it raise).
+One recipe ``args`` mapping holds both kinds of options; they are all fields of the one config,
+:class:`~hf_moe_tuning.sft.MoESFTConfig` (TRL's ``SFTConfig`` plus the ``moe_*`` options), built by
+:func:`sft_config` and validated by it. :class:`~hf_moe_tuning.sft.MoESFTTrainer` builds the same MoE
+callbacks as :class:`~hf_moe_tuning.MoETrainer` (freezing, router losses, expert-load logging, expert-level
+controls, NaN guard; with LoRA the adapter targets decide what trains) and merges their metrics into ``log``.
+With ``moe_aux_loss_coef`` / ``moe_z_loss_coef`` set, TRL's own aux loss (``router_aux_loss_coef``) is off, so
+the load-balancing loss is counted once (:mod:`hf_moe_tuning.sft`). A dense model gets no MoE callbacks
+but the NaN guard (and MoE options on it raise).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from transformers import TrainerCallback, TrainingArguments
-
-from ..anatomy import NoMoELayersError, describe_moe
-from ..callbacks.expert_load import ExpertLoadCallback
-from ..callbacks.freezing import MoEFreezingCallback
-from ..callbacks.router_loss import RouterLossCallback
-from ..config import MoETrainingArguments
-from ..distributed import configure_distributed
 from ..study.stages import STAGE_DEFAULTS
-from ..trainer import enable_moe_logging
 
 logger = logging.getLogger(__name__)
-
-#: ``MoETrainingArguments`` fields that are not ``TrainingArguments`` fields: they configure the callbacks.
-MOE_ARG_NAMES: frozenset[str] = frozenset(
-    f.name for f in dataclasses.fields(MoETrainingArguments)
-) - frozenset(f.name for f in dataclasses.fields(TrainingArguments))
 
 #: Defaults of every SFT stage (recipe ``args`` override them): the encoder-decoder study's stage
 #: defaults (no saving, constant LR, no per-run files), logging every 25 steps, and bf16 and gradient
@@ -53,69 +33,33 @@ SFT_DEFAULTS: dict[str, Any] = {
     "logging_steps": 25,
 }
 
-#: ``MoETrainingArguments`` options a dense model must not be given.
-_MOE_ONLY_WHEN_SET = {
-    "router_aux_loss_coef": 0.0,
-    "router_z_loss_coef": 0.0,
-    "moe_freeze_strategy": "all",
-    "moe_experts": "all",
-    "moe_train_router": None,
-}
+#: Config fields the pipeline sets itself (from the stage's output folder and seed), not the recipe.
+_MANAGED = ("output_dir", "seed", "data_seed")
 
 
-def sft_config_fields() -> frozenset[str]:
-    """Names of TRL ``SFTConfig`` fields."""
-    from trl import SFTConfig  # noqa: PLC0415 - trl is imported only where SFT runs
+def sft_config(
+    args: dict[str, Any],
+    output_dir: str,
+    seed: int = 0,
+    sft_options: dict[str, Any] | None = None,
+) -> Any:
+    """The :class:`~hf_moe_tuning.sft.MoESFTConfig` of one SFT run: :data:`SFT_DEFAULTS`, then ``args``, then
+    ``sft_options`` (the recipe's ``sft`` section), with the pipeline's ``output_dir`` and seeds.
 
-    return frozenset(f.name for f in dataclasses.fields(SFTConfig))
+    Raises:
+        ValueError: a key that is no ``MoESFTConfig`` field, or a value its validators reject (names the field).
+    """
+    from ..sft import MoESFTConfig  # noqa: PLC0415 - trl is imported only where SFT runs
 
-
-def split_training_args(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split recipe ``args`` into ``(sft_kwargs, moe_kwargs)``: ``SFTConfig`` fields and MoE callback knobs."""
-    sft_names = sft_config_fields()
-    sft_kwargs, moe_kwargs = {}, {}
-    for key, value in args.items():
-        if key in MOE_ARG_NAMES:
-            moe_kwargs[key] = value
-        elif key in sft_names:
-            sft_kwargs[key] = value
-        else:
-            raise ValueError(f"unknown training argument {key!r}: neither an SFTConfig nor a MoETrainingArguments field")
-    return sft_kwargs, moe_kwargs
-
-
-def moe_callbacks(model: Any, moe_args: MoETrainingArguments, *, lora: bool = False) -> list[TrainerCallback]:
-    """The MoE callbacks ``moe_args`` asks for (freezing, router losses, expert load); none for a dense model."""
-    if not describe_moe(model).is_moe:
-        asked = [k for k, off in _MOE_ONLY_WHEN_SET.items() if getattr(moe_args, k) != off]
-        if asked:
-            raise NoMoELayersError(f"{', '.join(asked)} set, but {type(model).__name__} has no MoE layers")
-        return []
-    callbacks: list[TrainerCallback] = []
-    freezing_asked = (
-        moe_args.moe_freeze_strategy != "all"
-        or moe_args.moe_experts != "all"
-        or moe_args.moe_train_router is not None
-        or moe_args.moe_extra_trainable
-        or moe_args.moe_extra_frozen
-    )
-    if lora:
-        if freezing_asked:
-            raise ValueError(
-                "freezing presets (moe_freeze_strategy / moe_experts / moe_train_router / moe_extra_*) choose whole "
-                "parameters to train; with LoRA the adapter targets choose instead (sft.lora.target_modules / "
-                "target_parameters). Remove one of them."
-            )
-    else:
-        callbacks.append(MoEFreezingCallback.from_args(moe_args))
-        callbacks[-1].print_table = False
-    router = RouterLossCallback.from_args(moe_args)
-    if router is not None:
-        callbacks.append(router)
-    load = ExpertLoadCallback.from_args(moe_args)
-    if load is not None:
-        callbacks.append(load)
-    return callbacks
+    kwargs = {**SFT_DEFAULTS, **args, **(sft_options or {})}
+    for key in _MANAGED:
+        kwargs.pop(key, None)
+    kwargs.setdefault("report_to", "none")
+    names = {f.name for f in dataclasses.fields(MoESFTConfig)}
+    unknown = sorted(k for k in kwargs if k not in names)
+    if unknown:
+        raise ValueError(f"unknown training argument {unknown[0]!r}: not a MoESFTConfig (SFTConfig or moe_*) field")
+    return MoESFTConfig(output_dir=str(output_dir), seed=seed, data_seed=seed, **kwargs)
 
 
 @dataclass
@@ -146,42 +90,25 @@ def build_sft_trainer(
     peft_config: Any = None,
     eval_dataset: Any = None,
 ):
-    """An ``SFTTrainer`` with the MoE callbacks of ``args`` and merged MoE logging.
+    """A :class:`~hf_moe_tuning.sft.MoESFTTrainer` for one SFT run of the study.
 
     Args:
         model: a causal LM (tiny or Hub); its chat template must already be set on ``tokenizer``.
         train_dataset: conversational prompt/completion, ``messages`` or plain ``text`` dataset.
-        args: recipe arguments (``SFTConfig`` and ``MoETrainingArguments`` fields, see :func:`split_training_args`).
+        args: recipe arguments (``MoESFTConfig`` fields: ``SFTConfig`` ones and the ``moe_*`` options).
         sft_options: extra ``SFTConfig`` fields from the recipe's ``sft`` section (``max_length`` ...).
-        peft_config: a ``peft.LoraConfig`` (then no freezing preset is applied).
+        peft_config: a ``peft.LoraConfig`` (then the adapter decides what trains; freezing options raise).
     """
-    from trl import SFTConfig, SFTTrainer  # noqa: PLC0415
+    from ..sft import MoESFTTrainer  # noqa: PLC0415 - trl is imported only where SFT runs
 
-    merged = {**SFT_DEFAULTS, **args}
-    sft_kwargs, moe_kwargs = split_training_args(merged)
-    sft_kwargs.update(sft_options or {})
-    # the package's RouterLossCallback replaces TRL's built-in aux loss (it would double-count it)
-    sft_kwargs["router_aux_loss_coef"] = 0.0
-    for key in ("output_dir", "seed", "data_seed", "report_to"):
-        sft_kwargs.pop(key, None)
-    report_to = args.get("report_to", "none")
-    with tempfile.TemporaryDirectory() as tmp:  # validates the MoE knobs with the same checks as MoETrainer
-        moe_args = MoETrainingArguments(output_dir=tmp, report_to="none", **moe_kwargs)
-    config = SFTConfig(output_dir=str(output_dir), seed=seed, data_seed=seed, report_to=report_to, **sft_kwargs)
-    callbacks = moe_callbacks(model, moe_args, lora=peft_config is not None)
-    trainer = SFTTrainer(
+    return MoESFTTrainer(
         model=model,
-        args=config,
+        args=sft_config(args, output_dir, seed, sft_options),
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        callbacks=callbacks,
         peft_config=peft_config,
     )
-    enable_moe_logging(trainer)  # merges MoE metrics into log and binds RouterLossCallback (SFTTrainer's own loss)
-    if peft_config is None:
-        configure_distributed(trainer)  # FSDP wrap units / ZeRO-3 leaf modules for the MoE blocks; no-op otherwise
-    return trainer
 
 
 def run_sft(

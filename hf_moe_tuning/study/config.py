@@ -8,7 +8,7 @@ A recipe describes one study (``flan_moe``, ``st_moe_freezing`` or ``expert_coun
     data: {source: embedded, tasks: [passage_yesno, ...], train_size: 128, ...}
     models:                            # base models the arms start from
       t5: {init: "tiny:t5"}            # "tiny:<name>" (hf_moe_tuning.models) or a Hub id / local path
-      switch: {init: "tiny:switch", args: {router_aux_loss_coef: 0.01}}
+      switch: {init: "tiny:switch", args: {moe_aux_loss_coef: 0.01}}
     pretrain: {enabled: true, args: {...}, sparse_args: {...}, dense_args: {...}, shipped_dir: checkpoints}
     instruct: {args: {...}}
     finetune: {args: {...}, sparse_args: {...}, dense_args: {...}, family_args: true}
@@ -45,6 +45,7 @@ from typing import Any
 import yaml
 
 from ..config import FREEZE_STRATEGIES, MoETrainingArguments
+from ..configuration import check_field_type, field_types
 from ..data.heldout import HELDOUT_TASKS
 from ..models import TINY_MODELS
 
@@ -177,14 +178,28 @@ def _check_keys(mapping: dict, allowed: set[str], path: Any, prefix: str) -> Non
             raise ConfigError(path, where, f"unknown key; allowed here: {sorted(allowed)}")
 
 
+#: Options with forms of their own (parsed by ``MoEArguments``' validator, not by their type hint).
+_OWN_FORMS = frozenset({"moe_experts", "moe_extra_trainable", "moe_extra_frozen"})
+
+
 def check_training_args(args: dict, path: Any, prefix: str) -> None:
-    """Check that ``args`` only names ``MoETrainingArguments`` fields and that choice fields are valid."""
+    """Check that ``args`` only names ``MoETrainingArguments`` fields, of the field's type, and valid choices.
+
+    Every value is checked against its field's type hint; a numeric string for a number field (YAML 1.1 reads
+    ``1e-3`` as a string) is converted in ``args``, anything else of the wrong type raises naming the key.
+    """
+    hints = field_types(MoETrainingArguments)
     for key, value in args.items():
         where = f"{prefix}.{key}"
         if key in _MANAGED_ARGS:
             raise ConfigError(path, where, "is set by the pipeline and cannot be given in a recipe")
         if key not in _TRAINING_ARG_NAMES:
             raise ConfigError(path, where, "unknown key: not a MoETrainingArguments field")
+        if key not in _OWN_FORMS:
+            try:
+                args[key] = check_field_type(key, value, hints[key], coerce_strings=True)
+            except ValueError as err:
+                raise ConfigError(path, where, str(err)) from None
         if key == "moe_freeze_strategy" and value not in FREEZE_STRATEGIES:
             raise ConfigError(path, where, f"unknown freezing strategy {value!r}; use one of {list(FREEZE_STRATEGIES)}")
 
