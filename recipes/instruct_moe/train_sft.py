@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         overrides["instruct.args.max_steps"] = args.max_steps
     config = load_instruct_config(args.config, overrides)
     name = args.model or next(
-        (n for n, s in config.models.items() if s.kind == "sparse" or s.args.get("router_aux_loss_coef")), next(iter(config.models))
+        (n for n, s in config.models.items() if s.kind == "sparse" or s.args.get("moe_aux_loss_coef")), next(iter(config.models))
     )
     if name not in config.models:
         raise SystemExit(f"--model {name!r} is not a model of {args.config}: {sorted(config.models)}")
