@@ -2,7 +2,8 @@
 
 ``MoEArguments`` (every MoE option, one validator) is in :mod:`hf_moe_tuning.configuration`;
 ``MoETrainingArguments`` (``TrainingArguments`` + ``MoEArguments``) in :mod:`hf_moe_tuning.trainer`, loaded
-lazily here so that importing this module does not import the trainer.
+lazily here (module ``__getattr__``, so not in ``__all__``) so that importing this module does not import
+the trainer.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .configuration import (
 
 def __getattr__(name: str) -> Any:
     if name == "MoETrainingArguments":
-        from .trainer import MoETrainingArguments  # noqa: PLC0415 - lazy: trainer.py imports the callbacks
+        from .trainer import MoETrainingArguments
 
         return MoETrainingArguments
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -33,6 +34,5 @@ __all__ = [
     "NAN_POLICIES",
     "ROUTER_LOSS_SCHEDULES",
     "MoEArguments",
-    "MoETrainingArguments",
     "parse_experts",
 ]

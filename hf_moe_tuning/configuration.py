@@ -66,8 +66,6 @@ def parse_experts(value: Any) -> Any:
         f"moe_experts={value!r} selects no expert; use 'all', a list of expert indices, a {{layer: [indices]}} "
         "mapping or an ESFT spec (to train no expert at all, choose a moe_freeze_strategy that freezes them)"
     )
-    if isinstance(value, bool):
-        raise ValueError(f"moe_experts={value!r} has unsupported type bool")
     if isinstance(value, dict):
         parsed = {_expert_index(k, value): [_expert_index(i, value) for i in _index_list(v, value)] for k, v in value.items()}
         if not parsed:
@@ -77,7 +75,7 @@ def parse_experts(value: Any) -> Any:
         if not value:
             raise empty
         return [_expert_index(i, value) for i in value]
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         return [value]
     if isinstance(value, str):
         text = value.strip()
@@ -105,20 +103,21 @@ def parse_experts(value: Any) -> Any:
 
 
 def _expert_index(item: Any, whole: Any) -> int:
-    if isinstance(item, bool):
-        raise ValueError(f"moe_experts={whole!r}: {item!r} is not an expert or layer index")
     try:
-        return int(item)
+        index = None if isinstance(item, bool) else int(item)
     except (TypeError, ValueError):
-        raise ValueError(f"moe_experts={whole!r}: {item!r} is not an expert or layer index") from None
+        index = None
+    if index is None:
+        raise ValueError(f"moe_experts={whole!r}: {item!r} is not an expert or layer index")
+    return index
 
 
 def _index_list(value: Any, whole: Any) -> list:
     if isinstance(value, int) and not isinstance(value, bool):
         return [value]
-    if not isinstance(value, (list, tuple)):
-        raise ValueError(f"moe_experts={whole!r}: each MoE layer needs a list of expert indices, got {value!r}")
-    return list(value)
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    raise ValueError(f"moe_experts={whole!r}: each MoE layer needs a list of expert indices, got {value!r}")
 
 
 # ------------------------------------------------------------------------------------------ type checks
@@ -198,7 +197,7 @@ def check_field_type(name: str, value: Any, hint: Any, *, coerce_strings: bool =
     raise ValueError(f"{name} must be {_describe(hint)}, got {value!r} ({type(value).__name__})")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def field_types(cls: type) -> dict[str, Any]:
     """The resolved type hint of every field of the dataclass ``cls``."""
     hints = typing.get_type_hints(cls)
@@ -457,9 +456,9 @@ __all__ = [
     "HPARAM_PRESETS",
     "MOE_ARGUMENT_NAMES",
     "MOE_LAYER_OPTIONS",
-    "MoEArguments",
     "NAN_POLICIES",
     "ROUTER_LOSS_SCHEDULES",
+    "MoEArguments",
     "check_field_type",
     "field_types",
     "parse_experts",

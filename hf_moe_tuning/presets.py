@@ -119,7 +119,7 @@ def apply_hparam_preset(
     if preset is None:
         return None
     if model is not None and anatomy is None:
-        from .anatomy import describe_moe  # noqa: PLC0415
+        from .anatomy import describe_moe
 
         anatomy = describe_moe(model)
     _set_unless_explicit(args, "learning_rate", preset.learning_rate, preset.name)

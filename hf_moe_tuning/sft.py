@@ -48,7 +48,13 @@ from .anatomy import describe_moe
 from .checkpoint import FusedResumeMixin
 from .configuration import MoEArguments
 from .presets import apply_hparam_preset
-from .trainer import MoETrainerMixin, _bind_callbacks, _first_missing_dir, _remove_empty_dirs, build_moe_callbacks
+from .trainer import (
+    MoETrainerMixin,
+    _bind_callbacks,
+    _first_missing_dir,
+    _remove_empty_dirs,
+    build_moe_callbacks,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -49,7 +49,8 @@ def sft_config(
     Raises:
         ValueError: a key that is no ``MoESFTConfig`` field, or a value its validators reject (names the field).
     """
-    from ..sft import MoESFTConfig  # noqa: PLC0415 - trl is imported only where SFT runs
+    # imported here, not at the top: trl is imported only where SFT runs
+    from ..sft import MoESFTConfig
 
     kwargs = {**SFT_DEFAULTS, **args, **(sft_options or {})}
     for key in _MANAGED:
@@ -99,7 +100,8 @@ def build_sft_trainer(
         sft_options: extra ``SFTConfig`` fields from the recipe's ``sft`` section (``max_length`` ...).
         peft_config: a ``peft.LoraConfig`` (then the adapter decides what trains; freezing options raise).
     """
-    from ..sft import MoESFTTrainer  # noqa: PLC0415 - trl is imported only where SFT runs
+    # imported here, not at the top: trl is imported only where SFT runs
+    from ..sft import MoESFTTrainer
 
     return MoESFTTrainer(
         model=model,
