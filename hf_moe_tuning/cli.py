@@ -16,6 +16,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -30,10 +31,29 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+def _check_model_argument(name: str) -> None:
+    """A model argument written as a path (``./x``, ``../x``, ``/x``, ``~/x``, ``C:\\x``) must exist."""
+    from .models import TINY_MODELS  # noqa: PLC0415
+
+    if name in TINY_MODELS or os.path.exists(os.path.expanduser(name)):
+        return
+    looks_like_path = (
+        name.startswith((".", "/", "~", "\\"))
+        or os.path.isabs(name)
+        or (os.sep != "/" and os.sep in name)
+        or name.count("/") > 1
+    )
+    if looks_like_path:
+        raise FileNotFoundError(
+            f"no such model folder: {name!r} (a local path must exist; a Hub id looks like 'org/name')"
+        )
+
+
 def _describe(args: argparse.Namespace) -> int:
     from .anatomy import describe_moe  # noqa: PLC0415 - keep `--help` fast
     from .models import load_model  # noqa: PLC0415
 
+    _check_model_argument(args.model)
     model = load_model(args.model, meta=not args.materialize)
     anatomy = describe_moe(model)
     if args.json:

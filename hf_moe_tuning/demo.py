@@ -54,6 +54,8 @@ def run_demo(
     **extra_args,
 ) -> DemoResult:
     """Train ``model_name`` for ``max_steps`` with ``strategy`` and return the table and losses."""
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(f"max_steps must be a positive number of optimizer steps, got {max_steps!r}")
     tokenizer = ByT5Tokenizer()
     model = build_tiny_model(model_name, seed=seed)
     train = tokenize_seq2seq(reverse_task(512, seed=seed), tokenizer)

@@ -13,6 +13,7 @@ Plain ``Trainer`` / TRL ``SFTTrainer`` users pass the callbacks themselves and c
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import types
@@ -20,12 +21,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from .adapters import is_peft_model
 from .anatomy import MoEAnatomy, NoMoELayersError, describe_moe
 from .cards import MoECardMixin
 from .checkpoint import FusedResumeMixin
+from .crash_safety import CrashSafeCheckpointMixin, resolve_resume_checkpoint, run_training
 from .callbacks.nan_guard import NaNGuardCallback
 from .callbacks.bias_balancing import BiasBalancingCallback
 from .callbacks.capacity import CapacityFactorCallback
@@ -147,7 +148,7 @@ def _remove_empty_dirs(path: str | None, top: str | None) -> None:
         path = os.path.dirname(path)
 
 
-class MoETrainerMixin:
+class MoETrainerMixin(CrashSafeCheckpointMixin):
     """What :class:`MoETrainer` and :class:`~hf_moe_tuning.sft.MoESFTTrainer` share on top of their ``Trainer``.
 
     Metrics of the MoE callbacks merged into ``log``; ``train`` prepares FSDP / ZeRO-3 and checks a resumed
@@ -163,18 +164,17 @@ class MoETrainerMixin:
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         """``Trainer.train``, after preparing FSDP / ZeRO-3 for the MoE blocks (:func:`configure_distributed`);
-        when resuming, first checks the checkpoint was made with the same freezing plan, and points the
-        expert-load callback at it (for its saved drift reference)."""
-        checkpoint = resume_from_checkpoint
-        if checkpoint is True:
-            checkpoint = get_last_checkpoint(self.args.output_dir)
+        when resuming, first resolves the checkpoint (``True``: the newest *complete* one; a path: checked, a
+        broken one raises naming the file – see :mod:`~hf_moe_tuning.crash_safety`), checks it was made with the
+        same freezing plan, and points the expert-load callback at it (for its saved drift reference)."""
+        checkpoint = resolve_resume_checkpoint(self, resume_from_checkpoint)  # True: the newest *complete* one
         for cb in self.callback_handler.callbacks:
             if isinstance(cb, MoEFreezingCallback) and isinstance(checkpoint, str):
                 cb.check_checkpoint(checkpoint)
             if isinstance(cb, ExpertLoadCallback):
                 cb.resume_checkpoint = checkpoint if isinstance(checkpoint, str) else None
         configure_distributed(self)  # FSDP wrap units / ZeRO-3 leaf modules from the anatomy; no-op for DDP/CPU
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        return run_training(self, functools.partial(super().train, checkpoint, *args, **kwargs))
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         super().log(merge_pending_metrics(self.callback_handler.callbacks, logs), *args, **kwargs)

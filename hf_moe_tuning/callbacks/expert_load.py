@@ -27,8 +27,15 @@ of the training time (0.7% for 8 examples, batch 8, every 50 steps). The same pr
 at start and later, so a small probe measures drift without sampling noise.
 The reference is saved with every checkpoint (``expert_load_drift_reference.pt``, the probe's top-1
 choices and loads, a few bytes per probe token and layer), so a run resumed from that checkpoint keeps
-measuring drift against the model as it was when the run first started; without the file (a checkpoint
-written by something else) the resumed model becomes the reference, and the callback says so.
+measuring drift against the model as it was when the run first started; without a usable file (a
+checkpoint written by something else, a truncated file, a reference of other layers) the resumed model
+becomes the reference, and the callback says so. The file is written atomically; ``MoETrainer`` writes
+it before ``trainer_state.json`` (:meth:`ExpertLoadCallback.save_checkpoint_files`), so a checkpoint
+that the resume treats as complete always has it (a plain ``Trainer`` writes it in ``on_save``, after).
+
+On resume, ``expert_load.jsonl`` is cut back to the records up to the resumed step (rewritten
+atomically, unreadable half-written lines dropped), so every step appears once, and the train-end
+heatmap sums the whole file, i.e. the whole run.
 
 =================================  ============================================================================
 key                                meaning (``c_e``: tokens routed to expert ``e`` of the layer in the interval)
@@ -74,6 +81,7 @@ from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..anatomy import MoEAnatomy, MoELayer, anatomy_for, require_moe
+from ..crash_safety import atomic_torch_save, atomic_write_text
 from ..hub.run_record import copy_moe_run_to_checkpoint, record_moe_run
 from ..metrics.expert_load import (
     ExpertLoadCounter,
@@ -180,6 +188,62 @@ def _model_device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
+def read_jsonl_records(path: str) -> tuple[list[dict], int]:
+    """The records of an ``expert_load.jsonl`` and the number of unreadable lines (e.g. one cut by a kill)."""
+    records, bad = [], 0
+    if not os.path.isfile(path):
+        return records, bad
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                bad += 1
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                records.append(record)
+            else:
+                bad += 1
+    return records, bad
+
+
+def truncate_jsonl(path: str, step: int) -> int:
+    """Keep the records of ``path`` up to ``step`` (what a run resumed at ``step`` had written); returns lines dropped.
+
+    Records past ``step`` were written after the checkpoint the run resumes from and will be written again;
+    unreadable lines are dropped too. The file is rewritten atomically, and only when something is dropped.
+    """
+    records, bad = read_jsonl_records(path)
+    kept = [r for r in records if r["step"] <= step]
+    dropped = len(records) - len(kept) + bad
+    if dropped:
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return dropped
+
+
+def train_totals_from_records(records: list[dict]) -> tuple[list[LayerLoad] | None, int | None]:
+    """Per-layer totals of the ``"train"`` records and the first step they cover (``(None, None)`` without any)."""
+    totals: dict[int, LayerLoad] = {}
+    first = None
+    for record in records:
+        if record.get("split") != "train":
+            continue
+        first = record["step"] if first is None else min(first, record["step"])
+        for layer in record.get("layers", []):
+            index = int(layer["layer"])
+            total = totals.get(index)
+            if total is None:
+                total = totals[index] = LayerLoad(index, layer["path"], int(layer["num_experts"]), int(layer["top_k"]),
+                                                  0, [0] * int(layer["num_experts"]), None)
+            total.tokens += int(layer["tokens"])
+            total.counts = [a + b for a, b in zip(total.counts, layer["counts"])]
+            if layer.get("dropped") is not None:
+                total.dropped = [a + b for a, b in zip(total.dropped or [0] * total.num_experts, layer["dropped"])]
+    return ([totals[i] for i in sorted(totals)] or None), first
+
+
 def _eval_prefix(metrics: dict | None) -> str:
     """``"eval"`` or e.g. ``"eval_data1"`` from an evaluation's metric keys (``<prefix>_runtime``)."""
     for key in metrics or {}:
@@ -236,6 +300,8 @@ class ExpertLoadCallback(MoEMetricsCallback):
         self._reference: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._tb_writer = None
         self._warned: set[str] = set()
+        self._start_step = 0
+        self._reference_saved_to: str | None = None
         #: the checkpoint folder ``train()`` resumes from, when known (``MoETrainer`` sets it); otherwise the
         #: drift reference is looked up in ``args.resume_from_checkpoint`` and ``output_dir/checkpoint-<step>``
         self.resume_checkpoint: str | None = None
@@ -573,10 +639,16 @@ class ExpertLoadCallback(MoEMetricsCallback):
         self._counters[TRAIN].reset()
         self._dirty[TRAIN] = False
         self._train_totals = None
-        if state.is_world_process_zero and self.write_jsonl and state.global_step == 0:
+        self._start_step = state.global_step
+        self._reference_saved_to = None
+        if state.is_world_process_zero and self.write_jsonl:
             path = os.path.join(args.output_dir, JSONL_NAME)
-            if os.path.exists(path):
-                os.remove(path)  # a fresh run; a resumed run (global_step > 0) appends
+            if state.global_step == 0:
+                if os.path.exists(path):
+                    os.remove(path)  # a fresh run
+            elif dropped := truncate_jsonl(path, state.global_step):  # resumed: each step once
+                logger.info("expert load: resumed at step %d, dropped %d later or unreadable line(s) of %s",
+                            state.global_step, dropped, path)
         self._probe, self._reference = None, {}
         self._next_drift_step = (state.global_step // self.drift_every_steps + 1) * self.drift_every_steps
         if self.probe_size > 0 and train_dataloader is not None:
@@ -618,31 +690,54 @@ class ExpertLoadCallback(MoEMetricsCallback):
             (os.path.join(f, REFERENCE_NAME) for f in folders if isinstance(f, str) and os.path.isfile(os.path.join(f, REFERENCE_NAME))),
             None,
         )
-        payload = torch.load(path, map_location="cpu", weights_only=True) if path else None
-        probe_ids = self._probe.get("input_ids")
-        saved_ids = payload.get("probe_input_ids") if payload else None
-        if payload is None or probe_ids is None or saved_ids is None or not torch.equal(saved_ids, probe_ids.cpu()):
+        reference, why = self._read_reference(path) if path else (None, f"no {REFERENCE_NAME} in the checkpoint")
+        if reference is None:
             self._warn_once(
                 "resume-reference",
                 "expert load: resumed at step %d without the drift reference of the run's start (%s); routing drift "
                 "is measured against the resumed model from here on.",
                 state.global_step,
-                "no " + REFERENCE_NAME + " in the checkpoint" if payload is None else "the probe batch differs",
+                why,
             )
-            return None
-        device = self._device
-        return {
-            int(index): (layer["top1"].to(device, torch.long), layer["mask"].to(device), layer["counts"].to(device))
-            for index, layer in payload["layers"].items()
-        }
+        return reference
+
+    def _read_reference(self, path: str) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None, str]:
+        """The reference saved in ``path``, or ``None`` and why it cannot be used."""
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+            layers = payload["layers"]
+            saved_ids = payload.get("probe_input_ids")
+            reference = {
+                int(index): (layer["top1"].to(self._device, torch.long), layer["mask"].to(self._device),
+                             layer["counts"].to(self._device))
+                for index, layer in layers.items()
+            }
+        except Exception as err:  # noqa: BLE001 - a truncated or foreign file is reported, not fatal
+            return None, f"{path} is unreadable, truncated or corrupt ({type(err).__name__}: {err})"
+        probe_ids = self._probe.get("input_ids") if self._probe else None
+        if probe_ids is None or saved_ids is None or not torch.equal(saved_ids, probe_ids.cpu()):
+            return None, "the probe batch differs"
+        if not reference:
+            return None, f"{path} holds no MoE layer"
+        unknown = sorted(set(reference) - set(self.routing))
+        if unknown or any(reference[i][0].shape != reference[i][1].shape for i in reference):
+            return None, f"{path} is for other MoE layers ({sorted(reference)}, this model routes {sorted(self.routing)})"
+        return reference, ""
+
+    def save_checkpoint_files(self, folder: str, state: Any) -> None:
+        """Write the drift reference into the checkpoint ``folder`` (``MoETrainer`` calls it before ``trainer_state.json``)."""
+        if not self._reference or not state.is_world_process_zero:
+            return
+        atomic_torch_save(self._reference_payload(), os.path.join(folder, REFERENCE_NAME))
+        self._reference_saved_to = os.path.abspath(folder)
 
     def on_save(self, args, state, control, **kwargs):
         copy_moe_run_to_checkpoint(args, state)
         if not self._reference or not state.is_world_process_zero:
             return
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if os.path.isdir(folder):
-            torch.save(self._reference_payload(), os.path.join(folder, REFERENCE_NAME))
+        if os.path.isdir(folder) and self._reference_saved_to != os.path.abspath(folder):
+            self.save_checkpoint_files(folder, state)  # a plain Trainer: after trainer_state.json
 
     def on_substep_end(self, args, state, control, **kwargs):
         self._consume(TRAIN)
@@ -695,7 +790,13 @@ class ExpertLoadCallback(MoEMetricsCallback):
             if state.is_world_process_zero:
                 self._write_jsonl(args, state, "train", loads, self._metrics(loads, TRAIN))
         if state.is_world_process_zero:
-            self._save_heatmap(args, self._train_totals, "expert_load_train.png",
-                               f"Expert load (train, steps 1-{state.global_step})")
+            totals, first = self._train_totals, self._start_step + 1
+            if self.write_jsonl and self._start_step > 0:  # resumed: the whole run is in the file
+                records, _ = read_jsonl_records(os.path.join(args.output_dir, JSONL_NAME))
+                from_file, first_in_file = train_totals_from_records(records)
+                if from_file is not None:
+                    totals, first = from_file, 1 if first_in_file <= self._start_step else self._start_step + 1
+            self._save_heatmap(args, totals, "expert_load_train.png",
+                               f"Expert load (train, steps {first}-{state.global_step})")
             if self._tb_writer is not None:
                 self._tb_writer.flush()
