@@ -110,7 +110,7 @@ def build_moe_callbacks(
     callbacks.append(CapacityFactorCallback.from_args(args, anatomy=anatomy))
     callbacks.append(RouterJitterCallback.from_args(args, anatomy=anatomy))
     callbacks.append(BiasBalancingCallback.from_args(args, anatomy=anatomy))
-    callbacks.append(NaNGuardCallback.from_args(args))
+    callbacks.append(NaNGuardCallback.from_args(args, anatomy=anatomy))
     return [cb for cb in callbacks if cb is not None]
 
 

@@ -433,7 +433,8 @@ class RouterLossCallback(MoEMetricsCallback, ExportableState):
                 for p in (model or self.model).parameters():
                     p.grad = None  # optimizers skip parameters without a gradient: no update, no decay
                 self.skipped_steps += 1
-                logger.warning("step %d skipped: non-finite router logits (moe_nan_policy='skip')", state.global_step)
+                logger.warning("optimizer step %d skipped: non-finite router logits (moe_nan_policy='skip')",
+                               state.global_step + 1)
         self._skip_step = False
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -541,10 +542,10 @@ class RouterLossCallback(MoEMetricsCallback, ExportableState):
         where = f"MoE layer {index} ({layer.path})" if layer is not None else "an MoE layer"
         if self.nan_policy == "error":
             raise FloatingPointError(
-                f"non-finite router logits in {where} at step {self._step}; set moe_nan_policy='skip' to skip "
-                "such steps (or lower the learning rate / raise moe_z_loss_coef)"
+                f"non-finite router logits in {where} at optimizer step {self._step + 1}; set moe_nan_policy='skip' "
+                "to skip such steps (or lower the learning rate / raise moe_z_loss_coef)"
             )
-        logger.warning("non-finite router logits in %s at step %d: skipping the step", where, self._step)
+        logger.warning("non-finite router logits in %s at optimizer step %d: skipping the step", where, self._step + 1)
         self._skip_step = True
         if self.trainer is not None:
             self._skip_micro_batch = True
