@@ -25,7 +25,6 @@ logger = logging.getLogger(__name__)
 #: Modules exposing ``register(subparsers)``; each adds its own subcommands.
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "hf_moe_tuning.study.cli",
-    "hf_moe_tuning.instruct.cli",
     "hf_moe_tuning.cards",
     "hf_moe_tuning.routing.upcycling",
 )

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_moe_tuning.study import StageCache, config_hash, load_study_config, run_study
+from hf_moe_tuning.study import StageCache, config_hash, load_study_config, render, run_study
+from hf_moe_tuning.study.cache import config_key
 from hf_moe_tuning.study.cli import register
-from hf_moe_tuning.study.report import direction_holds, mean_std, verdict
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -30,6 +30,7 @@ MINIATURE = [
     "instruct.args.max_steps=2",
     "instruct.args.per_device_train_batch_size=8",
     "finetune.args.max_steps=2",
+    "finetune.early_stopping={eval_every: 1, patience: 5}",
     "evaluate.max_new_tokens=8",
 ]
 
@@ -60,38 +61,66 @@ def test_compare_end_to_end_and_cache(tmp_path, one_thread):
     args = _parser().parse_args(argv)
     assert args.func(args) == 0
 
-    # every output exists and parses
+    # results.csv is long: one row per (arm, task, seed, metric), baselines included
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert len(rows) == 4 * 2 * 2  # arms x tasks x seeds
-    assert {r["arm"] for r in rows} == {"t5", "flan_t5", "moe", "flan_moe"}
-    assert {r["kind"] for r in rows if r["arm"] in ("moe", "flan_moe")} == {"sparse"}
-    assert {r["kind"] for r in rows if r["arm"] in ("t5", "flan_t5")} == {"dense"}
-    for r in rows:
+    primary = [r for r in rows if r["primary"] == "1"]
+    trained = {"t5", "flan_t5", "moe", "flan_moe", "flan_t5_0shot", "flan_moe_0shot"}
+    baselines = {"baseline:majority", "baseline:random", "baseline:copy_input", "baseline:copy_first_sentence"}
+    assert {r["arm"] for r in rows} == trained | baselines
+    assert len([r for r in primary if r["arm"] in trained]) == 6 * 2 * 2  # arms x tasks x seeds
+    assert {r["metric"] for r in rows if r["task"] == "fusion"} == {"token_f1", "exact_match"}
+    assert {r["arm"] for r in primary if r["task"] == "passage_yesno" and r["arm"].startswith("baseline:")} == {
+        "baseline:majority", "baseline:random"}
+    assert {r["kind"] for r in primary if r["arm"] in ("moe", "flan_moe")} == {"sparse"}
+    assert {r["kind"] for r in primary if r["arm"] in ("t5", "flan_t5")} == {"dense"}
+    for r in primary:
         assert 0.0 <= float(r["score"]) <= 100.0
-        assert math.isfinite(float(r["train_loss"]))
-    sparse_lr = {float(r["learning_rate"]) for r in rows if r["kind"] == "sparse"}
-    dense_lr = {float(r["learning_rate"]) for r in rows if r["kind"] == "dense"}
-    assert sparse_lr == {1e-3} and dense_lr == {5e-4}  # family hyperparameters from the recipe
-    assert all(r["token_f1"] for r in rows if r["task"] == "fusion")
+    for r in (r for r in primary if r["arm"] in trained - {"flan_t5_0shot", "flan_moe_0shot"}):
+        assert int(r["optimizer_steps"]) == 2 and 1 <= int(r["best_step"]) <= 2 and int(r["train_tokens"]) > 0
+        assert r["finetuned"] == "1" and math.isfinite(float(r["validation_score"]))
+    zero_shot = [r for r in primary if r["arm"] == "flan_moe_0shot"]
+    assert {r["finetuned"] for r in zero_shot} == {"0"} and {r["optimizer_steps"] for r in zero_shot} == {"0"}
+    sparse_batch = {int(r["batch_size"]) for r in primary if r["kind"] == "sparse" and r["finetuned"] == "1"}
+    dense_batch = {int(r["batch_size"]) for r in primary if r["kind"] == "dense" and r["finetuned"] == "1"}
+    assert sparse_batch == {16} and dense_batch == {32}  # family hyperparameters from the recipe
+
+    deltas = list(csv.DictReader((out / "deltas.csv").open()))
+    assert list(deltas[0])[:6] == ["delta", "paper", "mean", "ci_low", "ci_high", "verdict"]
+    average = [d for d in deltas if d["task"] == "average"]
+    assert [d["delta"] for d in average] == [
+        "T5 − MoE", "Flan-MoE − Flan-T5", "(Flan-MoE − MoE) − (Flan-T5 − T5)", "Flan-MoE − Flan-T5, zero-shot"]
+    for d in deltas:
+        assert float(d["ci_low"]) <= float(d["mean"]) <= float(d["ci_high"])
+        assert d["verdict"] in ("reproduced", "opposite", "inconclusive")
+
     md = (out / "results.md").read_text()
-    for needed in ("| Flan-MoE |", "T5 − MoE", "(Flan-MoE − MoE) − (Flan-T5 − T5)", "versions:", "seeds: 0, 1", "wall time"):
+    for needed in ("| Flan-MoE |", "| baseline:copy_input |", "T5 − MoE", "95 % CI", "versions:", "seeds: 0, 1", "wall time"):
         assert needed in md
-    assert md.count("\n| ") >= 4 + 1 + 3 + 1  # arm rows + header, delta rows + header
     png = (out / "plot.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 1000
+    # the report is a pure function of the files next to it
+    before = md
+    (out / "results.md").unlink()
+    render(out)
+    assert (out / "results.md").read_text() == before
 
     # the stages are cached: a second run trains nothing
     stage_dirs = {p.name for p in cache.glob("*/*") if StageCache.is_done(p)}
     assert any(n.startswith("t5-") for n in stage_dirs) and any(n.startswith("switch-") for n in stage_dirs)
+    info = json.loads((out / "run.json").read_text())
+    assert info["cached_runs"] < info["runs"]
     args = _parser().parse_args(argv)
     assert args.func(args) == 0
-    assert all(r["cached"] == "True" for r in csv.DictReader((out / "results.csv").open()))
+    info = json.loads((out / "run.json").read_text())
+    assert info["cached_runs"] == info["runs"]
+    assert list(csv.DictReader((out / "results.csv").open())) == rows
 
     # changing one arm's fine-tuning reruns only that arm
     args = _parser().parse_args([*argv, "--set", "arms.moe.args={moe_freeze_strategy: non_moe}"])
     assert args.func(args) == 0
+    info = json.loads((out / "run.json").read_text())
+    assert info["runs"] - info["cached_runs"] == 2 * 2  # moe: tasks x seeds
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert {r["arm"] for r in rows if r["cached"] == "False"} == {"moe"}
     assert {r["freeze_strategy"] for r in rows if r["arm"] == "moe"} == {"non_moe"}
 
 
@@ -102,14 +131,15 @@ def test_ablate_runs_freezing_arms(tmp_path, one_thread):
     overrides = parse_overrides([*MINIATURE, "data.tasks=[multiple_choice]"])
     overrides = {k: v for k, v in overrides.items() if not k.startswith("instruct.")}
     config = load_study_config(RECIPES / "st_moe_freezing" / "tiny.yaml", overrides)
-    result = run_study(config, seeds=[0], output_dir=tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
-    assert {r["freeze_strategy"] for r in result.records} == {"all", "non_moe", "moe", "attention", "ffn"}
-    assert "all − moe" in (tmp_path / "out" / "results.md").read_text()
+    paths = run_study(config, seeds=[0], output_dir=tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+    rows = list(csv.DictReader(paths["csv"].open()))
+    assert {r["freeze_strategy"] for r in rows if r["finetuned"] == "1"} == {"all", "non_moe", "moe", "attention", "ffn"}
+    assert "all − moe" in paths["md"].read_text()
 
 
 def test_shipped_pretrained_models_match_the_recipes(tmp_path):
-    """The checkpoints shipped for the quick start are found by key: no pretraining on a fresh clone."""
-    from hf_moe_tuning.study.stages import ensure_pretrained
+    """The checkpoints shipped for the quick start are found by configuration key: no pretraining on a fresh clone."""
+    from hf_moe_tuning.study.stages import ensure_pretrained, pretrain_key
 
     for recipe in ("flan_moe", "st_moe_freezing"):
         config = load_study_config(RECIPES / recipe / "tiny.yaml")
@@ -118,17 +148,30 @@ def test_shipped_pretrained_models_match_the_recipes(tmp_path):
             assert info.get("shipped") and Path(path, "model.safetensors").is_file()
     assert not any(tmp_path.iterdir())  # nothing trained or written
     changed = load_study_config(RECIPES / "flan_moe" / "tiny.yaml", {"pretrain.args.max_steps": 1})
-    from hf_moe_tuning.study.stages import pretrain_key
-
     # another pretraining config has another key, so the shipped stage would not be used
-    assert config_hash(pretrain_key(changed, changed.models["t5"])) not in {
+    assert config_key(pretrain_key(changed, changed.models["t5"])) not in {
         p.name.split("-")[-1] for p in (RECIPES / "flan_moe" / "checkpoints" / "pretrain").iterdir()
     }
 
 
-def test_stage_cache_and_hash(tmp_path):
+def test_stage_cache_keys_cover_code_versions_and_threads(tmp_path, monkeypatch):
+    from hf_moe_tuning.study import cache as cache_module
+
     assert config_hash({"a": 1, "b": [1, 2]}) == config_hash({"b": [1, 2], "a": 1})
     assert config_hash({"a": 1}) != config_hash({"a": 2})
+    key = config_hash({"a": 1})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        assert config_hash({"a": 1}) != key  # the thread count changes CPU float results
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setattr(cache_module, "source_hash", lambda: "other-code")
+    assert config_hash({"a": 1}) != key  # so does any change to the package's source
+    monkeypatch.setattr(cache_module, "library_versions", lambda: {"torch": "0.0"})
+    assert config_hash({"a": 1}) != key
+    assert config_key({"a": 1}) == config_key({"a": 1})  # the configuration key alone ignores all three
+
     cache = StageCache(tmp_path)
     path = cache.path("finetune", "arm-task-s0", "abc")
     assert not cache.is_done(path)
@@ -138,19 +181,52 @@ def test_stage_cache_and_hash(tmp_path):
     assert not (path / "partial").exists()
     cache.finish(path, {"k": 1}, {"score": 50.0})
     assert cache.is_done(path) and cache.result(path) == {"score": 50.0}
-    assert json.loads((path / "stage.json").read_text()) == {"k": 1}
+    recorded = json.loads((path / "stage.json").read_text())
+    assert recorded["config"] == {"k": 1} and set(recorded["provenance"]) >= {"source", "versions", "platform", "threads"}
 
 
-def test_direction_verdicts_and_stats():
-    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
-    assert mean_std([4.0]) == (4.0, 0.0)
-    assert direction_holds("+", 0.5, 3.0) is True
-    assert direction_holds("+", -0.5, 0.1) is False
-    assert direction_holds("-", -2.0, 1.0) is True
-    assert direction_holds("0", 0.8, 0.1) is True  # within 1 point
-    assert direction_holds("0", 3.0, 1.0) is False
-    assert direction_holds("+", math.nan, 0.0) is None
-    assert verdict("+", 3.0, 1.0) == "yes"
-    assert verdict("+", 0.2, 0.0) == "within noise"
-    assert verdict("+", -2.0, 0.5).startswith("**no**")
-    assert verdict("0", 0.5, 0.0) == "yes" and verdict("0", -4.0, 1.0) == "**no**"
+def test_source_hash_changes_with_the_code(tmp_path, monkeypatch):
+    from hf_moe_tuning.study import cache as cache_module
+
+    (tmp_path / "a.py").write_text("x = 1\n")
+    monkeypatch.setattr(cache_module, "PACKAGE_ROOT", tmp_path)
+    cache_module.source_hash.cache_clear()
+    try:
+        first = cache_module.source_hash()
+        (tmp_path / "a.py").write_text("x = 2\n")
+        cache_module.source_hash.cache_clear()
+        assert cache_module.source_hash() != first
+    finally:
+        cache_module.source_hash.cache_clear()
+
+
+def test_early_stopping_keeps_the_best_weights_and_stops_on_a_plateau():
+    from transformers import TrainerControl, TrainerState
+
+    from hf_moe_tuning.study.stages import ValidationEarlyStopping
+
+    model = torch.nn.Linear(2, 1)
+    scores = iter([0.5, 0.7, 0.6, 0.7, 0.65])  # best at the 2nd evaluation; ties do not count as improvement
+    stopper = ValidationEarlyStopping(lambda m: next(scores), eval_every=10, patience=3)
+    state, control = TrainerState(max_steps=1000), TrainerControl()
+    best_weight = None
+    for step in range(1, 1000):
+        state.global_step = step
+        with torch.no_grad():
+            model.weight.fill_(float(step))
+        stopper.on_step_end(None, state, control, model=model)
+        if step == 20:
+            best_weight = model.weight.detach().clone()
+        if control.should_training_stop:
+            break
+    assert state.global_step == 50  # evaluations at 10..50: three without improvement after step 20
+    assert stopper.best_step == 20 and stopper.best_score == 0.7
+    assert [s for s, _ in stopper.history] == [10, 20, 30, 40, 50]
+    stopper.on_train_end(None, state, control, model=model)  # the last step was already evaluated
+    assert len(stopper.history) == 5
+    stopper.restore_best(model)
+    assert torch.equal(model.weight, best_weight)
+    with pytest.raises(ValueError, match="patience"):
+        ValidationEarlyStopping(lambda m: 0.0, eval_every=10, patience=0)
+    with pytest.raises(RuntimeError, match="0 steps"):
+        ValidationEarlyStopping(lambda m: 0.0, eval_every=10, patience=1).restore_best(model)

@@ -5,16 +5,20 @@ task               kind (real counterpart)             answers             metri
 =================  ==================================  ==================  ===========================
 ``passage_yesno``  yes/no QA over a passage (BoolQ)    ``yes`` / ``no``    accuracy
 ``entailment``     entailment (RTE)                    2 labels            accuracy
-``multiple_choice``lettered multiple choice (MMLU)     ``A``-``D``         accuracy
+``multiple_choice``multiple choice (ARC, COPA-style)  one of 4 options    accuracy
 ``fusion``         short generation (sentence fusion)  free text           token_f1, exact_match
 =================  ==================================  ==================  ===========================
 
 The first metric of a task is its primary score. For ``fusion`` it is token F1: at the embedded
 scale exact match stays at 0 for every arm, which would hide all differences.
 
-Splits are small on purpose (default 128 train / 64 validation / 200 test) so that a model with many
-parameters *can* overfit them, the regime in which the papers saw sparse models fine-tune worse.
-Splits are disjoint in their ``inputs``.
+Every task is answerable from a short passage or from world knowledge the instruction mixture and the
+pretraining corpus also carry (animal sounds, colours, opposites, categories), in a format none of the
+mixture's families uses. The passages are about one person, short enough for the tiny models to learn
+the tasks within a fine-tuning budget that fits a CPU. Multiple choice is scored over the option texts
+(each item's own four candidates), the way ARC and COPA are scored by rank classification.
+
+Splits are disjoint in their ``inputs``; classification splits with fixed answers are label-balanced.
 """
 
 from __future__ import annotations
@@ -47,14 +51,15 @@ class HeldoutTask:
 
     name: str
     kind: str
-    sample: Callable[[random.Random], tuple[str, str]]
+    #: draws ``(inputs, target)``, or ``(inputs, target, choices)`` for tasks whose candidates vary per item
+    sample: Callable[[random.Random], tuple]
     choices: tuple[str, ...] = ()
     metrics: tuple[str, ...] = ("accuracy",)
 
 
 def _passage_yesno(rng: random.Random) -> tuple[str, str]:
-    scene = sample_scene(rng, 2)
-    facts = scene.fact_sentences(("holds", "at"))
+    scene = sample_scene(rng, 1)
+    facts = scene.fact_sentences(("holds", "at", "pets"))
     rng.shuffle(facts)
     name = rng.choice(scene.people)
     truth = rng.random() < 0.5
@@ -72,7 +77,7 @@ def _passage_yesno(rng: random.Random) -> tuple[str, str]:
 
 
 def _entailment(rng: random.Random) -> tuple[str, str]:
-    scene = sample_scene(rng, 2)
+    scene = sample_scene(rng, 1)
     name = rng.choice(scene.people)
     entailed = rng.random() < 0.5
     kind = rng.randrange(4)
@@ -102,10 +107,7 @@ def _entailment(rng: random.Random) -> tuple[str, str]:
     return text, "entailment" if entailed else "not_entailment"
 
 
-_LETTERS = ("A", "B", "C", "D")
-
-
-def _multiple_choice(rng: random.Random) -> tuple[str, str]:
+def _multiple_choice(rng: random.Random) -> tuple[str, str, list[str]]:
     kind = rng.randrange(4)
     if kind == 0:
         animal = rng.choice(list(ANIMALS))
@@ -127,26 +129,33 @@ def _multiple_choice(rng: random.Random) -> tuple[str, str]:
     distractors = rng.sample([w for w in dict.fromkeys(pool) if w != answer], 3)
     options = distractors + [answer]
     rng.shuffle(options)
-    lines = " ".join(f"({letter}) {option}" for letter, option in zip(_LETTERS, options))
-    return f"{question}\n{lines}\nAnswer:", _LETTERS[options.index(answer)]
+    return f"{question}\nOptions: {', '.join(options)}.\nAnswer:", answer, options
+
+
+_FUSION_PAIRS = (("holds", "at"), ("holds", "pets"), ("at", "pets"))
 
 
 def _fusion(rng: random.Random) -> tuple[str, str]:
-    scene = sample_scene(rng, 2)
-    a, b = scene.people
-    kind = rng.randrange(3)
-    if kind == 0:
-        color, obj = scene.holds[a]
-        parts, target = f"{a} has a {obj}. The {obj} is {color}.", f"{a} has a {color} {obj}."
-    elif kind == 1:
-        place = scene.at[a]
-        parts, target = f"{a} is at the {place}. {b} is at the {place}.", f"{a} and {b} are at the {place}."
+    """Fuse the two facts the passage states about one person into one sentence.
+
+    The passage states every fact of two people in shuffled order, so copying it (or its first sentence)
+    scores far below a model that picks the right two facts and joins them.
+    """
+    scene = sample_scene(rng, 1)
+    facts = scene.fact_sentences(("holds", "at", "pets"))
+    rng.shuffle(facts)
+    name = rng.choice(scene.people)
+    first, second = rng.choice(_FUSION_PAIRS)
+    color, obj = scene.holds[name]
+    animal = scene.pets[name]
+    place = scene.at[name]
+    if (first, second) == ("holds", "at"):
+        question, target = f"what {name} has and where {name} is", f"{name} has a {color} {obj} and is at the {place}."
+    elif (first, second) == ("holds", "pets"):
+        question, target = f"what {name} has and owns", f"{name} has a {color} {obj} and owns {article(animal)} {animal}."
     else:
-        animal = scene.pets[a]
-        sound = ANIMALS[animal][0]
-        parts = f"{a} owns {article(animal)} {animal}. The {animal} says {sound}."
-        target = f"{a} owns {article(animal)} {animal} that says {sound}."
-    return f"Combine into one sentence: {parts}", target
+        question, target = f"where {name} is and what {name} owns", f"{name} is at the {place} with {article(animal)} {animal}."
+    return f"{' '.join(facts)}\nCombine into one sentence {question}.", target
 
 
 HELDOUT_TASKS: dict[str, HeldoutTask] = {
@@ -154,7 +163,7 @@ HELDOUT_TASKS: dict[str, HeldoutTask] = {
     for t in (
         HeldoutTask("passage_yesno", CLASSIFICATION, _passage_yesno, ("yes", "no")),
         HeldoutTask("entailment", CLASSIFICATION, _entailment, ("entailment", "not_entailment")),
-        HeldoutTask("multiple_choice", CLASSIFICATION, _multiple_choice, _LETTERS),
+        HeldoutTask("multiple_choice", CLASSIFICATION, _multiple_choice),
         HeldoutTask("fusion", GENERATION, _fusion, (), ("token_f1", "exact_match")),
     )
 }
@@ -168,25 +177,40 @@ def get_task(name: str) -> HeldoutTask:
         raise KeyError(f"unknown held-out task {name!r}; known: {sorted(HELDOUT_TASKS)}") from None
 
 
+def _quotas(task: HeldoutTask, size: int) -> dict[str | None, int]:
+    """Examples per answer: classification splits are label-balanced (so majority = random = 1/K)."""
+    if task.kind != CLASSIFICATION or not task.choices:
+        return {None: size}
+    k = len(task.choices)
+    return {c: size // k + (i < size % k) for i, c in enumerate(task.choices)}
+
+
 def heldout_task(
     name: str, seed: int = 0, train_size: int = 128, validation_size: int = 64, test_size: int = 200
 ) -> DatasetDict:
-    """Train/validation/test splits of held-out task ``name`` (columns ``inputs``, ``targets``, ``choices``)."""
+    """Train/validation/test splits of held-out task ``name`` (columns ``inputs``, ``targets``, ``choices``).
+
+    Splits are disjoint in their ``inputs``; classification splits hold every answer equally often.
+    """
     task = get_task(name)
     rng = random.Random(f"heldout-{name}-{seed}")
     seen: set[str] = set()
     splits: dict[str, Dataset] = {}
     for split, size in (("test", test_size), ("validation", validation_size), ("train", train_size)):
+        quotas = _quotas(task, size)
         rows = []
         attempts = 0
         while len(rows) < size:
             attempts += 1
-            if attempts > 50 * size + 1000:
+            if attempts > 200 * size + 1000:
                 raise RuntimeError(f"{name}: could not draw {size} distinct {split} examples")
-            inputs, target = task.sample(rng)
-            if inputs in seen:
+            inputs, target, *item_choices = task.sample(rng)
+            key = target if None not in quotas else None
+            if inputs in seen or quotas.get(key, 0) == 0:
                 continue
             seen.add(inputs)
-            rows.append({"inputs": inputs, "targets": target, "choices": list(task.choices)})
+            quotas[key] -= 1
+            rows.append({"inputs": inputs, "targets": target, "choices": list(item_choices[0] if item_choices else task.choices)})
+        rng.shuffle(rows)
         splits[split] = Dataset.from_list(rows) if rows else Dataset.from_dict({"inputs": [], "targets": [], "choices": []})
     return DatasetDict(train=splits["train"], validation=splits["validation"], test=splits["test"])

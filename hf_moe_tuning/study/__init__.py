@@ -8,14 +8,13 @@
 
 from .cache import StageCache, config_hash
 from .config import ConfigError, StudyConfig, load_study_config, parse_study_config, validate_training_args
-from .report import StudyResult, write_results
+from .report import render
 from .runner import ablate, compare, run_study, sweep_experts
 
 __all__ = [
     "ConfigError",
     "StageCache",
     "StudyConfig",
-    "StudyResult",
     "ablate",
     "compare",
     "config_hash",
@@ -24,5 +23,5 @@ __all__ = [
     "run_study",
     "sweep_experts",
     "validate_training_args",
-    "write_results",
+    "render",
 ]

@@ -1,16 +1,25 @@
-"""Content-addressed stage cache: a stage reruns only when its configuration (hash) changed.
+"""Content-addressed stage cache: a stage reruns when its configuration, the code or the platform changed.
 
-A stage's key is the SHA-256 of the canonical JSON of everything that determines its output (its
-own settings, the key of the stage it starts from, data settings, seeds and :data:`PIPELINE_VERSION`).
-Finished stages live in ``<cache_dir>/<stage>/<name>-<key>/`` with ``stage.json`` (the hashed
-config) and a ``DONE`` marker written last, so an interrupted stage is simply redone.
+A stage's key is the SHA-256 of the canonical JSON of everything that determines its output: its own
+settings, the key of the stage it starts from, data settings and seeds (the *configuration key*,
+:func:`config_key`), plus the :func:`provenance` of the run: a hash of every source file of the
+package, the versions of the libraries that compute the numbers, the platform and the torch thread
+count (the thread count changes CPU float results). Finished stages live in
+``<cache_dir>/<stage>/<name>-<key>/`` with ``stage.json`` (the hashed config and provenance) and a
+``DONE`` marker written last, so an interrupted stage is simply redone.
+
+Shipped pretrained checkpoints (``pretrain.shipped_dir``) are inputs, like a Hub checkpoint: they are
+found by their configuration key alone, and the results record that a shipped checkpoint was used.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import importlib.metadata
 import json
+import platform
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,13 +30,58 @@ try:  # POSIX advisory locks; elsewhere concurrent runs on one cache are not pro
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
-#: Bump when the pipeline's code changes what a stage produces for the same configuration.
-PIPELINE_VERSION = 1
+#: Format version of configuration keys (part of every key; shipped checkpoints were keyed with 1).
+KEY_FORMAT = 1
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+#: Libraries whose versions change the numbers.
+VERSIONED_LIBRARIES: tuple[str, ...] = ("torch", "transformers", "accelerate", "datasets", "evaluate", "peft", "trl", "numpy")
+
+
+@functools.lru_cache(maxsize=1)
+def source_hash() -> str:
+    """SHA-256 of every Python source file of the package (relative path and content, in path order)."""
+    digest = hashlib.sha256()
+    for file in sorted(PACKAGE_ROOT.rglob("*.py")):
+        if "__pycache__" in file.parts:
+            continue
+        digest.update(file.relative_to(PACKAGE_ROOT).as_posix().encode() + b"\0" + file.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of :data:`VERSIONED_LIBRARIES` (``"absent"`` for one not installed)."""
+    out = {}
+    for name in VERSIONED_LIBRARIES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def provenance() -> dict[str, Any]:
+    """What besides the configuration determines a stage's output: code, libraries, platform, threads."""
+    import torch  # noqa: PLC0415
+
+    return {
+        "source": source_hash(),
+        "versions": library_versions(),
+        "python": platform.python_version(),
+        "platform": f"{platform.system()}-{platform.machine()}",
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "threads": torch.get_num_threads(),
+    }
+
+
+def config_key(payload: Any, length: int = 12) -> str:
+    """Stable short hash of a JSON-able configuration payload (keys sorted, non-JSON values stringified)."""
+    text = json.dumps({"payload": payload, "pipeline_version": KEY_FORMAT}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
 def config_hash(payload: Any, length: int = 12) -> str:
-    """Stable short hash of a JSON-able payload (keys sorted, non-JSON values stringified)."""
-    text = json.dumps({"payload": payload, "pipeline_version": PIPELINE_VERSION}, sort_keys=True, default=str)
+    """Cache key of a stage: its configuration key combined with the run's :func:`provenance`."""
+    text = json.dumps({"config": config_key(payload, 64), "provenance": provenance()}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
@@ -71,7 +125,8 @@ class StageCache:
     @staticmethod
     def finish(path: Path, config: Any, result: dict[str, Any] | None = None) -> None:
         """Record the stage config (and result) and mark the stage done."""
-        (path / "stage.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+        record = {"config": config, "provenance": provenance()}
+        (path / "stage.json").write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
         if result is not None:
             (path / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
         (path / "DONE").write_text("")

@@ -20,15 +20,15 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, load_study_config, parse_overrides, validate_training_args
-from .runner import DEFAULT_RECIPES, resolve_recipe, run_study
+from .runner import DEFAULT_RECIPES, DRIVER_STUDIES, resolve_recipe, run_study
 
 logger = logging.getLogger(__name__)
 
-#: subcommand -> (study it runs, help)
+#: subcommand -> (driver of :data:`~.runner.DRIVER_STUDIES`, help)
 DRIVERS: dict[str, tuple[str, str]] = {
-    "compare": ("flan_moe", "Flan-MoE: fine-tune T5, Flan-T5, MoE and Flan-MoE on held-out tasks"),
-    "ablate": ("st_moe_freezing", "ST-MoE: fine-tune with the five freezing strategies"),
-    "sweep-experts": ("expert_count", "Switch: fine-tune Switch models with different numbers of experts"),
+    "compare": ("compare", "Flan-MoE: fine-tune T5, Flan-T5, MoE and Flan-MoE (or dense/MoE decoders) on held-out tasks"),
+    "ablate": ("ablate", "ST-MoE: fine-tune with the five freezing strategies"),
+    "sweep-experts": ("sweep_experts", "Switch: fine-tune Switch models with different numbers of experts"),
 }
 
 
@@ -42,89 +42,70 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="override a recipe value by dotted key, e.g. --set finetune.args.num_train_epochs=4 (repeatable)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
+    parser.add_argument(
+        "--jobs", type=int, default=1,
+        help="fine-tuning jobs run in parallel worker processes, each with --threads threads (results are the same)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def run_from_args(args: argparse.Namespace, study: str | None = None) -> int:
-    """Load (and check) the recipe named by ``args`` and run it."""
+def run_from_args(args: argparse.Namespace, driver: str | None = None) -> int:
+    """Load (and check) the recipe named by ``args`` and run it; ``driver`` restricts the studies it accepts."""
     if args.threads:
         import torch  # noqa: PLC0415
 
         torch.set_num_threads(args.threads)
-    path = resolve_recipe(getattr(args, "config", None), study) if study else Path(args.config)
+    if driver is None:
+        path = Path(args.config)
+    else:
+        default_study = getattr(args, "study", None) or DRIVER_STUDIES[driver][0]
+        path = resolve_recipe(getattr(args, "config", None), default_study)
     config = load_study_config(path, parse_overrides(args.overrides))
-    if study is not None and config.study != study:
-        raise ConfigError(path, "study", f"this command runs '{study}' recipes, the recipe is a '{config.study}' study")
-    validate_training_args(config)
+    if driver is not None and config.study not in DRIVER_STUDIES[driver]:
+        allowed = " or ".join(DRIVER_STUDIES[driver])
+        raise ConfigError(path, "study", f"this command runs {allowed} recipes, the recipe is a '{config.study}' study")
+    if args.jobs < 1:
+        raise ConfigError(path, "--jobs", f"expected a positive number of worker processes, got {args.jobs}")
+    validate_training_args(config, check_lora_targets=False)
     seeds = list(range(args.seeds)) if args.seeds is not None else None
     command = " ".join(shlex.quote(a) for a in ["hf-moe-tuning" if Path(sys.argv[0]).name == "hf-moe-tuning" else sys.argv[0], *sys.argv[1:]])
-    result = run_study(
+    paths = run_study(
         config, seeds=seeds, output_dir=args.output_dir, cache_dir=args.cache_dir,
-        progress=not args.no_progress, command=command,
+        progress=not args.no_progress, command=command, num_jobs=args.jobs,
     )
-    out = Path(args.output_dir or config.output_dir)
-    print(f"{config.study}: {len(result.records)} runs, {result.meta['wall_seconds']:.0f} s; results in {out}/results.md")
+    print(f"{config.study}: results in {paths['md']}")
     return 0
-
-
-def _run_instruct(args: argparse.Namespace) -> int:
-    """``compare --study instruct_moe``: the decoder-only comparison of :mod:`hf_moe_tuning.instruct`."""
-    from ..instruct.cli import _compare  # noqa: PLC0415 - imports TRL
-
-    args.set = args.overrides
-    return _compare(args)
-
-
-def _recipe_study(path: str) -> str | None:
-    import yaml  # noqa: PLC0415
-
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
-    except (OSError, yaml.YAMLError):
-        return None
-    return data.get("study") if isinstance(data, dict) else None
 
 
 def _validate(args: argparse.Namespace) -> int:
     failed = 0
     for path in args.configs:
-        if _recipe_study(path) == "instruct_moe":  # its own schema (models, SFT settings, LoRA targets)
-            from ..instruct.config import load_instruct_config, validate_instruct_config  # noqa: PLC0415
-
-            try:
-                config = load_instruct_config(path, parse_overrides(args.overrides))
-                validate_instruct_config(config)
-            except (ConfigError, ValueError, OSError) as err:
-                failed += 1
-                print(f"FAIL {err}")
-                continue
-            print(f"OK   {path}: study=instruct_moe variant={config.variant} arms={list(config.arms)}")
-            continue
         try:
             config = load_study_config(path, parse_overrides(args.overrides))
-            validate_training_args(config)
+            checked = validate_training_args(config)
         except (ConfigError, OSError) as err:
             failed += 1
             print(f"FAIL {err}")
             continue
-        print(f"OK   {path}: study={config.study} variant={config.variant} arms={list(config.arms)} tasks={config.data['tasks']}")
+        print(f"OK   {path}: study={config.study} variant={config.variant} arms={list(config.arms)} "
+              f"tasks={config.data['tasks']}; checked: {'; '.join(checked)}")
     return 1 if failed else 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``compare``, ``ablate``, ``sweep-experts``, ``train`` and ``validate`` to ``subparsers``."""
-    for name, (study, help_text) in DRIVERS.items():
+    for name, (driver, help_text) in DRIVERS.items():
+        studies = DRIVER_STUDIES[driver]
         p = subparsers.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("config", nargs="?", default=None, help=f"recipe YAML (default: {DEFAULT_RECIPES[study]})")
+        p.add_argument("config", nargs="?", default=None, help=f"recipe YAML (default: {DEFAULT_RECIPES[studies[0]]})")
         add_run_arguments(p)
-        p.set_defaults(func=lambda a, _study=study: run_from_args(a, _study))
-        if name == "compare":
+        if len(studies) > 1:
             p.add_argument(
-                "--study", choices=["flan_moe", "instruct_moe"], default="flan_moe",
-                help="flan_moe: encoder-decoder T5/Switch (default); instruct_moe: decoder-only Llama/Mixtral with TRL SFT",
+                "--study", choices=list(studies), default=studies[0],
+                help="the default recipe when no CONFIG is given: flan_moe (encoder-decoder T5/Switch, default) or "
+                "instruct_moe (decoder-only Llama/Mixtral with TRL SFT)",
             )
-            p.set_defaults(func=lambda a: _run_instruct(a) if a.study == "instruct_moe" else run_from_args(a, "flan_moe"))
+        p.set_defaults(func=lambda a, _driver=driver: run_from_args(a, _driver))
 
     p = subparsers.add_parser("train", help="run any study recipe (same as recipes/train.py)")
     p.add_argument("config", help="recipe YAML")

@@ -1,9 +1,9 @@
 """Recipe YAML: loading, defaults + per-arm deltas, and validation with file- and key-named errors.
 
-A recipe describes one study (``flan_moe``, ``st_moe_freezing`` or ``expert_count``)::
+A recipe describes one study (``flan_moe``, ``st_moe_freezing``, ``expert_count`` or ``instruct_moe``)::
 
     study: flan_moe
-    variant: tiny                      # tiny (embedded world) | real (Hub models and datasets)
+    variant: tiny                      # smoke (one-minute check) | tiny (embedded world) | real (Hub models and datasets)
     seeds: 3                           # fine-tuning seeds per arm (an int N means 0..N-1, or a list)
     data: {source: embedded, tasks: [passage_yesno, ...], train_size: 128, ...}
     models:                            # base models the arms start from
@@ -11,14 +11,24 @@ A recipe describes one study (``flan_moe``, ``st_moe_freezing`` or ``expert_coun
       switch: {init: "tiny:switch", args: {moe_aux_loss_coef: 0.01}}
     pretrain: {enabled: true, args: {...}, sparse_args: {...}, dense_args: {...}, shipped_dir: checkpoints}
     instruct: {args: {...}}
-    finetune: {args: {...}, sparse_args: {...}, dense_args: {...}, family_args: true}
+    finetune: {args: {...}, sparse_args: {...}, dense_args: {...}, family_args: true,
+               early_stopping: {eval_every: 50, patience: 4, min_delta: 0.0}}
     evaluate: {split: test, batch_size: 64, max_new_tokens: 48}
     arms:                              # per-arm deltas over the defaults
       t5: {model: t5}
       flan_moe: {model: switch, instruct: true}
       moe_frozen: {model: switch, args: {moe_freeze_strategy: non_moe}}
+      flan_moe_0shot: {model: switch, instruct: true, finetune: false}   # zero-shot: evaluated, not fine-tuned
     deltas:                            # the differences the papers talk about
       - {name: "T5 - MoE", expr: "t5 - moe", paper: "+", source: "Flan-MoE Sec. 4"}
+    sft:                               # decoder-only models only (the model decides the backend)
+      chat_template: byte              # auto | model | byte | chatml (hf_moe_tuning.study.chat)
+      system: null                     # optional system message of every prompt
+      max_length: 256                  # and any other TRL SFTConfig-only field
+      lora: {r: 16, target_modules: [q_proj, v_proj], expert_parameters: [mlp.experts.gate_up_proj]}
+
+Encoder-decoder models train with ``MoETrainer``, decoder-only ones with ``MoESFTTrainer`` in chat
+format (:mod:`hf_moe_tuning.study.backends`); everything else is the same for both.
 
 ``pretrain.shipped_dir`` (relative to the recipe file) holds pretrain stages shipped with the
 repository (``pretrain/<model>-<key>/`` as the cache writes them); one is used instead of training only
@@ -51,8 +61,9 @@ from ..models import TINY_MODELS
 
 logger = logging.getLogger(__name__)
 
-STUDIES: tuple[str, ...] = ("flan_moe", "st_moe_freezing", "expert_count")
-VARIANTS: tuple[str, ...] = ("tiny", "real")
+STUDIES: tuple[str, ...] = ("flan_moe", "st_moe_freezing", "expert_count", "instruct_moe")
+#: smoke: the tiny pipeline at a one-minute size; tiny: the embedded miniature; real: Hub models and datasets.
+VARIANTS: tuple[str, ...] = ("smoke", "tiny", "real")
 KINDS: tuple[str, ...] = ("sparse", "dense")
 DIRECTIONS: dict[str, str] = {"+": "positive", "-": "negative", "0": "no clear difference"}
 
@@ -62,7 +73,7 @@ _TRAINING_ARG_NAMES = frozenset(f.name for f in dataclasses.fields(MoETrainingAr
 
 _TOP_KEYS = {
     "study", "variant", "description", "seeds", "tokenizer", "output_dir", "cache_dir",
-    "data", "models", "pretrain", "instruct", "finetune", "evaluate", "arms", "deltas",
+    "data", "models", "pretrain", "instruct", "finetune", "evaluate", "arms", "deltas", "sft",
 }
 _DATA_KEYS = {
     "source", "tasks", "train_size", "validation_size", "test_size", "seed", "max_source_length",
@@ -74,9 +85,10 @@ _PRETRAIN_KEYS = {
     "enabled", "seed", "noise_density", "mean_span", "args", "sparse_args", "dense_args", "family_args", "shipped_dir",
 }
 _INSTRUCT_KEYS = {"enabled", "seed", "args", "sparse_args", "dense_args", "family_args"}
-_FINETUNE_KEYS = {"args", "sparse_args", "dense_args", "family_args"}
+_FINETUNE_KEYS = {"args", "sparse_args", "dense_args", "family_args", "early_stopping"}
+_EARLY_STOPPING_KEYS = {"eval_every", "patience", "min_delta"}
 _EVALUATE_KEYS = {"split", "batch_size", "max_new_tokens"}
-_ARM_KEYS = {"model", "instruct", "args", "label"}
+_ARM_KEYS = {"model", "instruct", "finetune", "args", "label"}
 _DELTA_KEYS = {"name", "expr", "paper", "paper_value", "source"}
 
 
@@ -128,6 +140,8 @@ class ArmSpec:
     instruct: bool = False
     args: dict[str, Any] = field(default_factory=dict)
     label: str | None = None
+    #: ``False``: a zero-shot arm, evaluated as it starts (after pretraining / instruction tuning).
+    finetune: bool = True
 
 
 @dataclass
@@ -160,6 +174,8 @@ class StudyConfig:
     evaluate: dict[str, Any] = field(default_factory=dict)
     arms: dict[str, ArmSpec] = field(default_factory=dict)
     deltas: list[DeltaSpec] = field(default_factory=list)
+    #: Decoder-only models' SFT settings (chat template, system prompt, ``SFTConfig``-only fields, LoRA).
+    sft: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -327,8 +343,8 @@ def parse_study_config(raw: dict[str, Any], path: str | Path | None = None) -> S
             raise ConfigError(path, f"models.{name}.init", "missing model id (a 'tiny:<name>', Hub id or local path)")
         if init.startswith("tiny:") and init[5:] not in TINY_MODELS:
             raise ConfigError(path, f"models.{name}.init", f"unknown tiny model {init[5:]!r}; known: {sorted(TINY_MODELS)}")
-        if not init.startswith("tiny:") and variant == "tiny":
-            raise ConfigError(path, f"models.{name}.init", "a tiny recipe must use embedded models ('tiny:<name>')")
+        if not init.startswith("tiny:") and variant != "real":
+            raise ConfigError(path, f"models.{name}.init", f"a {variant} recipe must use embedded models ('tiny:<name>')")
         kind = spec.get("kind")
         if kind is not None and kind not in KINDS:
             raise ConfigError(path, f"models.{name}.kind", f"unknown kind {kind!r}; use one of {list(KINDS)}")
@@ -348,12 +364,21 @@ def parse_study_config(raw: dict[str, Any], path: str | Path | None = None) -> S
         pretrain.extra["shipped_dir"] = str(shipped)
     instruct = _stage(raw.get("instruct"), _INSTRUCT_KEYS, path, "instruct")
     finetune = _stage(raw.get("finetune"), _FINETUNE_KEYS, path, "finetune")
+    stopping = _expect_mapping(finetune.extra.get("early_stopping"), path, "finetune.early_stopping")
+    _check_keys(stopping, _EARLY_STOPPING_KEYS, path, "finetune.early_stopping")
+    for key in ("eval_every", "patience"):
+        if key in stopping and (isinstance(stopping[key], bool) or not isinstance(stopping[key], int) or stopping[key] < 1):
+            raise ConfigError(path, f"finetune.early_stopping.{key}", f"expected a positive int, got {stopping[key]!r}")
+    if "min_delta" in stopping and (isinstance(stopping["min_delta"], bool) or not isinstance(stopping["min_delta"], (int, float))):
+        raise ConfigError(path, "finetune.early_stopping.min_delta", f"expected a number, got {stopping['min_delta']!r}")
     if variant == "real" and pretrain.enabled and "pretrain" in raw:
         raise ConfigError(path, "pretrain.enabled", "real recipes start from Hub checkpoints; set enabled: false")
     if variant == "real":
         pretrain.enabled = False
     evaluate = _expect_mapping(raw.get("evaluate"), path, "evaluate")
     _check_keys(evaluate, _EVALUATE_KEYS, path, "evaluate")
+    if evaluate.get("split", "test") not in ("test", "validation"):
+        raise ConfigError(path, "evaluate.split", f"expected 'test' or 'validation', got {evaluate['split']!r}")
 
     arms: dict[str, ArmSpec] = {}
     for name, spec in _expect_mapping(raw["arms"], path, "arms").items():
@@ -369,7 +394,12 @@ def parse_study_config(raw: dict[str, Any], path: str | Path | None = None) -> S
             raise ConfigError(path, f"arms.{name}.instruct", "the instruct stage is disabled (instruct.enabled: false)")
         if instruct_arm and source == "hub" and not data.get("instruction_dataset"):
             raise ConfigError(path, "data.instruction_dataset", f"missing: arm {name!r} is instruction-tuned")
-        arms[name] = ArmSpec(name, model, instruct_arm, args, spec.get("label"))
+        finetune_arm = spec.get("finetune", True)
+        if not isinstance(finetune_arm, bool):
+            raise ConfigError(path, f"arms.{name}.finetune", f"expected true or false, got {finetune_arm!r}")
+        if not finetune_arm and args:
+            raise ConfigError(path, f"arms.{name}.args", "a zero-shot arm (finetune: false) trains nothing; remove its args")
+        arms[name] = ArmSpec(name, model, instruct_arm, args, spec.get("label"), finetune_arm)
     if not arms:
         raise ConfigError(path, "arms", "at least one arm is required")
 
@@ -412,6 +442,7 @@ def parse_study_config(raw: dict[str, Any], path: str | Path | None = None) -> S
         evaluate=dict(evaluate),
         arms=arms,
         deltas=deltas,
+        sft=_check_sft(raw.get("sft"), path, Path(path).parent if path else Path(".")),
     )
 
 
@@ -437,24 +468,162 @@ def load_study_config(path: str | Path, overrides: dict[str, Any] | None = None)
     return parse_study_config(read_recipe_yaml(path, overrides), Path(path))
 
 
-def validate_training_args(config: StudyConfig) -> None:
-    """Build ``MoETrainingArguments`` for every stage, model kind and arm to catch value errors offline."""
+# ---------------------------------------------------------------------------------------------- decoder-only SFT
+_LORA_KEYS = {
+    "r", "lora_alpha", "lora_dropout", "bias", "target_modules", "dense_target_modules", "expert_parameters",
+    "modules_to_save", "use_rslora",
+}
+#: ``SFTConfig`` fields the pipeline sets itself.
+_MANAGED_SFT = {"output_dir", "seed", "data_seed", "report_to", "chat_template_path"}
+_ACCELERATE_TYPES = {"NO", "MULTI_CPU", "MULTI_GPU", "FSDP", "DEEPSPEED"}
+
+
+def _sft_only_fields() -> frozenset[str]:
+    from transformers import TrainingArguments  # noqa: PLC0415
+    from trl import SFTConfig  # noqa: PLC0415
+
+    return frozenset(f.name for f in dataclasses.fields(SFTConfig)) - frozenset(
+        f.name for f in dataclasses.fields(TrainingArguments)
+    )
+
+
+def _check_sft(raw: Any, path: Any, base_dir: Path) -> dict[str, Any]:
+    """The ``sft`` section: chat template mode, system prompt, ``SFTConfig``-only fields, LoRA, accelerate config."""
+    from .chat import CHAT_TEMPLATE_MODES, OWN_SFT_KEYS  # noqa: PLC0415
+
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(path, "sft", f"expected a mapping, got {type(raw).__name__}")
+    own = sorted(OWN_SFT_KEYS)
+    for key in raw:
+        where = f"sft.{key}"
+        if key in _MANAGED_SFT:
+            raise ConfigError(path, where, "is set by the pipeline and cannot be given in a recipe")
+        if key in OWN_SFT_KEYS:
+            continue
+        try:
+            allowed = _sft_only_fields()
+        except ImportError:
+            raise ConfigError(path, where, "SFTConfig fields need TRL: pip install 'hf-moe-tuning[trl]'") from None
+        if key not in allowed:
+            raise ConfigError(path, where, f"unknown key: not an SFTConfig-only field nor one of {own}")
+    mode = raw.get("chat_template", "auto")
+    if mode not in CHAT_TEMPLATE_MODES:
+        raise ConfigError(path, "sft.chat_template", f"unknown mode {mode!r}; use one of {list(CHAT_TEMPLATE_MODES)}")
+    if raw.get("lora") is not None:
+        _check_lora(raw["lora"], path)
+    if raw.get("accelerate_config") is not None:
+        _check_accelerate(raw["accelerate_config"], path, base_dir)
+    return dict(raw)
+
+
+def _check_lora(lora: Any, path: Any) -> None:
+    from .chat import lora_config  # noqa: PLC0415
+
+    if not isinstance(lora, dict):
+        raise ConfigError(path, "sft.lora", f"expected a mapping, got {type(lora).__name__}")
+    for key in lora:
+        if key not in _LORA_KEYS:
+            raise ConfigError(path, f"sft.lora.{key}", f"unknown key; allowed: {sorted(_LORA_KEYS)}")
+    if not lora.get("target_modules"):
+        raise ConfigError(path, "sft.lora.target_modules", "missing: LoRA needs attention target modules")
+    for key in ("target_modules", "dense_target_modules", "expert_parameters"):
+        value = lora.get(key, [])
+        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise ConfigError(path, f"sft.lora.{key}", f"expected a list of names, got {value!r}")
+    try:
+        lora_config(lora, sparse=True)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(path, "sft.lora", f"invalid LoRA settings: {err}") from None
+
+
+def _check_accelerate(value: Any, path: Any, base_dir: Path) -> None:
+    candidates = [Path(value), base_dir / value]
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        raise ConfigError(path, "sft.accelerate_config", f"no such file {value!r}")
+    try:
+        cfg = yaml.safe_load(found.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(path, "sft.accelerate_config", f"{found}: not valid YAML: {err}") from None
+    kind = cfg.get("distributed_type")
+    if kind not in _ACCELERATE_TYPES:
+        raise ConfigError(path, "sft.accelerate_config", f"{found}: distributed_type {kind!r} not one of {sorted(_ACCELERATE_TYPES)}")
+
+
+#: Embedded stand-ins of Hub models, used to check LoRA targets offline (same module names).
+TINY_COUNTERPARTS: dict[str, str] = {
+    "allenai/OLMo-1B-0724-hf": "olmo",
+    "mistralai/Mistral-7B-v0.1": "mistral",
+    "Qwen/Qwen1.5-1.8B": "qwen2",
+}
+
+
+def _check_lora_targets(config: StudyConfig) -> list[str]:
+    from peft import get_peft_model  # noqa: PLC0415
+
+    from ..anatomy import describe_moe  # noqa: PLC0415
+    from ..models import HUB_IDS, build_from_config, build_tiny_model, tiny_config  # noqa: PLC0415
+    from .chat import lora_config  # noqa: PLC0415
+
+    counterparts = {**{hub: name for name, hub in HUB_IDS.items() if name in TINY_MODELS}, **TINY_COUNTERPARTS}
+    checked = []
+    for name, spec in config.models.items():
+        tiny = spec.init[5:] if spec.is_tiny else counterparts.get(spec.init)
+        if tiny is None:
+            checked.append(f"models.{name}: no tiny stand-in for {spec.init}, LoRA targets not checked")
+            continue
+        model = build_tiny_model(tiny) if tiny in TINY_MODELS else build_from_config(tiny_config(tiny))
+        sparse = describe_moe(model).is_moe
+        try:
+            peft_model = get_peft_model(model, lora_config(config.sft["lora"], sparse=sparse))
+        except ValueError as err:
+            raise ConfigError(config.path, "sft.lora", f"targets do not resolve on {spec.init} ({tiny} stand-in): {err}") from None
+        trained = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+        need = {"attention": ("self_attn",), **({"experts": ("experts",)} if sparse else {"MLP": ("mlp",)})}
+        for what, markers in need.items():
+            if not any(any(m in n for m in markers) for n in trained):
+                raise ConfigError(config.path, "sft.lora", f"no LoRA adapter on the {what} of {spec.init} ({tiny} stand-in)")
+        checked.append(f"models.{name}: LoRA on attention and {'experts' if sparse else 'MLP'} ({len(trained)} adapter tensors)")
+    return checked
+
+
+def validate_training_args(config: StudyConfig, check_lora_targets: bool = True) -> list[str]:
+    """Build every stage's and arm's training config (``MoETrainingArguments`` for encoder-decoder models,
+    ``MoESFTConfig`` for decoder-only ones) to catch value errors offline; with LoRA, check its targets.
+
+    Returns what was checked; raises :class:`ConfigError` naming the stage or arm.
+    """
     import tempfile  # noqa: PLC0415
 
+    from .backends import SEQ2SEQ, backend_name  # noqa: PLC0415
+
+    checked = ["training arguments of every stage and arm"]
     with tempfile.TemporaryDirectory() as tmp:
-        combos: list[tuple[str, dict]] = []
+        combos: list[tuple[str, str, dict]] = []
         for arm in config.arms.values():
             model = config.models[arm.model]
+            backend = backend_name(model)
             kinds = [model.kind] if model.kind else list(KINDS)
             for kind in kinds:
-                combos.append((f"arms.{arm.name}", {**config.finetune.args_for(kind), **model.args, **arm.args}))
+                combos.append((backend, f"arms.{arm.name}", {**config.finetune.args_for(kind), **model.args, **arm.args}))
                 for stage_name in ("pretrain", "instruct"):
                     stage: StageConfig = getattr(config, stage_name)
                     if stage.enabled:
-                        combos.append((stage_name, {**stage.args_for(kind), **model.args}))
-        for where, args in combos:
+                        combos.append((backend, stage_name, {**stage.args_for(kind), **model.args}))
+        for backend, where, args in combos:
+            # use_cpu / no bf16: judge the values, not this machine's hardware (bf16 recipes validate on a laptop)
             try:
-                # use_cpu: judge the values, not this machine's hardware (bf16 recipes validate on a laptop)
-                MoETrainingArguments(output_dir=tmp, report_to="none", use_cpu=True, **args)
+                if backend == SEQ2SEQ:
+                    MoETrainingArguments(output_dir=tmp, report_to="none", use_cpu=True, **args)
+                else:
+                    from .chat import OWN_SFT_KEYS, sft_config  # noqa: PLC0415
+
+                    options = {k: v for k, v in config.sft.items() if k not in OWN_SFT_KEYS}
+                    sft_config({**args, "bf16": False, "use_cpu": True}, tmp, sft_options=options)
             except (ValueError, TypeError) as err:
                 raise ConfigError(config.path, where, f"invalid training arguments: {err}") from None
+    if config.sft.get("lora") and check_lora_targets:
+        checked += _check_lora_targets(config)
+    return checked

@@ -1,42 +1,34 @@
-"""Evaluation of a seq2seq model on a held-out task: candidate scoring or greedy generation.
+"""Evaluation of a model on a held-out task: candidate scoring or greedy generation, both backends.
 
-* classification tasks: every candidate answer is scored by its summed log-likelihood given the input
-  (T5's rank classification) and the best one is the prediction;
+Encoder-decoder models (:func:`evaluate_task`) read the input and score/generate the target;
+decoder-only models (:func:`evaluate_chat_task`) read the chat-formatted prompt and score/generate the
+assistant turn (candidate + EOS). The protocol is the same:
+
+* classification tasks: every candidate answer is scored by its mean log-likelihood per target token
+  given the input (rank classification without the length bias of the sum; see
+  :mod:`hf_moe_tuning.study.scoring`) and the best one is the prediction;
 * generation tasks: greedy decoding (``model.generate``, one beam, no sampling).
 
-Metrics come from the evaluate modules shipped in :mod:`hf_moe_tuning.metrics_modules`.
+Metrics come from the evaluate modules shipped in :mod:`hf_moe_tuning.metrics_modules`, with the
+per-item scores the paired bootstrap resamples.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from datasets import Dataset
 
 from ..data.heldout import CLASSIFICATION, GENERATION
-from ..metrics_modules import load_metric
-
-
-@functools.lru_cache(maxsize=None)
-def _metric(name: str):
-    return load_metric(name)
+from .chat import render_prompt
+from .scoring import best_candidates, score_predictions
 
 
 def _batches(n: int, size: int):
     for start in range(0, n, size):
         yield range(start, min(start + size, n))
-
-
-def best_per_item(scores: torch.Tensor, choices: Sequence[Sequence[str]]) -> list[int]:
-    """Index of the highest-scoring candidate of each item; ``scores`` holds all candidates back to back."""
-    best: list[int] = []
-    offset = 0
-    for options in choices:
-        best.append(int(scores[offset : offset + len(options)].argmax()))
-        offset += len(options)
-    return best
 
 
 @torch.no_grad()
@@ -48,11 +40,11 @@ def score_candidates(
     batch_size: int = 64,
     max_source_length: int = 192,
 ) -> list[int]:
-    """Index of the most likely candidate (summed target log-likelihood) for each input."""
+    """Index of the most likely candidate (mean log-likelihood per target token) for each input."""
     pairs = [(i, c) for i, options in enumerate(choices) for c in options]
     if not pairs:
         return []
-    scores = torch.empty(len(pairs))
+    logliks, lengths = torch.empty(len(pairs)), torch.empty(len(pairs))
     model.eval()
     device = model.device
     for batch in _batches(len(pairs), batch_size):
@@ -64,8 +56,9 @@ def score_candidates(
         labels = labels.masked_fill(~mask, -100)
         logits = model(**enc, labels=labels).logits.float()
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        scores[list(batch)] = (logprobs * mask).sum(-1).cpu()
-    return best_per_item(scores, choices)
+        logliks[list(batch)] = (logprobs * mask).sum(-1).cpu()
+        lengths[list(batch)] = mask.sum(-1).float().cpu()
+    return best_candidates(logliks, lengths, choices)
 
 
 @torch.no_grad()
@@ -87,6 +80,15 @@ def generate_answers(
     return out
 
 
+@dataclass
+class TaskEvaluation:
+    """Metrics (each in [0, 1]), per-item scores of every metric, and the predictions."""
+
+    metrics: dict[str, float]
+    items: dict[str, list[float]]
+    predictions: list[str]
+
+
 def evaluate_task(
     model,
     tokenizer,
@@ -96,8 +98,8 @@ def evaluate_task(
     batch_size: int = 64,
     max_new_tokens: int = 48,
     max_source_length: int = 192,
-) -> dict[str, float]:
-    """Metrics (each in [0, 1]) of ``model`` on ``dataset`` (columns ``inputs``, ``targets``, ``choices``)."""
+) -> TaskEvaluation:
+    """Evaluate ``model`` on ``dataset`` (columns ``inputs``, ``targets``, ``choices``)."""
     inputs, references = list(dataset["inputs"]), list(dataset["targets"])
     if kind == CLASSIFICATION:
         choices = list(dataset["choices"])
@@ -107,7 +109,112 @@ def evaluate_task(
         predictions = generate_answers(model, tokenizer, inputs, batch_size, max_new_tokens, max_source_length)
     else:
         raise ValueError(f"unknown task kind {kind!r}; use {CLASSIFICATION!r} or {GENERATION!r}")
-    results: dict[str, float] = {}
-    for name in metrics:
-        results.update(_metric(name).compute(predictions=predictions, references=references))
-    return results
+    means, items = score_predictions(predictions, references, metrics)
+    return TaskEvaluation(means, items, predictions)
+
+
+# ------------------------------------------------------------------------------------------ decoder-only, chat format
+def _encode(tokenizer, text: str, max_length: int | None = None) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids[-max_length:] if max_length else ids  # keep the end: the question and generation prompt
+
+
+@torch.no_grad()
+def score_chat_candidates(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    choices: Sequence[Sequence[str]],
+    batch_size: int = 64,
+    max_prompt_length: int = 192,
+) -> list[int]:
+    """Index of the most likely candidate (mean log-likelihood per token of ``candidate + EOS`` after the prompt)."""
+    pairs = [(i, c) for i, options in enumerate(choices) for c in options]
+    if not pairs:
+        return []
+    prompt_ids = [_encode(tokenizer, p, max_prompt_length) for p in prompts]
+    pad = tokenizer.pad_token_id
+    logliks, lengths = torch.empty(len(pairs)), torch.empty(len(pairs))
+    model.eval()
+    for batch in _batches(len(pairs), batch_size):
+        sequences, starts = [], []
+        for j in batch:
+            i, candidate = pairs[j]
+            completion = _encode(tokenizer, candidate) + [tokenizer.eos_token_id]
+            starts.append(len(prompt_ids[i]))
+            sequences.append(prompt_ids[i] + completion)
+        width = max(len(s) for s in sequences)
+        input_ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
+        target_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        for row, (seq, start) in enumerate(zip(sequences, starts)):
+            input_ids[row, : len(seq)] = torch.tensor(seq)
+            attention[row, : len(seq)] = 1
+            target_mask[row, start : len(seq)] = True
+        input_ids, attention = input_ids.to(model.device), attention.to(model.device)
+        logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        mask = target_mask[:, 1:].to(logprobs.device)
+        logliks[list(batch)] = (logprobs * mask).sum(-1).cpu()
+        lengths[list(batch)] = mask.sum(-1).float().cpu()
+    return best_candidates(logliks, lengths, choices)
+
+
+@torch.no_grad()
+def generate_chat_answers(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    batch_size: int = 64,
+    max_new_tokens: int = 48,
+    max_prompt_length: int = 192,
+) -> list[str]:
+    """Greedy completions (until EOS) of chat-formatted ``prompts``, left-padded in batches."""
+    model.eval()
+    pad = tokenizer.pad_token_id
+    out: list[str] = []
+    for batch in _batches(len(prompts), batch_size):
+        encoded = [_encode(tokenizer, prompts[j], max_prompt_length) for j in batch]
+        width = max(len(e) for e in encoded)
+        input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
+        for row, ids in enumerate(encoded):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            attention[row, width - len(ids) :] = 1
+        generated = model.generate(
+            input_ids=input_ids.to(model.device),
+            attention_mask=attention.to(model.device),
+            max_new_tokens=max_new_tokens,
+            num_beams=1,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=pad,
+        )
+        out.extend(t.strip() for t in tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True))
+    return out
+
+
+def evaluate_chat_task(
+    model,
+    tokenizer,
+    dataset: Dataset,
+    kind: str,
+    metrics: Sequence[str],
+    batch_size: int = 64,
+    max_new_tokens: int = 48,
+    max_prompt_length: int = 192,
+    system: str | None = None,
+) -> TaskEvaluation:
+    """Evaluate a causal LM on ``dataset`` (columns ``inputs``, ``targets``, ``choices``)."""
+    prompts = [render_prompt(tokenizer, text, system) for text in dataset["inputs"]]
+    references = list(dataset["targets"])
+    if kind == CLASSIFICATION:
+        choices = list(dataset["choices"])
+        best = score_chat_candidates(model, tokenizer, prompts, choices, batch_size, max_prompt_length)
+        predictions = [options[i] for options, i in zip(choices, best)]
+    elif kind == GENERATION:
+        predictions = generate_chat_answers(model, tokenizer, prompts, batch_size, max_new_tokens, max_prompt_length)
+    else:
+        raise ValueError(f"unknown task kind {kind!r}; use {CLASSIFICATION!r} or {GENERATION!r}")
+    means, items = score_predictions(predictions, references, metrics)
+    return TaskEvaluation(means, items, predictions)

@@ -1,254 +1,337 @@
-"""Aggregate fine-tuning records into ``results.csv``, ``results.md`` and ``plot.png``.
+"""A study's files: ``results.csv``, ``deltas.csv``, ``items.csv.gz``, ``run.json`` → ``results.md`` + ``plot.png``.
 
-Scores are the task's primary metric in percent (accuracy; token F1 for the generation task). The
-Markdown report gives mean ± sample std over seeds per arm and task, the average over tasks, and the
-deltas the papers talk about, each next to the paper's direction with a plain "holds" / "does not
-hold" verdict on the task average.
+The pipeline writes the data files; :func:`render` turns them into ``results.md`` and ``plot.png``
+and reads nothing else, so a committed report can always be re-rendered and compared (a test does).
+
+``results.csv`` is long: one row per (arm, task, seed, metric)
+
+==================  ================================================================================
+column              meaning
+==================  ================================================================================
+``arm``             recipe arm, or ``baseline:<name>`` (majority, random, copy_input, copy_first_sentence)
+``label``           display name
+``task``            held-out task
+``seed``            fine-tuning seed (for baselines: the seed of ``random``; the others repeat)
+``metric``          metric name; ``primary`` is 1 on the task's primary metric
+``score``           percent
+``split``           the split scored (``test`` for committed results)
+``finetuned``       1 if the arm was fine-tuned on the task, 0 for zero-shot arms and baselines
+``instruct``        1 if the arm starts from the instruction-tuned model
+``kind``            ``dense`` / ``sparse`` / ``baseline``
+``learning_rate``   fine-tuning learning rate, ``batch_size`` per-device batch
+``optimizer_steps`` optimizer steps run before early stopping; ``best_step`` the step whose weights were kept
+``train_tokens``    non-padding source tokens seen in fine-tuning
+``validation_score`` best validation primary score (percent)
+==================  ================================================================================
+
+``deltas.csv``: ``delta, paper, mean, ci_low, ci_high, verdict, task`` (task ``average`` first), see
+:mod:`hf_moe_tuning.study.statistics`. ``items.csv.gz``: the per-item primary scores the bootstrap
+resampled. ``run.json``: the command, recipe, seeds, wall time, machine and versions of the run.
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
+import json
 import math
-import platform
 import statistics
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .config import DIRECTIONS, StudyConfig, evaluate_delta
+from .scoring import BASELINE_PREFIX
 
 AVERAGE = "average"
+STAGES = ("pretrain", "instruct", "finetune+eval")
+#: How far every fully fine-tuned arm must beat the best trivial baseline of a task (points).
+REQUIRED_MARGIN = {"classification": 10.0, "generation": 5.0}
+
+RESULT_FIELDS = (
+    "study", "arm", "label", "task", "task_kind", "seed", "metric", "primary", "score", "split", "finetuned",
+    "instruct", "kind", "model", "freeze_strategy", "learning_rate", "batch_size", "optimizer_steps", "best_step",
+    "train_tokens", "validation_score", "train_loss", "train_seconds", "eval_seconds",
+)
+DELTA_FIELDS = ("delta", "paper", "mean", "ci_low", "ci_high", "verdict", "task", "expr", "paper_value", "source")
+ITEM_FIELDS = ("arm", "task", "seed", "metric", "item", "score")
+DATE_PREFIX = "- date: "
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    values = list(values)
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def fmt(mean: float, std: float, signed: bool = False) -> str:
-    if math.isnan(mean):
-        return "–"
-    return f"{mean:+.1f} ± {std:.1f}" if signed else f"{mean:.1f} ± {std:.1f}"
-
-
-@dataclass
-class StudyResult:
-    """Records of a study run plus its metadata (versions, seeds, wall time, command)."""
-
-    config: StudyConfig
-    records: list[dict[str, Any]]
-    seeds: list[int]
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def arms(self) -> list[str]:
-        return list(self.config.arms)
-
-    @property
-    def tasks(self) -> list[str]:
-        return list(self.config.data["tasks"])
-
-    def scores(self) -> dict[str, dict[str, dict[int, float]]]:
-        """``scores[arm][task][seed]`` (percent), with ``task == "average"`` over tasks."""
-        out: dict[str, dict[str, dict[int, float]]] = {a: {t: {} for t in [*self.tasks, AVERAGE]} for a in self.arms}
-        for r in self.records:
-            out[r["arm"]][r["task"]][r["seed"]] = float(r["score"])
-        for arm in self.arms:
-            for seed in self.seeds:
-                per_task = [out[arm][t].get(seed) for t in self.tasks]
-                if all(v is not None for v in per_task):
-                    out[arm][AVERAGE][seed] = statistics.fmean(per_task)
-        return out
-
-    def arm_table(self) -> dict[str, dict[str, tuple[float, float]]]:
-        scores = self.scores()
-        return {a: {t: mean_std(list(scores[a][t].values())) for t in scores[a]} for a in self.arms}
-
-    def delta_table(self) -> list[dict[str, Any]]:
-        """Per delta: ``{"name", "expr", "paper", "values": {task: (mean, std)}, "holds": bool | None}``."""
-        scores = self.scores()
-        rows = []
-        for delta in self.config.deltas:
-            values: dict[str, tuple[float, float]] = {}
-            for task in [*self.tasks, AVERAGE]:
-                per_seed = []
-                for seed in self.seeds:
-                    arm_scores = {a: scores[a][task].get(seed) for a in self.arms}
-                    if all(v is not None for v in arm_scores.values()):
-                        per_seed.append(evaluate_delta(delta.expr, arm_scores))
-                values[task] = mean_std(per_seed)
-            rows.append({"delta": delta, "values": values, "holds": direction_holds(delta.paper, *values[AVERAGE])})
-        return rows
-
-
-def direction_holds(paper: str, mean: float, std: float) -> bool | None:
-    """Does a measured delta agree with the paper's direction?
-
-    ``+``/``-``: the mean has that sign. ``0`` (no clear difference in the paper): ``|mean|`` is at most
-    ``max(1 point, std over seeds)``.
-    """
-    if math.isnan(mean):
-        return None
-    if paper == "+":
-        return mean > 0
-    if paper == "-":
-        return mean < 0
-    return abs(mean) <= max(1.0, std)
-
-
-def verdict(paper: str, mean: float, std: float) -> str:
-    """Plain-words verdict: does the measured delta follow the paper's direction, beyond the noise?
-
-    The noise threshold is ``max(1 point, std over seeds)``; a delta below it is "within noise".
-    """
-    if math.isnan(mean):
-        return "–"
-    small = abs(mean) <= max(1.0, std)
-    if paper == "0":
-        return "yes" if small else "**no**"
-    same_sign = direction_holds(paper, mean, std)
-    if small:
-        return "within noise"
-    return "yes" if same_sign else "**no** (opposite)"
+def _round(value: Any, digits: int = 4) -> Any:
+    return round(value, digits) if isinstance(value, float) else value
 
 
 # ---------------------------------------------------------------------------------------------- writers
-CSV_FIELDS = (
-    "study", "arm", "model", "instruct", "kind", "task", "seed", "primary_metric", "score",
-    "accuracy", "exact_match", "token_f1", "train_loss", "learning_rate", "batch_size",
-    "freeze_strategy", "train_seconds", "eval_seconds", "cached",
-)
-
-
-def write_csv(result: StudyResult, path: Path) -> None:
+def write_results_csv(rows: Iterable[dict[str, Any]], path: Path) -> None:
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS, extrasaction="ignore")
         writer.writeheader()
-        for r in result.records:
-            arm = result.config.arms[r["arm"]]
-            row = {k: r.get(k) for k in CSV_FIELDS}
-            row.update(study=result.config.study, model=result.config.models[arm.model].init, instruct=arm.instruct)
-            for name, value in r["metrics"].items():
-                if name in CSV_FIELDS:
-                    row[name] = round(value, 6)
-            for key in ("score", "train_loss", "train_seconds", "eval_seconds"):
-                if isinstance(row.get(key), float):
-                    row[key] = round(row[key], 4)
-            writer.writerow(row)
+        for row in rows:
+            writer.writerow({k: _round(row.get(k)) for k in RESULT_FIELDS})
 
 
-def _label(result: StudyResult, arm: str) -> str:
-    return result.config.arms[arm].label or arm
+def write_deltas_csv(rows: Iterable[dict[str, Any]], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=DELTA_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _round(row.get(k), 3) for k in DELTA_FIELDS})
 
 
-def render_markdown(result: StudyResult) -> str:
-    cfg, meta = result.config, result.meta
-    tasks = [*result.tasks, AVERAGE]
-    lines = [f"# {cfg.study} ({cfg.variant})", ""]
-    if cfg.description:
-        lines += [cfg.description.strip(), ""]
+def write_items(rows: Iterable[tuple], path: Path) -> None:
+    with gzip.open(path, "wt", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(ITEM_FIELDS)
+        for row in rows:
+            writer.writerow([_round(v, 6) for v in row])
+
+
+def write_run_info(info: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _fmt(mean: float, std: float | None = None) -> str:
+    if math.isnan(mean):
+        return "–"
+    return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
+
+
+class _Table:
+    """Primary scores of ``results.csv``: ``scores[arm][task][seed]``, with the tasks' kinds and the arms' rows."""
+
+    def __init__(self, rows: list[dict[str, str]]):
+        self.rows = rows
+        primary = [r for r in rows if r["primary"] == "1"]
+        self.arms = list(dict.fromkeys(r["arm"] for r in primary))
+        self.tasks = list(dict.fromkeys(r["task"] for r in primary))
+        self.labels = {r["arm"]: r["label"] for r in primary}
+        self.task_kind = {r["task"]: r["task_kind"] for r in primary}
+        self.metric = {r["task"]: r["metric"] for r in primary}
+        self.scores: dict[str, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+        self.first: dict[str, dict[str, str]] = {}
+        for r in primary:
+            self.scores[r["arm"]][r["task"]][r["seed"]] = float(r["score"])
+            self.first.setdefault(r["arm"], r)
+
+    def cell(self, arm: str, task: str) -> tuple[float, float]:
+        if task == AVERAGE:
+            seeds = set.intersection(*(set(self.scores[arm][t]) for t in self.tasks))
+            per_seed = [statistics.fmean(self.scores[arm][t][s] for t in self.tasks) for s in sorted(seeds)]
+            return _mean_std(per_seed)
+        return _mean_std(list(self.scores[arm][task].values()))
+
+    def is_baseline(self, arm: str) -> bool:
+        return arm.startswith(BASELINE_PREFIX)
+
+    def fully_finetuned(self, arm: str) -> bool:
+        row = self.first[arm]
+        return row["finetuned"] == "1" and row["freeze_strategy"] in ("all", "")
+
+
+def margin_rows(table: _Table) -> list[tuple[str, str, float, str, float, bool]]:
+    """Per fully fine-tuned arm and task: ``(arm, task, margin, best baseline, required, ok)``."""
+    out = []
+    for task in table.tasks:
+        baselines = [(table.cell(a, task)[0], a) for a in table.arms if table.is_baseline(a) and task in table.scores[a]]
+        if not baselines:
+            continue
+        best, best_arm = max(baselines)
+        required = REQUIRED_MARGIN.get(table.task_kind[task], 10.0)
+        for arm in table.arms:
+            if not table.is_baseline(arm) and table.fully_finetuned(arm) and task in table.scores[arm]:
+                margin = table.cell(arm, task)[0] - best
+                out.append((arm, task, margin, best_arm, required, margin >= required))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- render
+def render_markdown(results: list[dict[str, str]], deltas: list[dict[str, str]], info: dict[str, Any]) -> str:
+    """``results.md`` from the rows of ``results.csv`` and ``deltas.csv`` and the run info."""
+    table = _Table(results)
+    tasks = [*table.tasks, AVERAGE]
+    lines = [f"# {info['study']} ({info['variant']})", ""]
+    if info.get("description"):
+        lines += [info["description"].strip(), ""]
+    versions = ", ".join(f"{k} {v}" for k, v in info.get("versions", {}).items())
     lines += [
-        f"- command: `{meta.get('command', '')}`",
-        f"- recipe: `{cfg.path}`",
-        f"- seeds: {', '.join(map(str, result.seeds))} (fine-tuning seeds; pretraining and instruction tuning use their recipe seeds)",
-        f"- wall time: {meta.get('wall_seconds', 0):.0f} s total ("
-        + ", ".join(f"{k} {v:.0f} s" for k, v in meta.get("stage_seconds", {}).items())
-        + f"); process CPU time {meta.get('cpu_seconds', 0):.0f} s; "
-        f"{meta.get('cached_runs', 0)} of {len(result.records)} fine-tuning runs (and stages reported as 0 s) came from the cache",
-        "- stage times as recorded when each stage was computed (cached ones included): "
-        + ", ".join(f"{k} {v:.0f} s" for k, v in meta.get("recorded_stage_seconds", {}).items()),
-        f"- device: {meta.get('device', '')}, torch threads: {meta.get('threads', '')}, "
-        f"1-min load average at the end: {meta.get('load_average') or 0:.1f}",
-        f"- versions: {', '.join(f'{k} {v}' for k, v in meta.get('versions', {}).items())}",
-        f"- date: {meta.get('date', '')}",
+        f"- command: `{info['command']}`",
+        f"- recipe: `{info['recipe']}`",
+        f"- seeds: {', '.join(map(str, info['seeds']))} (fine-tuning seeds); scored split: {info['split']}; "
+        f"items per task: " + ", ".join(f"{t} {n}" for t, n in info.get("items", {}).items()),
+        f"- wall time: {info['wall_seconds'] / 60:.1f} min ("
+        + ", ".join(f"{k} {info['stage_seconds'][k] / 60:.1f} min" for k in STAGES if k in info.get("stage_seconds", {}))
+        + f"); {info.get('cached_runs', 0)} of {info.get('runs', 0)} fine-tuning runs came from the cache",
+        f"- machine: {info['machine']}; torch threads: {info['threads']}"
+        + (f" in each of {info['jobs']} fine-tuning worker processes" if info.get("jobs", 1) > 1 else ""),
+        f"- versions: {versions}; source hash {info.get('source_hash', '')}",
+    ]
+    if info.get("shipped"):
+        lines.append("- shipped pretrained checkpoints used: " + ", ".join(f"`{p}`" for p in info["shipped"]))
+    lines += [f"{DATE_PREFIX}{info.get('date', '')}", ""]
+
+    metric_note = ", ".join(f"{t}: {table.metric[t]}" for t in table.tasks)
+    lines += [
+        "## Scores (percent, mean ± std over seeds)",
         "",
-        "## Scores (mean ± std over seeds, percent)",
-        "",
-        "Primary metric per task: " + ", ".join(
-            f"{t} {m}" for t, m in dict.fromkeys((r["task"], r["primary_metric"]) for r in result.records)
-        ) + ". Classification answers are picked by candidate log-likelihood; generation is greedy.",
+        f"Primary metric per task: {metric_note}. Classification answers are ranked by mean log-likelihood per "
+        "token; generation is greedy. Rows named *baseline:* are the trivial baselines (majority answer of the "
+        "training split, uniformly random answer, copying the input or its first sentence).",
         "",
         "| arm | " + " | ".join(tasks) + " |",
         "|---|" + "---|" * len(tasks),
     ]
-    table = result.arm_table()
-    for arm in result.arms:
-        lines.append(f"| {_label(result, arm)} | " + " | ".join(fmt(*table[arm][t]) for t in tasks) + " |")
-    deltas = result.delta_table()
-    if deltas:
+    for arm in table.arms:
+        lines.append(f"| {table.labels[arm]} | " + " | ".join(_fmt(*table.cell(arm, t)) for t in tasks) + " |")
+
+    trained = [a for a in table.arms if table.first[a]["finetuned"] == "1"]
+    if trained:
         lines += [
             "",
-            "## Deltas the papers talk about (points, mean ± std over seeds)",
+            "## Fine-tuning (means over tasks and seeds)",
             "",
-            "Verdict on the average: *yes* = the paper's direction, by more than the noise threshold "
-            "max(1 point, std over seeds) (with one seed there is no std, so only the 1-point threshold applies); "
-            "*within noise* = smaller than that threshold; *no* = the opposite direction (or, for a "
-            "'no clear difference' finding, a difference beyond the threshold).",
+            "Each run trains until the validation score stops improving and keeps its best weights.",
             "",
-            "| delta | paper | " + " | ".join(tasks) + " | direction holds (average)? |",
-            "|---|---|" + "---|" * len(tasks) + "---|",
+            "| arm | kind | freezing | learning rate | batch | optimizer steps | best step | train tokens | best validation |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
-        for row in deltas:
-            d = row["delta"]
-            paper = DIRECTIONS[d.paper] + (f" ({d.paper_value:+g})" if d.paper_value is not None else "")
-            if d.source:
-                paper += f", {d.source}"
-            word = verdict(d.paper, *row["values"][AVERAGE])
+        for arm in trained:
+            rows = [r for r in results if r["arm"] == arm and r["primary"] == "1"]
+            first = rows[0]
+
+            def avg(key: str, rows=rows) -> float:
+                return statistics.fmean(float(r[key]) for r in rows if r[key] not in ("", None))
+
             lines.append(
-                f"| {d.name} | {paper} | " + " | ".join(fmt(*row["values"][t], signed=True) for t in tasks) + f" | {word} |"
+                f"| {table.labels[arm]} | {first['kind']} | {first['freeze_strategy']} | {first['learning_rate']} | "
+                f"{first['batch_size']} | {avg('optimizer_steps'):.0f} | {avg('best_step'):.0f} | "
+                f"{avg('train_tokens'):,.0f} | {avg('validation_score'):.1f} |"
             )
-    lines += ["", "![scores](plot.png)", ""]
+
+    margins = margin_rows(table)
+    if margins:
+        failing = [m for m in margins if not m[5]]
+        lines += [
+            "",
+            "## Do the fully fine-tuned arms beat the trivial baselines?",
+            "",
+            f"Required margin over the best baseline: {REQUIRED_MARGIN['classification']:g} points on classification, "
+            f"{REQUIRED_MARGIN['generation']:g} on generation. "
+            + (f"**{len(failing)} of {len(margins)} arm–task cells fall short.**" if failing else f"All {len(margins)} arm–task cells clear it."),
+            "",
+            "| arm | " + " | ".join(table.tasks) + " |",
+            "|---|" + "---|" * len(table.tasks),
+        ]
+        by_arm: dict[str, dict[str, tuple]] = defaultdict(dict)
+        for arm, task, margin, best_arm, _required, ok in margins:
+            by_arm[arm][task] = (margin, best_arm, ok)
+        for arm, cells in by_arm.items():
+            row = []
+            for task in table.tasks:
+                if task not in cells:
+                    row.append("–")
+                    continue
+                margin, best_arm, ok = cells[task]
+                text = f"{margin:+.1f} vs {table.labels[best_arm].removeprefix(BASELINE_PREFIX)}"
+                row.append(text if ok else f"**{text}**")
+            lines.append(f"| {table.labels[arm]} | " + " | ".join(row) + " |")
+
+    if deltas:
+        average = [d for d in deltas if d["task"] == AVERAGE]
+        per_task: dict[str, dict[str, dict[str, str]]] = defaultdict(dict)
+        for d in deltas:
+            per_task[d["delta"]][d["task"]] = d
+        lines += [
+            "",
+            "## Findings of the papers (points; mean and paired-bootstrap 95 % CI over seeds and test items)",
+            "",
+            "A directional finding is *reproduced* when the CI on the average over tasks excludes 0 in the paper's "
+            "direction, *opposite* when it excludes 0 the other way, *inconclusive* otherwise. A 'no clear "
+            "difference' finding is *reproduced* only when the whole CI lies within ±2 points, *different* when it "
+            "excludes 0, *inconclusive* otherwise.",
+            "",
+            "| finding | paper | average [95 % CI] | verdict | " + " | ".join(table.tasks) + " |",
+            "|---|---|---|---|" + "---|" * len(table.tasks),
+        ]
+        for d in average:
+            paper = {"+": "positive", "-": "negative", "0": "no clear difference"}[d["paper"]]
+            if d.get("paper_value"):
+                paper += f" ({float(d['paper_value']):+g})"
+            if d.get("source"):
+                paper += f"; {d['source']}"
+            cells = []
+            for task in table.tasks:
+                t = per_task[d["delta"]].get(task)
+                cells.append(f"{float(t['mean']):+.1f} [{float(t['ci_low']):+.1f}, {float(t['ci_high']):+.1f}]" if t else "–")
+            lines.append(
+                f"| {d['delta']} | {paper} | {float(d['mean']):+.1f} [{float(d['ci_low']):+.1f}, {float(d['ci_high']):+.1f}] | "
+                f"**{d['verdict']}** | " + " | ".join(cells) + " |"
+            )
+    lines += ["", "![scores and findings](plot.png)", ""]
     return "\n".join(lines)
 
 
-def write_plot(result: StudyResult, path: Path) -> None:
+def render_plot(results: list[dict[str, str]], deltas: list[dict[str, str]], info: dict[str, Any], path: Path) -> None:
+    """``plot.png``: scores per task (baselines hatched) and each finding's CI on the average."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    tasks = [*result.tasks, AVERAGE]
-    table = result.arm_table()
-    width = 0.8 / max(len(result.arms), 1)
-    fig, ax = plt.subplots(figsize=(1.6 * len(tasks) + 2, 3.6))
-    for i, arm in enumerate(result.arms):
-        means = [table[arm][t][0] for t in tasks]
-        stds = [table[arm][t][1] for t in tasks]
-        xs = [j + (i - (len(result.arms) - 1) / 2) * width for j in range(len(tasks))]
-        ax.bar(xs, means, width, yerr=stds, capsize=2, label=_label(result, arm))
+    table = _Table(results)
+    tasks = [*table.tasks, AVERAGE]
+    average = [d for d in deltas if d["task"] == AVERAGE]
+    ncols = 2 if average else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(1.7 * len(tasks) + 2 + (4 if average else 0), 4.0), squeeze=False,
+                             gridspec_kw={"width_ratios": [3, 1.4][:ncols]})
+    ax = axes[0][0]
+    width = 0.8 / max(len(table.arms), 1)
+    for i, arm in enumerate(table.arms):
+        cells = [table.cell(arm, t) if (t == AVERAGE or t in table.scores[arm]) else (math.nan, math.nan) for t in tasks]
+        xs = [j + (i - (len(table.arms) - 1) / 2) * width for j in range(len(tasks))]
+        style = {"hatch": "//", "alpha": 0.45} if table.is_baseline(arm) else {}
+        ax.bar(xs, [c[0] for c in cells], width, yerr=[c[1] for c in cells], capsize=2, label=table.labels[arm], **style)
     ax.set_xticks(range(len(tasks)), tasks, rotation=15)
     ax.set_ylabel("score (%)")
-    ax.set_title(f"{result.config.study} ({result.config.variant}), {len(result.seeds)} seed(s)")
-    ax.legend(fontsize=8, ncol=min(len(result.arms), 5), loc="lower center", bbox_to_anchor=(0.5, 1.08))
+    ax.set_title(f"{info['study']} ({info['variant']}), {len(info['seeds'])} seed(s), {info['split']} split")
+    ax.legend(fontsize=7, ncol=min(len(table.arms), 4), loc="lower center", bbox_to_anchor=(0.5, 1.1))
+    if average:
+        ax2 = axes[0][1]
+        ys = list(range(len(average)))[::-1]
+        means = [float(d["mean"]) for d in average]
+        low = [float(d["mean"]) - float(d["ci_low"]) for d in average]
+        high = [float(d["ci_high"]) - float(d["mean"]) for d in average]
+        colors = {"reproduced": "tab:green", "opposite": "tab:red", "different": "tab:red"}
+        for y, m, lo, hi, d in zip(ys, means, low, high, average):
+            ax2.errorbar([m], [y], xerr=[[lo], [hi]], fmt="o", capsize=3, color=colors.get(d["verdict"], "tab:gray"))
+        ax2.axvline(0, color="black", lw=0.8)
+        ax2.set_yticks(ys, [d["delta"] for d in average], fontsize=7)
+        ax2.set_xlabel("points (95 % CI, average over tasks)")
+        ax2.set_title("findings", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def write_results(result: StudyResult, output_dir: str | Path) -> dict[str, Path]:
-    """Write ``results.csv``, ``results.md`` and ``plot.png`` into ``output_dir``; returns their paths."""
+def render(output_dir: str | Path) -> dict[str, Path]:
+    """Render ``results.md`` and ``plot.png`` of ``output_dir`` from its ``results.csv``, ``deltas.csv`` and ``run.json``."""
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": out / "results.csv", "md": out / "results.md", "plot": out / "plot.png"}
-    write_csv(result, paths["csv"])
-    paths["md"].write_text(render_markdown(result))
-    write_plot(result, paths["plot"])
+    results = read_csv(out / "results.csv")
+    deltas = read_csv(out / "deltas.csv") if (out / "deltas.csv").is_file() else []
+    info = json.loads((out / "run.json").read_text())
+    paths = {"md": out / "results.md", "plot": out / "plot.png"}
+    paths["md"].write_text(render_markdown(results, deltas, info))
+    render_plot(results, deltas, info, paths["plot"])
     return paths
-
-
-def environment_versions() -> dict[str, str]:
-    """Versions of Python and the libraries that determine the numbers."""
-    import importlib.metadata as md  # noqa: PLC0415
-
-    versions = {"python": platform.python_version()}
-    for dist in ("hf-moe-tuning", "torch", "transformers", "accelerate", "datasets", "evaluate"):
-        try:
-            versions[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            versions[dist] = "not installed"
-    return versions

@@ -10,19 +10,25 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import platform
 import shlex
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 from tqdm.auto import tqdm
 
-from .cache import StageCache
-from .config import StudyConfig, load_study_config
-from .report import StudyResult, environment_versions, write_results
+from .backends import backend_for, backend_name, parameter_summary
+from .cache import StageCache, library_versions, source_hash
+from .config import StudyConfig, delta_arms, evaluate_delta, load_study_config
+from .report import AVERAGE, render, write_deltas_csv, write_items, write_results_csv, write_run_info
+from .scoring import BASELINE_PREFIX, baseline_predictions, baselines_for, score_predictions
 from .stages import ensure_instructed, ensure_pretrained, finetune_and_evaluate, load_task_splits
+from .statistics import delta_items, paired_bootstrap, verdict
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +39,13 @@ DEFAULT_RECIPES: dict[str, str] = {
     "flan_moe": "recipes/flan_moe/tiny.yaml",
     "st_moe_freezing": "recipes/st_moe_freezing/tiny.yaml",
     "expert_count": "recipes/expert_count/tiny.yaml",
+    "instruct_moe": "recipes/instruct_moe/tiny.yaml",
+}
+#: The studies each driver runs (``compare`` runs the encoder-decoder and the decoder-only comparison).
+DRIVER_STUDIES: dict[str, tuple[str, ...]] = {
+    "compare": ("flan_moe", "instruct_moe"),
+    "ablate": ("st_moe_freezing",),
+    "sweep_experts": ("expert_count",),
 }
 
 
@@ -47,10 +60,128 @@ def resolve_recipe(path: str | Path | None, study: str) -> Path:
     raise FileNotFoundError(f"no recipe given and {candidate} not found (run from a clone of the repository or pass CONFIG)")
 
 
-def _device() -> str:
-    if torch.cuda.is_available():
-        return f"cuda ({torch.cuda.get_device_name(0)})"
-    return "cpu"
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    device = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
+    return f"{platform.system()} {platform.machine()} ({cpu}), {os.cpu_count()} logical CPUs, device {device}"
+
+
+def _sizes(config: StudyConfig, spec, path: str) -> dict[str, Any]:
+    """Parameter counts of a model whose stage record has none (a shipped checkpoint); tiny models only."""
+    if not spec.is_tiny:
+        return {}
+    backend = backend_for(config, spec)
+    return parameter_summary(backend.load(path, backend.tokenizer()))
+
+
+def delta_coefficients(expr: str, arms: list[str]) -> dict[str, float]:
+    """The linear coefficient of every arm in a delta expression (``"(a - b) - (c - d)"`` -> ``{a: 1, b: -1, ...}``)."""
+    coefficients = {arm: evaluate_delta(expr, {a: float(a == arm) for a in arms}) for arm in delta_arms(expr)}
+    return {arm: c for arm, c in coefficients.items() if c != 0}
+
+
+def _check_record(record: dict[str, Any], metrics, cache: StageCache) -> dict[str, Any]:
+    missing = [m for m in metrics if m not in record["metrics"]]
+    if missing:
+        raise RuntimeError(f"cached result of {record['arm']}/{record['task']}/seed {record['seed']} lacks metrics {missing}; "
+                           f"clear {cache.root}")
+    return record
+
+
+def _worker_job(config: StudyConfig, job: tuple[int, str, str], start: tuple[str, str], cache_root: str, threads: int):
+    """One fine-tuning job in a worker process (same thread count as the parent, so the same cache keys)."""
+    torch.set_num_threads(threads)
+    datasets.disable_progress_bars()
+    seed, arm, task = job
+    splits, kind, metrics = load_task_splits(config, task)
+    return finetune_and_evaluate(config, arm, task, seed, *start, splits, kind, metrics, StageCache(cache_root))
+
+
+def _run_jobs(config, jobs, starts, tasks, cache: StageCache, progress: bool, num_jobs: int) -> list[dict[str, Any]]:
+    """Fine-tune and evaluate every ``(seed, arm, task)`` job, in order; in ``num_jobs`` processes if > 1."""
+    bar = tqdm(total=len(jobs), desc=f"{config.study}: fine-tune + evaluate", disable=not progress)
+    if num_jobs <= 1:
+        records = []
+        for seed, arm, task in jobs:
+            bar.set_postfix_str(f"seed={seed} arm={arm} task={task}")
+            splits, kind, metrics = tasks[task]
+            record = finetune_and_evaluate(config, arm, task, seed, *starts[arm], splits, kind, metrics, cache, progress=progress)
+            records.append(_check_record(record, metrics, cache))
+            bar.update()
+        bar.close()
+        return records
+    import concurrent.futures  # noqa: PLC0415
+    import multiprocessing  # noqa: PLC0415
+
+    results: dict[int, dict[str, Any]] = {}
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=num_jobs, mp_context=context) as pool:
+        futures = {
+            pool.submit(_worker_job, config, job, starts[job[1]], str(cache.root), torch.get_num_threads()): i
+            for i, job in enumerate(jobs)
+        }
+        for future in concurrent.futures.as_completed(futures):
+            i = futures[future]
+            seed, arm, task = jobs[i]
+            results[i] = _check_record(future.result(), tasks[task][2], cache)
+            bar.set_postfix_str(f"done seed={seed} arm={arm} task={task}")
+            bar.update()
+    bar.close()
+    return [results[i] for i in range(len(jobs))]
+
+
+def _baseline_records(config: StudyConfig, tasks: dict, seeds: list[int]) -> list[dict[str, Any]]:
+    split = config.evaluate.get("split", "test")
+    records = []
+    for task, (splits, kind, metrics) in tasks.items():
+        data = splits[split]
+        for name in baselines_for(kind):
+            for seed in seeds:
+                predictions = baseline_predictions(
+                    name, kind, list(data["inputs"]), list(data["choices"]), list(splits["train"]["targets"]), seed
+                )
+                means, items = score_predictions(predictions, list(data["targets"]), metrics)
+                records.append({
+                    "arm": f"{BASELINE_PREFIX}{name}", "task": task, "seed": seed, "kind": "baseline", "split": split,
+                    "metrics": means, "items": items, "primary_metric": metrics[0],
+                })
+    return records
+
+
+def _result_rows(config: StudyConfig, records: list[dict[str, Any]], task_kinds: dict[str, str]) -> list[dict[str, Any]]:
+    rows = []
+    for r in records:
+        arm = config.arms.get(r["arm"])
+        base = {
+            "study": config.study, "arm": r["arm"], "label": (arm.label or arm.name) if arm else r["arm"],
+            "task": r["task"], "task_kind": task_kinds[r["task"]], "seed": r["seed"], "split": r.get("split"),
+            "finetuned": int(bool(arm and arm.finetune)), "instruct": int(bool(arm and arm.instruct)),
+            "kind": r.get("kind"), "model": config.models[arm.model].init if arm else "",
+            **{k: r.get(k) for k in ("freeze_strategy", "learning_rate", "batch_size", "optimizer_steps", "best_step",
+                                     "train_tokens", "validation_score", "train_loss", "train_seconds", "eval_seconds")},
+        }
+        for metric in sorted(r["metrics"], key=lambda m: (m != r["primary_metric"], m)):  # primary first, then by name
+            rows.append({**base, "metric": metric, "primary": int(metric == r["primary_metric"]), "score": 100.0 * r["metrics"][metric]})
+    return rows
+
+
+def _delta_rows(config: StudyConfig, records: list[dict[str, Any]], seeds: list[int], tasks: list[str]) -> list[dict[str, Any]]:
+    items: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(dict))
+    for r in records:
+        items[r["task"]][r["arm"]][r["seed"]] = r["items"][r["primary_metric"]]
+    rows: list[dict[str, Any]] = []
+    for delta in config.deltas:
+        coefficients = delta_coefficients(delta.expr, list(config.arms))
+        per_task = {task: delta_items(coefficients, items[task], seeds) for task in tasks}
+        estimates = paired_bootstrap(per_task)
+        for task in [AVERAGE, *tasks]:
+            e = estimates[task]
+            rows.append({
+                "delta": delta.name, "paper": delta.paper, "mean": e.mean, "ci_low": e.ci_low, "ci_high": e.ci_high,
+                "verdict": verdict(delta.paper, e.ci_low, e.ci_high), "task": task, "expr": delta.expr,
+                "paper_value": delta.paper_value, "source": delta.source,
+            })
+    return rows
 
 
 def run_study(
@@ -60,97 +191,117 @@ def run_study(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     command: str | None = None,
-) -> StudyResult:
-    """Run every arm of ``config`` on every task for every seed; write and return the results.
+    num_jobs: int = 1,
+) -> dict[str, Path]:
+    """Run every arm of ``config`` on every task for every seed; write the study's files; return their paths.
 
     Stages are cached under ``cache_dir`` (default: the recipe's ``cache_dir``): rerunning only redoes
-    what changed. Returns the :class:`StudyResult` whose files are in ``output_dir``.
+    what changed (configuration, code, library versions, platform or thread count). ``num_jobs > 1`` runs
+    the fine-tuning jobs in that many worker processes, each with this process's torch thread count
+    (so the results and cache keys equal a one-process run's).
     """
     seeds = list(config.seeds if seeds is None else seeds)
     output_dir = Path(output_dir or config.output_dir)
+    datasets.disable_progress_bars()  # per-map bars of every stage drown the stage bars
     cache = StageCache(cache_dir or config.cache_dir)
-    started, cpu_started = time.perf_counter(), time.process_time()
+    started = time.perf_counter()
     stage_seconds = {"pretrain": 0.0, "instruct": 0.0, "finetune+eval": 0.0}
-    recorded = {"pretrain": 0.0, "instruct": 0.0, "finetune+eval": 0.0}  # including cached stages
+    shipped: list[str] = []
 
     # 1-2. base models: pretrain every model an arm uses; instruction-tune those an instruct arm uses
-    starts: dict[str, tuple[str, str]] = {}  # arm -> (path, key)
     pretrained: dict[str, tuple[str, str]] = {}
     instructed: dict[str, tuple[str, str]] = {}
     models_needed = list(dict.fromkeys(arm.model for arm in config.arms.values()))
+    stage_start = time.perf_counter()
+    models_info: dict[str, dict[str, Any]] = {}
     for name in tqdm(models_needed, desc="pretrain", disable=not progress):
-        path, key, info = ensure_pretrained(config, config.models[name], cache)
-        stage_seconds["pretrain"] += 0.0 if info.get("cached") else info.get("seconds", 0.0)
-        recorded["pretrain"] += info.get("seconds", 0.0)
+        spec = config.models[name]
+        path, key, info = ensure_pretrained(config, spec, cache, progress=progress)
+        if info.get("shipped"):
+            shipped.append(os.path.relpath(info["shipped"]))
         pretrained[name] = (path, key)
+        models_info[name] = {"init": spec.init, "overrides": spec.overrides, "backend": backend_name(spec),
+                             "pretrain_loss": info.get("train_loss"), **(info.get("params") or _sizes(config, spec, path))}
+    stage_seconds["pretrain"] = time.perf_counter() - stage_start
     instruct_models = list(dict.fromkeys(arm.model for arm in config.arms.values() if arm.instruct))
+    stage_start = time.perf_counter()
     for name in tqdm(instruct_models, desc="instruct", disable=not progress or not instruct_models):
-        path, key, info = ensure_instructed(config, config.models[name], *pretrained[name], cache)
-        stage_seconds["instruct"] += 0.0 if info.get("cached") else info.get("seconds", 0.0)
-        recorded["instruct"] += info.get("seconds", 0.0)
+        path, key, info = ensure_instructed(config, config.models[name], *pretrained[name], cache, progress=progress)
         instructed[name] = (path, key)
-    for arm in config.arms.values():
-        starts[arm.name] = instructed[arm.model] if arm.instruct else pretrained[arm.model]
+        models_info[name].update(mixture_eval_loss=info.get("mixture_eval_loss"), mixture_train_loss=info.get("train_loss"))
+    stage_seconds["instruct"] = time.perf_counter() - stage_start
+    starts = {arm.name: instructed[arm.model] if arm.instruct else pretrained[arm.model] for arm in config.arms.values()}
 
-    # 3-4. fine-tune every arm on every task, for every seed, and evaluate
+    # 3-4. fine-tune every arm on every task, for every seed, and evaluate; the trivial baselines
     tasks = {task: load_task_splits(config, task) for task in config.data["tasks"]}
     jobs = [(seed, arm, task) for seed in seeds for arm in config.arms for task in tasks]
-    records: list[dict[str, Any]] = []
-    bar = tqdm(jobs, desc=f"{config.study}: fine-tune + evaluate", disable=not progress)
-    finetune_started = time.perf_counter()
-    for seed, arm, task in bar:
-        bar.set_postfix_str(f"seed={seed} arm={arm} task={task}")
-        splits, kind, metrics = tasks[task]
-        record = finetune_and_evaluate(config, arm, task, seed, *starts[arm], splits, kind, metrics, cache)
-        missing = [m for m in metrics if m not in record["metrics"]]
-        if missing:
-            raise RuntimeError(f"cached result of {arm}/{task}/seed {seed} lacks metrics {missing}; clear {cache.root}")
-        # the primary score follows the task's current primary metric (every metric is stored)
-        records.append({**record, "primary_metric": metrics[0], "score": 100.0 * record["metrics"][metrics[0]]})
-    stage_seconds["finetune+eval"] = time.perf_counter() - finetune_started
-    recorded["finetune+eval"] = sum(r.get("train_seconds", 0.0) + r.get("eval_seconds", 0.0) for r in records)
+    stage_start = time.perf_counter()
+    records = _run_jobs(config, jobs, starts, tasks, cache, progress, num_jobs)
+    stage_seconds["finetune+eval"] = time.perf_counter() - stage_start
+    trained_records = records
+    records = _baseline_records(config, tasks, seeds) + trained_records
 
-    result = StudyResult(
-        config=config,
-        records=records,
-        seeds=seeds,
-        meta={
-            "command": command or " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]]),
-            "wall_seconds": time.perf_counter() - started,
-            "cpu_seconds": time.process_time() - cpu_started,
-            "cached_runs": sum(bool(r.get("cached")) for r in records),
-            "stage_seconds": stage_seconds,
-            "recorded_stage_seconds": recorded,
-            "versions": environment_versions(),
-            "device": _device(),
-            "threads": torch.get_num_threads(),
-            "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        },
+    task_kinds = {task: kind for task, (_splits, kind, _metrics) in tasks.items()}
+    split = config.evaluate.get("split", "test")
+    info = {
+        "study": config.study,
+        "variant": config.variant,
+        "description": config.description,
+        "command": command or " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "recipe": os.path.relpath(config.path) if config.path != "<dict>" else config.path,
+        "seeds": seeds,
+        "split": split,
+        "items": {task: len(splits[split]) for task, (splits, _k, _m) in tasks.items()},
+        "wall_seconds": time.perf_counter() - started,
+        "stage_seconds": stage_seconds,
+        "runs": len(trained_records),
+        "cached_runs": sum(bool(r.get("cached")) for r in trained_records),
+        "machine": _machine(),
+        "threads": torch.get_num_threads(),
+        "jobs": num_jobs,
+        "versions": {"python": platform.python_version(), **library_versions()},
+        "source_hash": source_hash(),
+        "shipped": sorted(set(shipped)),
+        "models": models_info,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "csv": output_dir / "results.csv", "deltas": output_dir / "deltas.csv",
+        "items": output_dir / "items.csv.gz", "run": output_dir / "run.json",
+    }
+    write_results_csv(_result_rows(config, records, task_kinds), paths["csv"])
+    write_deltas_csv(_delta_rows(config, records, seeds, list(tasks)), paths["deltas"])
+    write_items(
+        ((r["arm"], r["task"], r["seed"], r["primary_metric"], i, v)
+         for r in records for i, v in enumerate(r["items"][r["primary_metric"]])),
+        paths["items"],
     )
-    paths = write_results(result, output_dir)
+    write_run_info(info, paths["run"])
+    paths.update(render(output_dir))
     logger.info("wrote %s", ", ".join(str(p) for p in paths.values()))
-    return result
+    return paths
 
 
-def _run_driver(study: str, recipe: str | Path | None, num_seeds: int | None, overrides: dict | None, **kwargs: Any) -> StudyResult:
-    config = load_study_config(resolve_recipe(recipe, study), overrides)
-    if config.study != study:
-        raise ValueError(f"{config.path}: study: this driver runs '{study}' recipes, the recipe is a '{config.study}' study")
+def _run_driver(driver: str, recipe: str | Path | None, num_seeds: int | None, overrides: dict | None, **kwargs: Any) -> dict[str, Path]:
+    studies = DRIVER_STUDIES[driver]
+    config = load_study_config(resolve_recipe(recipe, studies[0]), overrides)
+    if config.study not in studies:
+        raise ValueError(f"{config.path}: study: {driver} runs {' or '.join(studies)} recipes, the recipe is a '{config.study}' study")
     seeds = list(range(num_seeds)) if num_seeds is not None else None
     return run_study(config, seeds=seeds, **kwargs)
 
 
-def compare(recipe: str | Path | None = None, num_seeds: int | None = None, overrides: dict | None = None, **kwargs: Any) -> StudyResult:
-    """Flan-MoE's comparison: T5, Flan-T5, MoE, Flan-MoE fine-tuned on held-out tasks."""
-    return _run_driver("flan_moe", recipe, num_seeds, overrides, **kwargs)
+def compare(recipe: str | Path | None = None, num_seeds: int | None = None, overrides: dict | None = None, **kwargs: Any) -> dict[str, Path]:
+    """Flan-MoE's comparison: T5, Flan-T5, MoE, Flan-MoE (or their decoder-only counterparts) on held-out tasks."""
+    return _run_driver("compare", recipe, num_seeds, overrides, **kwargs)
 
 
-def ablate(recipe: str | Path | None = None, num_seeds: int | None = None, overrides: dict | None = None, **kwargs: Any) -> StudyResult:
+def ablate(recipe: str | Path | None = None, num_seeds: int | None = None, overrides: dict | None = None, **kwargs: Any) -> dict[str, Path]:
     """ST-MoE's five-arm freezing ablation (all, non_moe, moe, attention, ffn)."""
-    return _run_driver("st_moe_freezing", recipe, num_seeds, overrides, **kwargs)
+    return _run_driver("ablate", recipe, num_seeds, overrides, **kwargs)
 
 
-def sweep_experts(recipe: str | Path | None = None, num_seeds: int | None = None, overrides: dict | None = None, **kwargs: Any) -> StudyResult:
+def sweep_experts(recipe: str | Path | None = None, num_seeds: int | None = None, overrides: dict | None = None, **kwargs: Any) -> dict[str, Path]:
     """Switch Transformers' expert-count sweep: the same Switch with different numbers of experts."""
-    return _run_driver("expert_count", recipe, num_seeds, overrides, **kwargs)
+    return _run_driver("sweep_experts", recipe, num_seeds, overrides, **kwargs)

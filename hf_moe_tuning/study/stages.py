@@ -1,8 +1,15 @@
-"""The pipeline's stages: pretrain (span corruption) → instruct (Flan mixture) → fine-tune + evaluate.
+"""The pipeline's stages: pretrain → instruct (Flan-style mixture) → fine-tune to the best validation score + evaluate.
 
-Every training stage runs :class:`hf_moe_tuning.MoETrainer` with :class:`MoETrainingArguments`
-built from the recipe (so freezing arms use ``moe_freeze_strategy`` and Switch models get the router
-losses the recipe asks for). Stage outputs are cached by :class:`~.cache.StageCache`.
+Every stage goes through the model's :class:`~.backends.Backend` (``MoETrainer`` for encoder-decoder
+models, ``MoESFTTrainer`` for decoder-only ones), so the same recipe options mean the same on both.
+Stage outputs are cached by :class:`~.cache.StageCache` under keys that cover the configuration, the
+code, the library versions, the platform and the thread count.
+
+Fine-tuning runs until the validation primary metric stops improving: every ``eval_every`` optimizer
+steps the model is scored on the validation split (with the same scoring as the test split), the best
+weights are kept, and training stops after ``patience`` evaluations without improvement or at
+``max_steps``. The test split is scored once, with the best weights. Zero-shot arms (``finetune:
+false``) are scored as they start.
 """
 
 from __future__ import annotations
@@ -10,41 +17,83 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from datasets import Dataset
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, ByT5Tokenizer, DataCollatorForSeq2Seq
-from transformers.trainer_callback import PrinterCallback
+from transformers import TrainerCallback
 
-from ..anatomy import describe_moe
-from ..config import MoETrainingArguments
-from ..data import get_task, heldout_task, instruction_mixture, pretraining_corpus, span_corruption_dataset
-from ..data.corpus import BYT5_FIRST_SENTINEL
-from ..models import build_tiny_model, load_model
-from ..trainer import MoETrainer
-from .cache import StageCache, config_hash
+from ..data import get_task, heldout_task, instruction_mixture
+from .backends import SEQ2SEQ, STAGE_DEFAULTS, Backend, backend_for, model_kind, parameter_summary
+from .cache import StageCache, config_hash, config_key
 from .config import ModelSpec, StudyConfig
-from .evaluation import evaluate_task
 
 logger = logging.getLogger(__name__)
 
-#: Training-argument defaults of every stage (a recipe's ``args`` override them).
-STAGE_DEFAULTS: dict[str, Any] = {
-    "save_strategy": "no",
-    "logging_strategy": "steps",
-    "logging_steps": 50,
-    "disable_tqdm": True,
-    "lr_scheduler_type": "constant",
-    "warmup_steps": 0,
-    "dataloader_num_workers": 0,
-    "moe_expert_load_jsonl": False,
-    "moe_expert_load_heatmap": False,
-    "moe_model_card": False,
-    "dataloader_pin_memory": torch.cuda.is_available(),
-}
+#: Early-stopping defaults of the fine-tuning stage (``finetune.early_stopping`` in a recipe overrides them).
+EARLY_STOPPING_DEFAULTS: dict[str, Any] = {"eval_every": 50, "patience": 4, "min_delta": 0.0}
+#: Instruction-mixture examples held out to report each model's mixture loss after instruction tuning.
+MIXTURE_EVAL_SIZE = 256
+
+__all__ = [
+    "EARLY_STOPPING_DEFAULTS",
+    "STAGE_DEFAULTS",
+    "ValidationEarlyStopping",
+    "ensure_instructed",
+    "ensure_pretrained",
+    "finetune_and_evaluate",
+    "instruction_mixture_for",
+    "load_task_splits",
+    "pretrain_key",
+]
+
+
+class ValidationEarlyStopping(TrainerCallback):
+    """Score the validation split every ``eval_every`` optimizer steps; keep the best weights; stop on a plateau.
+
+    ``score_fn(model) -> float`` is the validation primary metric (higher is better). Training stops
+    after ``patience`` evaluations that do not beat the best by more than ``min_delta``; the last step is
+    always evaluated. :meth:`restore_best` loads the best weights back.
+    """
+
+    def __init__(self, score_fn, eval_every: int, patience: int, min_delta: float = 0.0):
+        if eval_every < 1 or patience < 1:
+            raise ValueError(f"eval_every and patience must be >= 1, got {eval_every} and {patience}")
+        self.score_fn, self.eval_every, self.patience, self.min_delta = score_fn, eval_every, patience, min_delta
+        self.best_score, self.best_step, self.best_state = -float("inf"), 0, None
+        self.history: list[tuple[int, float]] = []
+        self._bad = 0
+
+    def _evaluate(self, state, control, model) -> None:
+        if self.history and self.history[-1][0] == state.global_step:
+            return
+        score = float(self.score_fn(model))
+        model.train()
+        self.history.append((state.global_step, score))
+        if self.best_state is None or score > self.best_score + self.min_delta:
+            self.best_score, self.best_step, self._bad = score, state.global_step, 0
+            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            self._bad += 1
+            if self._bad >= self.patience:
+                control.should_training_stop = True
+        logger.info("step %d: validation %.4f (best %.4f at step %d)%s", state.global_step, score, self.best_score,
+                    self.best_step, "; stopping" if control.should_training_stop else "")
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.eval_every == 0 or state.global_step >= state.max_steps:
+            self._evaluate(state, control, model)
+        return control
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step > 0:
+            self._evaluate(state, control, model)
+        return control
+
+    def restore_best(self, model) -> None:
+        if self.best_state is None:
+            raise RuntimeError("no validation evaluation ran: the fine-tuning stage trained for 0 steps")
+        model.load_state_dict(self.best_state)
 
 
 def instruction_mixture_for(data: dict[str, Any]) -> Dataset:
@@ -62,57 +111,6 @@ def instruction_mixture_for(data: dict[str, Any]) -> Dataset:
     )
 
 
-def load_tokenizer(config: StudyConfig, model: ModelSpec):
-    """``ByT5Tokenizer()`` (no files) for ``tokenizer: byt5``; else the model's (or named) Hub tokenizer."""
-    if config.tokenizer == "byt5":
-        return ByT5Tokenizer()
-    name = model.init if config.tokenizer == "auto" else config.tokenizer
-    return AutoTokenizer.from_pretrained(name)
-
-
-def model_kind(model) -> str:
-    """``"sparse"`` when the model has MoE layers, else ``"dense"``."""
-    return "sparse" if describe_moe(model).is_moe else "dense"
-
-
-def tokenize_pairs(dataset: Dataset, tokenizer, max_source_length: int, max_target_length: int) -> Dataset:
-    """``inputs``/``targets`` text columns -> ``input_ids``/``attention_mask``/``labels``."""
-
-    def encode(batch: dict) -> dict:
-        enc = tokenizer(batch["inputs"], max_length=max_source_length, truncation=True)
-        enc["labels"] = tokenizer(text_target=batch["targets"], max_length=max_target_length, truncation=True)["input_ids"]
-        return enc
-
-    return dataset.map(encode, batched=True, remove_columns=dataset.column_names)
-
-
-@dataclass
-class TrainOutcome:
-    metrics: dict[str, float]
-    seconds: float
-
-
-def train_model(model, tokenizer, dataset: Dataset, args: dict[str, Any], output_dir: str | Path, seed: int) -> TrainOutcome:
-    """Train ``model`` in place on a tokenized dataset with ``MoETrainer``."""
-    merged = {**STAGE_DEFAULTS, **args}
-    training_args = MoETrainingArguments(output_dir=str(output_dir), seed=seed, data_seed=seed, report_to="none", **merged)
-    trainer = MoETrainer(
-        model=model,
-        args=training_args,
-        train_dataset=dataset,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100),
-    )
-    if not logger.isEnabledFor(logging.INFO):  # the driver shows progress bars; keep per-step log dicts off the console
-        trainer.remove_callback(PrinterCallback)
-    start = time.perf_counter()
-    result = trainer.train()
-    return TrainOutcome(dict(result.metrics), time.perf_counter() - start)
-
-
-def _max_len(config: StudyConfig, key: str, default: int) -> int:
-    return int(config.data.get(key, default))
-
-
 def run_cached(cache: StageCache, path: Path, payload: dict, compute) -> dict[str, Any]:
     """Return the cached result of stage ``path`` or run ``compute(path) -> result`` under the stage lock."""
     with cache.lock(path):
@@ -124,15 +122,14 @@ def run_cached(cache: StageCache, path: Path, payload: dict, compute) -> dict[st
     return {**result, "cached": False}
 
 
+def _backend_payload(backend: Backend) -> dict[str, Any]:
+    # encoder-decoder keys stay as they were (shipped checkpoints are found by them)
+    return {} if backend.name == SEQ2SEQ else {"backend": backend.name, "sft": backend.config.sft}
+
+
 # ------------------------------------------------------------------------------------------ base models
-def initial_model(spec: ModelSpec, seed: int):
-    """A fresh tiny model (``tiny:<name>``, seeded init) or a Hub / local checkpoint."""
-    if spec.is_tiny:
-        return build_tiny_model(spec.init[5:], seed=seed, **spec.overrides)
-    return load_model(spec.init)
-
-
 def pretrain_key(config: StudyConfig, spec: ModelSpec) -> dict[str, Any]:
+    """The configuration payload of the pretraining stage of ``spec``."""
     stage = config.pretrain
     payload = {"stage": "pretrain", "init": spec.init, "overrides": spec.overrides, "tokenizer": config.tokenizer}
     if stage.enabled:
@@ -147,98 +144,91 @@ def pretrain_key(config: StudyConfig, spec: ModelSpec) -> dict[str, Any]:
             sparse_args=stage.sparse_args if stage.family_args else {},
             dense_args=stage.dense_args if stage.family_args else {},
             model_args=spec.args,
-            max_source_length=_max_len(config, "max_source_length", 192),
+            max_source_length=int(config.data.get("max_source_length", 192)),
         )
-    return payload
+    return {**payload, **_backend_payload(backend_for(config, spec))}
 
 
-def ensure_pretrained(config: StudyConfig, spec: ModelSpec, cache: StageCache) -> tuple[str, str, dict]:
+def ensure_pretrained(config: StudyConfig, spec: ModelSpec, cache: StageCache, progress: bool = False) -> tuple[str, str, dict]:
     """Path (or Hub id) of the pretrained model for ``spec`` and its stage key; trains it if not cached.
 
-    Returns ``(path_or_id, key, info)`` where ``info`` has ``seconds`` and ``cached``.
+    Returns ``(path_or_id, key, info)``; ``info`` has ``seconds``, ``cached``, ``params`` (sizes) and, for a
+    shipped checkpoint, ``shipped`` (its folder).
     """
+    backend = backend_for(config, spec)
     payload = pretrain_key(config, spec)
     key = config_hash(payload)
-    if not (config.pretrain.enabled and spec.is_tiny):
-        if spec.is_tiny:  # untrained tiny model: save its seeded init once so later stages can load it
-            path = cache.path("init", spec.name, key)
-
-            def save_init(path: Path) -> dict:
-                initial_model(spec, config.pretrain.seed).save_pretrained(path / "model")
-                return {"seconds": 0.0}
-
-            run_cached(cache, path, payload, save_init)
-            return str(path / "model"), key, {"seconds": 0.0, "cached": True}
+    if not spec.is_tiny:
         return spec.init, key, {"seconds": 0.0, "cached": True}
-    path = cache.path("pretrain", spec.name, key)
     shipped_dir = config.pretrain.extra.get("shipped_dir")
-    if shipped_dir:
-        shipped = StageCache(shipped_dir).path("pretrain", spec.name, key)
+    if shipped_dir and config.pretrain.enabled:
+        shipped = StageCache(shipped_dir).path("pretrain", spec.name, config_key(payload))
         if StageCache.is_done(shipped):
             logger.info("using the shipped pretrained %s (%s)", spec.name, shipped)
-            return str(shipped / "model"), key, {**StageCache.result(shipped), "cached": True, "shipped": True}
-        logger.info("no shipped checkpoint for %s with key %s: pretraining", spec.name, key)
+            return str(shipped / "model"), key, {**StageCache.result(shipped), "cached": True, "shipped": str(shipped)}
+        logger.info("no shipped checkpoint for %s with configuration key %s: pretraining", spec.name, config_key(payload))
+    path = cache.path("pretrain" if config.pretrain.enabled else "init", spec.name, key)
 
     def pretrain(path: Path) -> dict:
-        logger.info("pretraining %s (span corruption) -> %s", spec.name, path)
-        tokenizer = load_tokenizer(config, spec)
-        model = initial_model(spec, config.pretrain.seed)
+        tokenizer = backend.tokenizer()
+        model = backend.initial_model(tokenizer, config.pretrain.seed)
         kind = spec.kind or model_kind(model)
-        corpus = pretraining_corpus(config.data.get("corpus_size", 20_000), seed=config.data.get("seed", 0))
-        max_len = _max_len(config, "max_source_length", 192)
-        dataset = span_corruption_dataset(
-            corpus,
-            lambda text: tokenizer(text, add_special_tokens=False, max_length=max_len - 1, truncation=True)["input_ids"],
-            seed=config.data.get("seed", 0),
-            noise_density=float(config.pretrain.extra.get("noise_density", 0.15)),
-            mean_span=float(config.pretrain.extra.get("mean_span", 3.0)),
-            first_sentinel=BYT5_FIRST_SENTINEL,
-            eos_id=tokenizer.eos_token_id,
-        )
-        args = {**config.pretrain.args_for(kind), **spec.args}
-        outcome = train_model(model, tokenizer, dataset, args, path / "trainer", seed=config.pretrain.seed)
-        model.save_pretrained(path / "model")
-        return {"seconds": outcome.seconds, "train_loss": outcome.metrics.get("train_loss"), "kind": kind}
+        result: dict[str, Any] = {"seconds": 0.0, "kind": kind, "params": parameter_summary(model)}
+        if config.pretrain.enabled:
+            logger.info("pretraining %s (%s) -> %s", spec.name, backend.name, path)
+            args = {**config.pretrain.args_for(kind), **spec.args}
+            outcome = backend.train(model, tokenizer, backend.pretraining_data(tokenizer), args, path / "trainer",
+                                    seed=config.pretrain.seed, progress=progress)
+            result.update(seconds=outcome.seconds, train_loss=outcome.metrics.get("train_loss"))
+        backend.save(model, path / "model")
+        return result
 
     return str(path / "model"), key, run_cached(cache, path, payload, pretrain)
 
 
-def ensure_instructed(config: StudyConfig, spec: ModelSpec, start: str, start_key: str, cache: StageCache) -> tuple[str, str, dict]:
-    """Instruction-tune (Flan stage) the model at ``start``; cached by config hash."""
-    stage = config.instruct
-    data = config.data
+def ensure_instructed(
+    config: StudyConfig, spec: ModelSpec, start: str, start_key: str, cache: StageCache, progress: bool = False
+) -> tuple[str, str, dict]:
+    """Instruction-tune the model at ``start`` on the mixture; cached. ``info["mixture_eval_loss"]`` is its
+    loss on :data:`MIXTURE_EVAL_SIZE` held-out mixture examples."""
+    backend = backend_for(config, spec)
+    stage, data = config.instruct, config.data
     payload = {
         "stage": "instruct",
         "upstream": start_key,
         "seed": stage.seed,
-        "source": data.get("source"),
-        "mixture_size": data.get("mixture_size", 20_000),
-        "few_shot_fraction": data.get("few_shot_fraction", 0.3),
-        "max_shots": data.get("max_shots", 2),
-        "instruction_dataset": data.get("instruction_dataset"),
-        "instruction_config": data.get("instruction_config"),
-        "data_seed": data.get("seed", 0),
+        "data": {k: data.get(k) for k in ("source", "mixture_size", "few_shot_fraction", "max_shots", "instruction_dataset",
+                                          "instruction_config", "instruction_split", "seed")},
+        "mixture_eval_size": MIXTURE_EVAL_SIZE,
         "args": stage.args,
         "sparse_args": stage.sparse_args if stage.family_args else {},
         "dense_args": stage.dense_args if stage.family_args else {},
         "model_args": spec.args,
-        "max_source_length": _max_len(config, "max_source_length", 192),
-        "max_target_length": _max_len(config, "max_target_length", 48),
+        "max_source_length": int(data.get("max_source_length", 192)),
+        "max_target_length": int(data.get("max_target_length", 48)),
+        **_backend_payload(backend),
     }
     key = config_hash(payload)
     path = cache.path("instruct", spec.name, key)
 
     def instruct(path: Path) -> dict:
-        logger.info("instruction-tuning %s -> %s", spec.name, path)
-        tokenizer = load_tokenizer(config, spec)
-        model = AutoModelForSeq2SeqLM.from_pretrained(start)
+        logger.info("instruction-tuning %s (%s) -> %s", spec.name, backend.name, path)
+        tokenizer = backend.tokenizer()
+        model = backend.load(start, tokenizer)
         kind = spec.kind or model_kind(model)
         mixture = instruction_mixture_for(data)
-        dataset = tokenize_pairs(mixture, tokenizer, payload["max_source_length"], payload["max_target_length"])
+        held_out = min(MIXTURE_EVAL_SIZE, len(mixture) // 10)
+        train = backend.pairs(mixture.select(range(len(mixture) - held_out)), tokenizer)
+        evaluation = backend.pairs(mixture.select(range(len(mixture) - held_out, len(mixture))), tokenizer)
         args = {**stage.args_for(kind), **spec.args}
-        outcome = train_model(model, tokenizer, dataset, args, path / "trainer", seed=stage.seed)
-        model.save_pretrained(path / "model")
-        return {"seconds": outcome.seconds, "train_loss": outcome.metrics.get("train_loss"), "kind": kind}
+        outcome = backend.train(model, tokenizer, train, args, path / "trainer", seed=stage.seed, progress=progress,
+                                eval_dataset=evaluation)
+        backend.save(outcome.model, path / "model")
+        return {
+            "seconds": outcome.seconds, "train_loss": outcome.metrics.get("train_loss"), "kind": kind,
+            "mixture_eval_loss": outcome.metrics.get("eval_lm_loss", outcome.metrics.get("eval_loss")),
+            "mixture_examples": len(train),
+        }
 
     return str(path / "model"), key, run_cached(cache, path, payload, instruct)
 
@@ -260,6 +250,11 @@ def load_task_splits(config: StudyConfig, task: str):
     return splits, spec.kind, spec.metrics
 
 
+def early_stopping_settings(config: StudyConfig) -> dict[str, Any]:
+    """The fine-tuning stage's early-stopping settings (recipe ``finetune.early_stopping`` over the defaults)."""
+    return {**EARLY_STOPPING_DEFAULTS, **config.finetune.extra.get("early_stopping", {})}
+
+
 def finetune_and_evaluate(
     config: StudyConfig,
     arm_name: str,
@@ -271,58 +266,78 @@ def finetune_and_evaluate(
     kind: str,
     metrics: tuple[str, ...],
     cache: StageCache,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Fine-tune the arm's starting model on ``task`` with ``seed`` and evaluate it; cached by config hash."""
+    """Fine-tune the arm's start model on ``task`` with ``seed`` (to the best validation score) and evaluate it.
+
+    Zero-shot arms (``finetune: false``) are evaluated as they start, once for all seeds. Cached by key.
+    """
     arm = config.arms[arm_name]
     spec = config.models[arm.model]
+    backend = backend_for(config, spec)
     ev = config.evaluate
+    split = ev.get("split", "test")
+    stopping = early_stopping_settings(config)
     payload = {
-        "stage": "finetune",
+        "stage": "finetune" if arm.finetune else "zero-shot",
         "upstream": start_key,
         "task": task,
-        "seed": seed,
+        "seed": seed if arm.finetune else 0,
         "data": {k: config.data.get(k) for k in ("source", "task_dataset", "seed", "train_size", "validation_size", "test_size")},
-        "args": config.finetune.args,
-        "sparse_args": config.finetune.sparse_args if config.finetune.family_args else {},
-        "dense_args": config.finetune.dense_args if config.finetune.family_args else {},
-        "model_args": spec.args,
-        "arm_args": arm.args,
-        "kind": spec.kind,
         "evaluate": ev,
-        "max_source_length": _max_len(config, "max_source_length", 192),
-        "max_target_length": _max_len(config, "max_target_length", 48),
+        "max_source_length": int(config.data.get("max_source_length", 192)),
+        "max_target_length": int(config.data.get("max_target_length", 48)),
+        **_backend_payload(backend),
     }
+    if arm.finetune:
+        payload.update(
+            args=config.finetune.args,
+            sparse_args=config.finetune.sparse_args if config.finetune.family_args else {},
+            dense_args=config.finetune.dense_args if config.finetune.family_args else {},
+            model_args=spec.args,
+            arm_args=arm.args,
+            kind=spec.kind,
+            early_stopping=stopping,
+        )
     key = config_hash(payload)
-    path = cache.path("finetune", f"{arm_name}-{task}-s{seed}", key)
+    path = cache.path(payload["stage"], f"{arm_name}-{task}-s{payload['seed']}", key)
 
     def finetune(path: Path) -> dict:
-        tokenizer = load_tokenizer(config, spec)
-        model = AutoModelForSeq2SeqLM.from_pretrained(start)
+        tokenizer = backend.tokenizer()
+        model = backend.load(start, tokenizer)
         model_type = spec.kind or model_kind(model)
         args = {**config.finetune.args_for(model_type), **spec.args, **arm.args}
-        train = tokenize_pairs(splits["train"], tokenizer, payload["max_source_length"], payload["max_target_length"])
-        with tempfile.TemporaryDirectory(dir=path) as tmp:
-            outcome = train_model(model, tokenizer, train, args, tmp, seed=seed)
+        record: dict[str, Any] = {"optimizer_steps": 0, "train_tokens": 0, "best_step": 0, "train_seconds": 0.0}
+        if arm.finetune:
+            train = backend.pairs(splits["train"], tokenizer)
+            stopper = ValidationEarlyStopping(
+                lambda m: backend.evaluate(m, tokenizer, splits["validation"], kind, metrics[:1]).metrics[metrics[0]],
+                int(stopping["eval_every"]), int(stopping["patience"]), float(stopping["min_delta"]),
+            )
+            with tempfile.TemporaryDirectory(dir=path) as tmp:
+                outcome = backend.train(model, tokenizer, train, args, tmp, seed=seed, callbacks=[stopper], progress=progress)
+            model = outcome.model
+            stopper.restore_best(model)
+            record.update(
+                optimizer_steps=outcome.optimizer_steps, train_tokens=outcome.train_tokens, best_step=stopper.best_step,
+                validation_score=100.0 * stopper.best_score, validation_history=stopper.history,
+                train_loss=outcome.metrics.get("train_loss"), train_seconds=outcome.seconds,
+                learning_rate=args.get("learning_rate"), batch_size=args.get("per_device_train_batch_size"),
+            )
         start_eval = time.perf_counter()
-        scores = evaluate_task(
-            model, tokenizer, splits[ev.get("split", "test")], kind, metrics,
-            batch_size=int(ev.get("batch_size", 64)), max_new_tokens=int(ev.get("max_new_tokens", 48)),
-            max_source_length=payload["max_source_length"],
-        )
+        result = backend.evaluate(model, tokenizer, splits[split], kind, metrics)
         return {
+            **record,
             "arm": arm_name,
             "task": task,
-            "seed": seed,
             "kind": model_type,
-            "metrics": scores,
+            "split": split,
+            "metrics": result.metrics,
+            "items": result.items,
             "primary_metric": metrics[0],
-            "score": 100.0 * scores[metrics[0]],
-            "train_loss": outcome.metrics.get("train_loss"),
-            "train_seconds": outcome.seconds,
             "eval_seconds": time.perf_counter() - start_eval,
-            "learning_rate": args.get("learning_rate"),
-            "batch_size": args.get("per_device_train_batch_size"),
-            "freeze_strategy": args.get("moe_freeze_strategy", "all"),
+            "freeze_strategy": args.get("moe_freeze_strategy", "all") if arm.finetune else "none",
         }
 
-    return run_cached(cache, path, payload, finetune)
+    result = run_cached(cache, path, payload, finetune)
+    return {**result, "arm": arm_name, "seed": seed}

@@ -116,3 +116,64 @@ def text_dataset(dataset: Dataset, column: str = "text") -> Dataset:
     extra = [c for c in dataset.column_names if c != column]
     dataset = dataset.remove_columns(extra) if extra else dataset
     return dataset.rename_column(column, "text") if column != "text" else dataset
+
+
+# ------------------------------------------------------------------------------------------ SFT runs
+#: Keys of a recipe's ``sft`` section that are not ``SFTConfig`` fields.
+OWN_SFT_KEYS: frozenset[str] = frozenset({"chat_template", "system", "lora", "accelerate_config"})
+#: Config fields the pipeline sets itself (from the stage's output folder and seed), not the recipe.
+_MANAGED = ("output_dir", "seed", "data_seed")
+#: Defaults of every SFT stage on top of the study's stage defaults: bf16 and gradient checkpointing off
+#: (TRL turns both on; they fail on a CPU without bf16 or only cost time for tiny models; real recipes set them).
+SFT_DEFAULTS: dict[str, Any] = {"bf16": False, "gradient_checkpointing": False, "logging_steps": 25, "dataloader_pin_memory": False}
+
+
+def sft_config(args: dict[str, Any], output_dir: str, seed: int = 0, sft_options: dict[str, Any] | None = None) -> Any:
+    """The :class:`~hf_moe_tuning.sft.MoESFTConfig` of one SFT run: :data:`SFT_DEFAULTS`, then ``args``
+    (``SFTConfig`` and ``moe_*`` fields), then ``sft_options`` (the recipe's ``sft`` section).
+
+    Raises:
+        ValueError: a key that is no ``MoESFTConfig`` field, or a value its validators reject (names the field).
+    """
+    import dataclasses  # noqa: PLC0415
+
+    from ..sft import MoESFTConfig  # noqa: PLC0415 - TRL is imported only where SFT runs
+
+    kwargs = {**SFT_DEFAULTS, **args, **(sft_options or {})}
+    for key in _MANAGED:
+        kwargs.pop(key, None)
+    kwargs.setdefault("report_to", "none")
+    names = {f.name for f in dataclasses.fields(MoESFTConfig)}
+    unknown = sorted(k for k in kwargs if k not in names)
+    if unknown:
+        raise ValueError(f"unknown training argument {unknown[0]!r}: not a MoESFTConfig (SFTConfig or moe_*) field")
+    return MoESFTConfig(output_dir=str(output_dir), seed=seed, data_seed=seed, **kwargs)
+
+
+def lora_config(lora: dict[str, Any], sparse: bool):
+    """A ``peft.LoraConfig`` from the recipe's ``sft.lora`` for a sparse (MoE) or dense model.
+
+    Attention modules are targeted in every model; MLP modules (``dense_target_modules``) in dense
+    models; the fused expert tensors (``expert_parameters``, through PEFT's ``target_parameters``) in MoE models.
+    """
+    from peft import LoraConfig  # noqa: PLC0415
+
+    kwargs = {k: v for k, v in lora.items() if k not in ("target_modules", "dense_target_modules", "expert_parameters")}
+    modules = list(lora["target_modules"]) + ([] if sparse else list(lora.get("dense_target_modules", [])))
+    params = list(lora.get("expert_parameters", [])) if sparse else []
+    return LoraConfig(task_type="CAUSAL_LM", target_modules=modules, target_parameters=params or None, **kwargs)
+
+
+def align_special_tokens(model: Any, tokenizer: Any) -> Any:
+    """Make ``model``'s config and generation config use the tokenizer's EOS and PAD ids (returns ``model``).
+
+    The tiny decoder configs carry Llama's ids (bos 1, eos 2); ``ByT5Tokenizer`` has eos 1 and pad 0, so
+    generation would never stop without this.
+    """
+    for cfg in (model.config.get_text_config(), model.generation_config):
+        cfg.eos_token_id = tokenizer.eos_token_id
+        cfg.pad_token_id = tokenizer.pad_token_id
+    if getattr(tokenizer, "bos_token_id", None) is None:
+        model.config.get_text_config().bos_token_id = None
+        model.generation_config.bos_token_id = None
+    return model

@@ -1,8 +1,10 @@
-"""Decoder-only instruction tuning: chat format, the SFTTrainer path with all MoE callbacks, recipes, the study."""
+"""The study pipeline's decoder-only backend: chat format, MoESFTTrainer with all MoE callbacks, recipes, the study."""
 
 from __future__ import annotations
 
 import copy
+import csv
+import json
 import math
 from pathlib import Path
 
@@ -14,21 +16,25 @@ from transformers import ByT5Tokenizer
 from hf_moe_tuning import build_tiny_model
 from hf_moe_tuning.anatomy import NoMoELayersError, describe_moe
 from hf_moe_tuning.data import heldout_task, instruction_mixture
-from hf_moe_tuning.instruct import (
+from hf_moe_tuning.study import load_study_config, parse_study_config, validate_training_args
+from hf_moe_tuning.study.backends import CAUSAL, SEQ2SEQ, backend_for
+from hf_moe_tuning.study.chat import (
     BYTE_CHAT_TEMPLATE,
     align_special_tokens,
     ensure_chat_template,
-    evaluate_chat_task,
-    build_sft_trainer,
-    load_instruct_config,
-    parse_instruct_config,
     render_prompt,
-    run_sft,
     sft_config,
     to_prompt_completion,
-    validate_instruct_config,
 )
 from hf_moe_tuning.study.config import ConfigError, set_dotted
+from hf_moe_tuning.study.evaluation import evaluate_chat_task
+
+
+def build_sft_trainer(model, tokenizer, data, args, output_dir, peft_config=None):
+    from hf_moe_tuning.sft import MoESFTTrainer
+
+    return MoESFTTrainer(model=model, args=sft_config(args, output_dir), train_dataset=data, processing_class=tokenizer,
+                         peft_config=peft_config)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "instruct_moe" / "tiny.yaml"
@@ -112,8 +118,12 @@ def test_sft_end_to_end_with_all_callbacks(tmp_path, tokenizer):
         "moe_freeze_strategy": "non_moe", "moe_aux_loss_coef": 0.01, "moe_z_loss_coef": 0.001,
         "moe_drift_probe_size": 4,
     }
-    outcome = run_sft(model, tokenizer, data, args, str(tmp_path), seed=0, sft_options={"max_length": 128})
-    logs = [r for r in outcome.log_history if "loss" in r]
+    from hf_moe_tuning.sft import MoESFTTrainer
+
+    trainer = MoESFTTrainer(model=model, args=sft_config(args, str(tmp_path), seed=0, sft_options={"max_length": 128}),
+                            train_dataset=data, processing_class=tokenizer)
+    trainer.train()
+    logs = [r for r in trainer.state.log_history if "loss" in r]
     assert len(logs) == 2
     last = logs[-1]
     for key in ("lm_loss", "router/aux_loss", "router/z_loss", "router/aux_coef", "router/z_coef",
@@ -128,7 +138,7 @@ def test_sft_end_to_end_with_all_callbacks(tmp_path, tokenizer):
         assert torch.equal(dict(model.named_parameters())[name], before), name
     assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, attention_before)
     # TRL's own aux loss is off: the router term comes from RouterLossCallback only
-    assert outcome.trainer.args.router_aux_loss_coef == 0.0 and not outcome.trainer.aux_loss_enabled
+    assert trainer.args.router_aux_loss_coef == 0.0 and not trainer.aux_loss_enabled
 
 
 def test_evaluate_chat_task_scores_and_generates(tokenizer):
@@ -138,67 +148,77 @@ def test_evaluate_chat_task_scores_and_generates(tokenizer):
         from hf_moe_tuning.data import get_task
 
         spec = get_task(name)
-        scores = evaluate_chat_task(model, tokenizer, task["test"], spec.kind, spec.metrics, batch_size=3, max_new_tokens=4)
-        assert set(scores) >= set(spec.metrics)
-        assert all(0.0 <= v <= 1.0 for v in scores.values())
+        result = evaluate_chat_task(model, tokenizer, task["test"], spec.kind, spec.metrics, batch_size=3, max_new_tokens=4)
+        assert set(result.metrics) >= set(spec.metrics)
+        assert all(0.0 <= v <= 1.0 for v in result.metrics.values())
+        assert all(len(result.items[m]) == 4 for m in spec.metrics) and len(result.predictions) == 4
 
 
 # ---------------------------------------------------------------------------------------------- recipes
-def test_recipes_validate_offline():
-    tiny = load_instruct_config(TINY)
-    assert tiny.study == "instruct_moe" and tiny.chat_template == "byte"
+def test_recipes_validate_offline_and_pick_the_backend():
+    tiny = load_study_config(TINY)
+    assert tiny.study == "instruct_moe" and tiny.sft["chat_template"] == "byte"
     assert set(tiny.arms) >= {"dense", "instruct_dense", "moe", "instruct_moe"}
+    assert {backend_for(tiny, spec).name for spec in tiny.models.values()} == {CAUSAL}
+    flan = load_study_config(ROOT / "recipes" / "flan_moe" / "tiny.yaml")
+    assert {backend_for(flan, spec).name for spec in flan.models.values()} == {SEQ2SEQ}
     # matched active compute: dense MLP width = top_k x expert width
     dense = build_tiny_model("llama", **tiny.models["dense"].overrides)
     moe = build_tiny_model("mixtral", **tiny.models["moe"].overrides)
     layer = describe_moe(moe).layers[0]
     assert dense.config.intermediate_size == layer.top_k * moe.config.intermediate_size
-    assert validate_instruct_config(tiny)
-    real = load_instruct_config(REAL)
-    checked = validate_instruct_config(real)
+    assert validate_training_args(tiny)
+    real = load_study_config(REAL)
+    checked = validate_training_args(real)
     assert any("olmoe" in line and "experts" in line for line in checked)
-    assert real.lora["expert_parameters"]
+    assert real.sft["lora"]["expert_parameters"]
 
 
 @pytest.mark.parametrize(
     "path, value, match",
     [
-        ("sft.router_aux_loss_coef", 0.01, "sft.router_aux_loss_coef: is set by the pipeline"),
+        ("sft.output_dir", "x", "sft.output_dir: is set by the pipeline"),
         ("sft.max_lenght", 128, "sft.max_lenght: unknown key"),
         ("sft.chat_template", "jinja", "sft.chat_template: unknown mode"),
         ("sft.lora", {"r": 8, "target_modules": ["q_proj"], "dense_target_modules": ["up_proj"], "expert_parameters": ["mlp.experts.down_proj"], "lora_dropout": 0.1}, None),
         ("arms.moe.args.moe_freeze_strategy", "some", "arms.moe.args.moe_freeze_strategy: unknown freezing strategy"),
-        ("models.moe.init", "tiny:switch", "decoder-only study needs decoder models"),
-        ("study", "flan_moe", "reads 'instruct_moe' recipes"),
+        ("study", "flan_mo", "unknown study"),
     ],
 )
 def test_recipe_errors_name_the_key(path, value, match):
     raw = yaml.safe_load(TINY.read_text())
     set_dotted(raw, path, copy.deepcopy(value))
     if match is None:  # parses; the offline LoRA check catches what PEFT would reject at train time
-        config = parse_instruct_config(raw, TINY)
+        config = parse_study_config(raw, TINY)
         with pytest.raises(ConfigError, match="lora_dropout"):
-            validate_instruct_config(config)
+            validate_training_args(config)
         return
     with pytest.raises(ConfigError, match=match):
-        parse_instruct_config(raw, TINY)
+        parse_study_config(raw, TINY)
 
 
 # ---------------------------------------------------------------------------------------------- study
 @pytest.mark.slow
-def test_instruct_study_writes_results(tmp_path):
-    from hf_moe_tuning.instruct import run_instruct_study
+def test_decoder_study_runs_through_the_one_pipeline(tmp_path):
+    from hf_moe_tuning.study import compare
 
     overrides = {
-        "data.tasks": ["passage_yesno"], "data.train_size": 8, "data.validation_size": 2, "data.test_size": 8,
+        "data.tasks": ["passage_yesno"], "data.train_size": 8, "data.validation_size": 4, "data.test_size": 8,
         "data.corpus_size": 64, "data.mixture_size": 64, "pretrain.args.max_steps": 2, "instruct.args.max_steps": 2,
-        "finetune.args.num_train_epochs": 1, "finetune.args.logging_steps": 1,
+        "finetune.args": {"max_steps": 2, "learning_rate": 1e-3, "per_device_train_batch_size": 4},
+        "finetune.early_stopping": {"eval_every": 1, "patience": 2},
+        "arms.instruct_moe_0shot": {"model": "moe", "instruct": True, "finetune": False},
     }
-    result = run_instruct_study(TINY, num_seeds=1, overrides=overrides, output_dir=tmp_path / "out",
-                                cache_dir=tmp_path / "cache", progress=False, command="pytest")
-    assert len(result.records) == len(result.config.arms)
-    text = (tmp_path / "out" / "results.md").read_text()
+    paths = compare(TINY, num_seeds=1, overrides=overrides, output_dir=tmp_path / "out",
+                    cache_dir=tmp_path / "cache", progress=False, command="pytest")
+    text = paths["md"].read_text()
     assert "Dense − MoE" in text and "(Instruct-MoE − MoE) − (Instruct-Dense − Dense)" in text
-    assert "## Models and routing" in text and "moe/load_cv_mean" in text
-    assert (tmp_path / "out" / "plot.png").stat().st_size > 0
-    assert (tmp_path / "out" / "results.csv").read_text().count("\n") == 1 + len(result.config.arms)
+    assert "baseline:majority" in text and "95 % CI" in text
+    info = json.loads(paths["run"].read_text())
+    assert {m["backend"] for m in info["models"].values()} == {CAUSAL}
+    assert all(m["mixture_eval_loss"] > 0 for m in info["models"].values())
+    rows = [r for r in csv.DictReader(paths["csv"].open()) if r["primary"] == "1" and not r["arm"].startswith("baseline:")]
+    assert {r["arm"] for r in rows} == set(yaml.safe_load(TINY.read_text())["arms"]) | {"instruct_moe_0shot"}
+    moe_rows = [r for r in rows if r["arm"] == "moe"]
+    assert moe_rows[0]["kind"] == "sparse" and int(moe_rows[0]["optimizer_steps"]) == 2
+    assert paths["plot"].stat().st_size > 0
