@@ -24,10 +24,10 @@ import math
 import tempfile
 
 import torch
+from _interleave import CLOCKS, interleaved_block_times, median_ratio
 from torch.utils.data import DataLoader
 from transformers import ByT5Tokenizer, DataCollatorForSeq2Seq, TrainerControl, TrainerState, TrainingArguments
 
-from _interleave import CLOCKS, interleaved_block_times, median_ratio
 from hf_moe_tuning import MoETrainingArguments
 from hf_moe_tuning.callbacks.expert_load import ExpertLoadCallback
 from hf_moe_tuning.models import build_tiny_model

@@ -47,7 +47,7 @@ SUBSET_SHARE = 0.10
 
 
 def build(model_key: str):
-    from hf_moe_tuning.models import build_tiny_model  # noqa: PLC0415
+    from hf_moe_tuning.models import build_tiny_model
 
     name, overrides = MODELS[model_key]
     return build_tiny_model(name, seed=0, **overrides)
@@ -65,7 +65,7 @@ def batches(model_key: str, n: int, batch_size: int, seq_len: int) -> list[dict[
 
 def subset_experts(model) -> dict[int, list[int]]:
     """The first ``SUBSET_SHARE`` of the experts (at least one) in every MoE layer."""
-    from hf_moe_tuning.anatomy import describe_moe  # noqa: PLC0415
+    from hf_moe_tuning.anatomy import describe_moe
 
     return {
         layer.index: list(range(max(1, round(SUBSET_SHARE * layer.num_experts)))) for layer in describe_moe(model).layers
@@ -73,7 +73,7 @@ def subset_experts(model) -> dict[int, list[int]]:
 
 
 def expert_share(model) -> float:
-    from hf_moe_tuning.anatomy import ParamGroup, describe_moe  # noqa: PLC0415
+    from hf_moe_tuning.anatomy import ParamGroup, describe_moe
 
     anatomy = describe_moe(model)
     return anatomy.group_counts()[ParamGroup.EXPERTS] / anatomy.total_params
@@ -81,14 +81,14 @@ def expert_share(model) -> float:
 
 # --------------------------------------------------------------------------------------------- worker
 def _rss_bytes() -> int:
-    import psutil  # noqa: PLC0415
+    import psutil
 
     return psutil.Process().memory_info().rss
 
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     """One (model, strategy) training run in this process; returns peak memory and step time."""
-    from hf_moe_tuning import apply_freezing  # noqa: PLC0415
+    from hf_moe_tuning import apply_freezing
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -146,7 +146,7 @@ def run_worker(args: argparse.Namespace, model: str, strategy: str) -> dict[str,
 # --------------------------------------------------------------------------------------------- optimizer state
 def optimizer_state_bytes(model_key: str, subset: bool) -> tuple[int, float]:
     """Bytes of AdamW state after one step (subset: 10% experts, router frozen) and the trainable share."""
-    from hf_moe_tuning import apply_freezing  # noqa: PLC0415
+    from hf_moe_tuning import apply_freezing
 
     model = build(model_key)
     if subset:

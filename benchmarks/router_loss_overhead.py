@@ -28,9 +28,9 @@ import tempfile
 import time
 
 import torch
+from _interleave import CLOCKS, interleaved_block_times, median_ratio
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from _interleave import CLOCKS, interleaved_block_times, median_ratio
 from hf_moe_tuning.callbacks.router_loss import RouterLossCallback
 from hf_moe_tuning.models import build_tiny_model
 
@@ -75,7 +75,7 @@ def main() -> None:
     clock_name = opts.clock or ("wall" if opts.device == "cuda" else "process")
     clock = CLOCKS[clock_name]
     if opts.device == "cuda":
-        def clock() -> float:  # noqa: F811 - synchronised wall clock
+        def clock() -> float:
             torch.cuda.synchronize()
             return time.perf_counter()
 

@@ -41,8 +41,9 @@ import logging
 import os
 import re
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from torch import nn
 
@@ -246,7 +247,7 @@ def plan_lora(
             expert targets, or a fully trained module that contains adapter targets.
         FreezingError / NoMoELayersError: an invalid freezing request.
     """
-    from peft import LoraConfig  # noqa: PLC0415 - optional dependency, imported on use
+    from peft import LoraConfig
 
     anatomy = describe_moe(model)
     targets = lora_targets(model, groups, anatomy=anatomy)
@@ -358,7 +359,7 @@ def apply_lora(model: nn.Module, groups: Sequence[str] = ("experts",), *, adapte
     Keyword arguments are those of :func:`plan_lora`. Returns ``(peft_model, report)``; the report is
     also stored as ``peft_model.moe_adapter_report`` (the model cards read it).
     """
-    from peft import get_peft_model  # noqa: PLC0415
+    from peft import get_peft_model
 
     plan = plan_lora(model, groups, **kwargs)
     with warnings.catch_warnings():
@@ -376,7 +377,7 @@ def apply_lora(model: nn.Module, groups: Sequence[str] = ("experts",), *, adapte
 
 def load_lora_model(base_model: nn.Module, adapter_dir: str, *, is_trainable: bool = False, adapter_name: str = "default"):
     """``PeftModel.from_pretrained`` after checking the adapter config fits ``base_model``; re-ties tied copies."""
-    from peft import PeftConfig, PeftModel  # noqa: PLC0415
+    from peft import PeftConfig, PeftModel
 
     config = PeftConfig.from_pretrained(adapter_dir)
     validate_lora_targets(base_model, config)
@@ -469,7 +470,7 @@ class AdapterReport:
 
 def _lora_layers(peft_model: nn.Module) -> dict[str, str]:
     """PEFT module name of every LoRA layer -> name of the base parameter it adapts."""
-    from peft.tuners.lora import LoraLayer  # noqa: PLC0415
+    from peft.tuners.lora import LoraLayer
 
     layers = {}
     for name, module in peft_model.named_modules():
@@ -529,7 +530,7 @@ def is_adapter_dir(path: str) -> bool:
 
 def saved_adapter_modules(adapter_dir: str) -> dict[str, dict[str, int]]:
     """Base-model module path -> ``{"adapter": LoRA scalars, "full": fully trained scalars}`` saved for it."""
-    from safetensors import safe_open  # noqa: PLC0415
+    from safetensors import safe_open
 
     path = os.path.join(adapter_dir, ADAPTER_WEIGHTS_NAME)
     if not os.path.isfile(path):
@@ -578,7 +579,7 @@ def check_adapter_checkpoint(adapter_dir: str, base_model: nn.Module | None = No
     if problems:
         raise AdapterTargetError(f"adapter in {adapter_dir} targets names that do not exist: " + "; ".join(problems))
     if base_model is not None:
-        from peft import PeftConfig  # noqa: PLC0415
+        from peft import PeftConfig
 
         validate_lora_targets(base_model, PeftConfig.from_pretrained(adapter_dir))
     return config

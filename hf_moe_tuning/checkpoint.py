@@ -99,7 +99,7 @@ def has_full_model_weights(checkpoint_dir: str) -> bool:
 
 def read_checkpoint_state_dict(checkpoint_dir: str) -> dict[str, torch.Tensor]:
     """All tensors of the full-model weight files of ``checkpoint_dir``, on the CPU."""
-    from transformers.modeling_utils import load_state_dict  # noqa: PLC0415 - heavy import
+    from transformers.modeling_utils import load_state_dict
 
     state_dict: dict[str, torch.Tensor] = {}
     for path in checkpoint_weight_files(checkpoint_dir):
@@ -118,8 +118,8 @@ def checkpoint_weight_conversions(model: nn.Module) -> list | None:
     conversions = getattr(model, "_weight_conversions", None)
     if conversions is None:
         try:
-            from transformers.conversion_mapping import get_model_conversion_mapping  # noqa: PLC0415
-            from transformers.core_model_loading import PrefixChange  # noqa: PLC0415
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import PrefixChange
         except ImportError:  # transformers < 5: checkpoints are saved in the in-memory layout
             return None
         if not hasattr(model, "config"):
@@ -154,10 +154,9 @@ def convert_checkpoint_state_dict(
     touched) and returns the materialised tensors by model key, plus transformers' loading info
     (missing / unexpected / mismatched keys, conversion errors).
     """
-    from transformers.core_model_loading import convert_and_load_state_dict_in_model  # noqa: PLC0415
-    from transformers.modeling_utils import LoadStateDictConfig  # noqa: PLC0415
-
-    from transformers.utils import logging as hf_logging  # noqa: PLC0415
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+    from transformers.utils import logging as hf_logging
 
     shadow = _shadow_model(model)
     load_config = LoadStateDictConfig(weight_mapping=checkpoint_weight_conversions(model))

@@ -13,26 +13,19 @@ Subcommands:
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import os
 import sys
-from typing import Callable, Sequence
+from collections.abc import Sequence
 
 logger = logging.getLogger(__name__)
 
-#: Modules exposing ``register(subparsers)``; each adds its own subcommands.
-SUBCOMMAND_MODULES: tuple[str, ...] = (
-    "hf_moe_tuning.study.cli",
-    "hf_moe_tuning.cards",
-    "hf_moe_tuning.routing.upcycling",
-)
 
 
 def _check_model_argument(name: str) -> None:
     """A model argument written as a path (``./x``, ``../x``, ``/x``, ``~/x``, ``C:\\x``) must exist."""
-    from .models import TINY_MODELS  # noqa: PLC0415
+    from .models import TINY_MODELS
 
     if name in TINY_MODELS or os.path.exists(os.path.expanduser(name)):
         return
@@ -49,8 +42,8 @@ def _check_model_argument(name: str) -> None:
 
 
 def _describe(args: argparse.Namespace) -> int:
-    from .anatomy import describe_moe  # noqa: PLC0415 - keep `--help` fast
-    from .models import load_model  # noqa: PLC0415
+    from .anatomy import describe_moe
+    from .models import load_model
 
     _check_model_argument(args.model)
     model = load_model(args.model, meta=not args.materialize)
@@ -78,7 +71,7 @@ def _describe(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo  # noqa: PLC0415
+    from .demo import run_demo
 
     result = run_demo(
         strategy=args.strategy,
@@ -110,16 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
 
-    for module_name in SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name is not None and module_name.startswith(err.name):
-                continue  # optional feature module not present
-            raise
-        register: Callable | None = getattr(module, "register", None)
-        if register is not None:
-            register(sub)
+    from .hub.cli import register as register_hub
+    from .routing.upcycling import register as register_upcycle
+    from .study.cli import register as register_studies
+
+    register_studies(sub)  # train, compare, ablate, sweep-experts, validate
+    register_hub(sub)  # card, push
+    register_upcycle(sub)  # upcycle
     return parser
 
 

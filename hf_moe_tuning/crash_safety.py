@@ -99,7 +99,7 @@ def atomic_write_json(path: str, obj: Any, **dumps_kwargs: Any) -> str:
 
 def atomic_torch_save(obj: Any, path: str) -> str:
     """``torch.save(obj, path)``, atomically (temp file in the same folder + ``os.replace``)."""
-    import torch  # noqa: PLC0415
+    import torch
 
     return _atomic_write(path, lambda f: torch.save(obj, f))
 
@@ -457,16 +457,16 @@ def _loads(path: str) -> bool:
     """Whether ``path`` (a torch or safetensors file) can be read in full; used on error paths only."""
     try:
         if path.endswith(".safetensors"):
-            from safetensors import safe_open  # noqa: PLC0415
+            from safetensors import safe_open
 
             with safe_open(path, framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118 - safe_open has keys(), no __iter__
+                for key in f.keys():
                     f.get_tensor(key)
         else:
-            import torch  # noqa: PLC0415
+            import torch
 
             torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - any failure means unreadable
+    except Exception:
         return False
     return True
 
@@ -492,7 +492,7 @@ class CrashSafeCheckpointMixin:
                 logger.info("removing the incomplete %s before saving that step again", folder)
                 shutil.rmtree(folder, ignore_errors=True)
         if self.args.should_save:
-            from transformers.trainer_callback import ExportableState  # noqa: PLC0415
+            from transformers.trainer_callback import ExportableState
 
             for cb in self.callback_handler.callbacks:
                 if isinstance(cb, ExportableState) and type(cb).__name__ not in self.state.stateful_callbacks:
@@ -513,7 +513,7 @@ class CrashSafeCheckpointMixin:
         )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
-        from .checkpoint import CheckpointLoadError  # noqa: PLC0415
+        from .checkpoint import CheckpointLoadError
 
         try:
             super()._load_from_checkpoint(resume_from_checkpoint, model)  # type: ignore[misc]
@@ -601,7 +601,7 @@ def token_id_problem(trainer: Any) -> str | None:
     try:
         vocab = int(get_embeddings().num_embeddings)
         len(dataset)
-    except Exception:  # noqa: BLE001 - no embedding table or an iterable dataset: nothing to check
+    except Exception:
         return None
     present = getattr(dataset, "column_names", None)
     if isinstance(present, list):

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from torch import nn
 
@@ -109,7 +110,7 @@ def set_zero3_leaf_modules(model: nn.Module) -> list[type[nn.Module]]:
     if not classes:
         return []
     try:
-        from deepspeed.utils import set_z3_leaf_modules  # noqa: PLC0415 - optional dependency
+        from deepspeed.utils import set_z3_leaf_modules
     except ImportError as err:
         raise ImportError(
             "DeepSpeed ZeRO-3 with MoE models needs deepspeed>=0.14 (deepspeed.utils.set_z3_leaf_modules); "
@@ -173,7 +174,7 @@ def configure_distributed(trainer: Any) -> DistributedSetup:
     if fsdp:
         setup.backend = "fsdp"
         fsdp_plugin = trainer.accelerator.state.fsdp_plugin
-        from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy  # noqa: PLC0415
+        from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
         policy = fsdp_plugin.auto_wrap_policy
         if isinstance(policy, functools.partial):

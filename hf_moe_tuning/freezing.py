@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -302,7 +303,7 @@ class ExpertSliceFreezer:
         expert_masks: Mapping[str, Sequence[bool]],
         anatomy: MoEAnatomy | None = None,
     ) -> None:
-        from .routing.expert_subset import install_expert_subsets  # noqa: PLC0415 - routing imports freezing's deps
+        from .routing.expert_subset import install_expert_subsets
 
         self.masks = {k: list(v) for k, v in expert_masks.items()}
         self.subsets = install_expert_subsets(model, self.masks, anatomy)
@@ -353,7 +354,7 @@ def apply_plan(model: nn.Module, plan: FreezePlan) -> FreezeReport:
     returned report's plan lists the trainable slice parameters in ``trainable`` as well (their scalars
     are counted once, under the fused tensor they belong to).
     """
-    from .routing.expert_subset import uninstall_expert_subsets  # noqa: PLC0415
+    from .routing.expert_subset import uninstall_expert_subsets
 
     uninstall_expert_subsets(model)
     for name, param in model.named_parameters():
@@ -384,7 +385,7 @@ def apply_freezing(
         >>> report = apply_freezing(model, "non_moe")
         >>> print(report.format_table())
     """
-    from .routing.expert_subset import uninstall_expert_subsets  # noqa: PLC0415
+    from .routing.expert_subset import uninstall_expert_subsets
 
     if anatomy is None:
         uninstall_expert_subsets(model)  # plan on the plain model, not on slices of an earlier application

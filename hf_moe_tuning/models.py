@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 from transformers import (
+    CONFIG_MAPPING,
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
-    CONFIG_MAPPING,
     PretrainedConfig,
     PreTrainedModel,
 )
@@ -307,7 +307,7 @@ def _shrunk_config(
     kwargs.update(required)
     try:
         config = config_class(**kwargs)
-    except Exception as err:  # noqa: BLE001 - strict validators raise various types
+    except Exception as err:
         logger.debug("%s rejected the tiny kwargs (%s); shrinking attribute-wise", config_class.__name__, err)
     else:
         mlp_types = getattr(config, "mlp_layer_types", None)
@@ -317,7 +317,7 @@ def _shrunk_config(
         kwargs["mlp_layer_types"] = ["dense"] + ["sparse"] * (len(mlp_types) - 1)
         try:
             return config_class(**kwargs)
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             logger.debug("%s rejected a sparse mlp_layer_types (%s)", config_class.__name__, err)
             return config
     config = config_class()
@@ -327,7 +327,7 @@ def _shrunk_config(
             continue
         try:
             setattr(config, key, value)
-        except Exception:  # noqa: BLE001 - strict configs refuse some values; keep their default
+        except Exception:
             logger.debug("could not set %s=%r on %s", key, value, config_class.__name__)
     n = getattr(config, "num_hidden_layers", None)
     for key in ("layer_types", "mlp_layer_types"):
@@ -338,7 +338,7 @@ def _shrunk_config(
             value = ["dense"] + ["sparse"] * (n - 1)
         try:
             setattr(config, key, value[:n])
-        except Exception:  # noqa: BLE001
+        except Exception:
             logger.debug("could not set %s on %s", key, config_class.__name__)
     return config
 

@@ -38,8 +38,9 @@ so that the gradient is that of the global-batch mean (see the callback module).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn

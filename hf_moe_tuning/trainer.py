@@ -24,20 +24,20 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .adapters import is_peft_model
 from .anatomy import MoEAnatomy, NoMoELayersError, describe_moe
-from .cards import MoECardMixin
-from .checkpoint import FusedResumeMixin
-from .crash_safety import CrashSafeCheckpointMixin, resolve_resume_checkpoint, run_training
-from .callbacks.nan_guard import NaNGuardCallback
+from .callbacks.base import MoEMetricsCallback, merge_pending_metrics
 from .callbacks.bias_balancing import BiasBalancingCallback
 from .callbacks.capacity import CapacityFactorCallback
 from .callbacks.expert_dropout import ExpertDropoutCallback
-from .callbacks.router_jitter import RouterJitterCallback
-from .callbacks.base import MoEMetricsCallback, merge_pending_metrics
 from .callbacks.expert_load import ExpertLoadCallback
 from .callbacks.freezing import MoEFreezingCallback
+from .callbacks.nan_guard import NaNGuardCallback
+from .callbacks.router_jitter import RouterJitterCallback
 from .callbacks.router_loss import RouterLossCallback
+from .checkpoint import FusedResumeMixin
 from .configuration import MoEArguments
+from .crash_safety import CrashSafeCheckpointMixin, resolve_resume_checkpoint, run_training
 from .distributed import configure_distributed
+from .hub.mixin import MoECardMixin
 from .presets import apply_hparam_preset
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def build_moe_callbacks(
     if freezing:
         resolver = None
         if isinstance(args.moe_experts, str) and args.moe_experts.startswith("esft-"):
-            from .routing.esft import make_resolver  # noqa: PLC0415 - optional feature, imported when asked for
+            from .routing.esft import make_resolver
 
             resolver = make_resolver(args, train_dataset, data_collator)
         callbacks.append(MoEFreezingCallback.from_args(args, expert_resolver=resolver, anatomy=anatomy))

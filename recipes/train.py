@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     add_run_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from accelerate import PartialState  # noqa: PLC0415
+    from accelerate import PartialState
 
     if PartialState().num_processes > 1:
         parser.error("studies run in one process; use recipes/accelerate/single_cpu.yaml or a single-GPU config")

@@ -7,14 +7,15 @@ import os
 
 import pytest
 import torch
-from huggingface_hub import HfApi, ModelCard, constants as hub_constants
+from huggingface_hub import HfApi, ModelCard
+from huggingface_hub import constants as hub_constants
 from huggingface_hub.utils import filter_repo_objects
 from peft import LoraConfig, PeftModel
 from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, Trainer, TrainingArguments
 
-from hf_moe_tuning import ParamGroup, build_tiny_model, describe_moe
+from hf_moe_tuning import describe_moe
 from hf_moe_tuning.adapters import (
     AdapterTargetError,
     apply_lora,
@@ -25,7 +26,9 @@ from hf_moe_tuning.adapters import (
     plan_lora,
     validate_lora_targets,
 )
-from hf_moe_tuning.cards import build_model_card, load_run, push_run, write_run_info
+from hf_moe_tuning.anatomy import ParamGroup
+from hf_moe_tuning.hub import build_model_card, load_run, push_run, write_run_info
+from hf_moe_tuning.models import build_tiny_model
 
 NON_MOE = [g for g in ParamGroup if g not in (ParamGroup.ROUTER, ParamGroup.EXPERTS)]
 
@@ -83,7 +86,7 @@ def test_lora_non_moe_exact_trainable_set_and_training(tmp_path):
         for ab in "AB"
     }
     full = {
-        "base_model.model.{0}.modules_to_save.default.{1}".format(*n.rsplit(".", 1)) for n in anatomy.params_in(*NON_MOE)
+        "base_model.model.{}.modules_to_save.default.{}".format(*n.rsplit(".", 1)) for n in anatomy.params_in(*NON_MOE)
     }
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert trainable == lora | full == set(report.trainable_names)
@@ -265,10 +268,10 @@ def _train_rows(seq2seq: bool, n: int = 8) -> list[dict]:
 def test_moe_trainer_on_peft_model_keeps_adapter_choice_and_sees_routers(name, groups, tmp_path):
     """MoETrainer's defaults must not retrain the base weights of a LoRA model, and its routing callbacks
     find the routers through the PEFT wrappers (LoRA on fused experts replaces the experts module)."""
-    from datasets import Dataset  # noqa: PLC0415
-    from transformers import DataCollatorForSeq2Seq, ByT5Tokenizer  # noqa: PLC0415
+    from datasets import Dataset
+    from transformers import ByT5Tokenizer, DataCollatorForSeq2Seq
 
-    from hf_moe_tuning import MoETrainer, MoETrainingArguments  # noqa: PLC0415
+    from hf_moe_tuning import MoETrainer, MoETrainingArguments
 
     base = build_tiny_model(name)
     base_layers = [(layer.router_path, layer.num_experts, layer.top_k) for layer in describe_moe(base).layers]
@@ -297,8 +300,8 @@ def test_moe_trainer_on_peft_model_keeps_adapter_choice_and_sees_routers(name, g
 
 
 def test_freezing_arguments_on_a_peft_model_are_refused(tmp_path):
-    from hf_moe_tuning import MoETrainer, MoETrainingArguments  # noqa: PLC0415
-    from hf_moe_tuning.callbacks.freezing import MoEFreezingCallback  # noqa: PLC0415
+    from hf_moe_tuning import MoETrainer, MoETrainingArguments
+    from hf_moe_tuning.callbacks.freezing import MoEFreezingCallback
 
     peft_model, _ = apply_lora(build_tiny_model("mixtral"), ("experts",), r=4)
     args = MoETrainingArguments(str(tmp_path / "out"), moe_freeze_strategy="non_moe", report_to=[], use_cpu=True)

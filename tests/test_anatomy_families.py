@@ -68,7 +68,7 @@ def _expert_count(config: PretrainedConfig) -> int:
     for key in EXPERT_COUNT_KEYS:
         try:
             value = getattr(config, key, None)
-        except Exception:  # noqa: BLE001 - per-layer (heterogeneous) configs refuse global access
+        except Exception:
             continue
         if isinstance(value, int) and not isinstance(value, bool) and value > 1:
             return value
@@ -83,7 +83,7 @@ def _may_be_moe(config_class: type[PretrainedConfig]) -> bool:
     return bool(fields & set(EXPERT_COUNT_KEYS)) or any(a in (config_class.sub_configs or {}) for a in TEXT_SUBCONFIGS)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def moe_model_types() -> dict[str, str]:
     """``{model_type to check: registry type it was found through}`` for every MoE family."""
     hf_logging.set_verbosity_error()  # default configs of unrelated families warn about token ids
@@ -93,7 +93,7 @@ def moe_model_types() -> dict[str, str]:
             continue
         try:
             config = CONFIG_MAPPING[model_type]()
-        except Exception:  # noqa: BLE001 - a few registry entries need arguments; they are not MoE text models
+        except Exception:
             continue
         text_type = None
         for attr in TEXT_SUBCONFIGS:
@@ -122,7 +122,7 @@ def _meta_param_count(config: PretrainedConfig) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _built(model_type: str):
     """Tiny model of ``model_type`` (guarded by a meta-device size check) and its anatomy."""
     config = tiny_config(model_type)
@@ -289,7 +289,7 @@ def test_family_expert_load_counts_what_the_experts_receive(model_type):
     with dropped tokens zeroed; those are compared on the kept tokens). Families whose experts are
     called without such an argument are not compared here.
     """
-    from hf_moe_tuning.callbacks.expert_load import TRAIN, ExpertLoadCallback  # noqa: PLC0415
+    from hf_moe_tuning.callbacks.expert_load import TRAIN, ExpertLoadCallback
 
     model, anatomy = _built(model_type)
     witnessed: dict[int, torch.Tensor] = {}

@@ -14,10 +14,11 @@ import torch
 from datasets import Dataset
 from transformers import HfArgumentParser
 
-from hf_moe_tuning import MoETrainer, MoETrainingArguments, apply_freezing, build_tiny_model
+from hf_moe_tuning import MoETrainer, MoETrainingArguments, apply_freezing
 from hf_moe_tuning.callbacks.nan_guard import NaNGuardCallback
 from hf_moe_tuning.checkpoint import CheckpointLoadError, load_checkpoint_exact
 from hf_moe_tuning.freezing import FreezingError
+from hf_moe_tuning.models import build_tiny_model
 
 
 def _snapshot(model: torch.nn.Module) -> dict[str, tuple[bool, torch.Tensor]]:
@@ -135,7 +136,7 @@ def test_apply_freezing_is_all_or_nothing():
 
 
 def test_invalid_repo_id():
-    from hf_moe_tuning.cards import check_repo_id
+    from hf_moe_tuning.hub.push import check_repo_id
 
     with pytest.raises(ValueError, match="invalid repo id 'not/a/valid id'"):
         check_repo_id("not/a/valid id")

@@ -20,15 +20,10 @@ from datasets import Dataset
 from transformers import ByT5Tokenizer, HfArgumentParser, TrainingArguments
 
 import hf_moe_tuning.anatomy.groups as anatomy_groups
-from hf_moe_tuning import (
-    MoEArguments,
-    MoETrainer,
-    MoETrainingArguments,
-    apply_freezing,
-    build_tiny_model,
-)
+from hf_moe_tuning import MoEArguments, MoETrainer, MoETrainingArguments, apply_freezing
 from hf_moe_tuning.anatomy import NoMoELayersError
 from hf_moe_tuning.configuration import MOE_ARGUMENT_NAMES
+from hf_moe_tuning.models import build_tiny_model
 
 BASE = {"report_to": [], "use_cpu": True, "disable_tqdm": True, "save_strategy": "no", "per_device_train_batch_size": 4,
         "max_steps": 2, "logging_steps": 1, "moe_drift_probe_size": 0, "moe_expert_load_heatmap": False}
@@ -91,7 +86,8 @@ def test_plain_trainer_path_does_not_import_trl(tmp_path):
     code = textwrap.dedent(f"""
         import sys
         import hf_moe_tuning
-        from hf_moe_tuning import MoETrainer, MoETrainingArguments, build_tiny_model
+        from hf_moe_tuning import MoETrainer, MoETrainingArguments
+        from hf_moe_tuning.models import build_tiny_model
         from datasets import Dataset
         rows = [{{"input_ids": [5, 6, 7, 8], "labels": [5, 6, 7, 8]}}] * 4
         args = MoETrainingArguments({str(tmp_path / 'run')!r}, max_steps=1, per_device_train_batch_size=2, report_to=[],

@@ -26,7 +26,7 @@ import torch
 from datasets import Dataset
 from transformers import TrainerState
 
-from hf_moe_tuning import MoETrainer, MoETrainingArguments, build_tiny_model
+from hf_moe_tuning import MoETrainer, MoETrainingArguments
 from hf_moe_tuning.callbacks import expert_load
 from hf_moe_tuning.callbacks.expert_load import JSONL_NAME, REFERENCE_NAME
 from hf_moe_tuning.crash_safety import (
@@ -35,6 +35,7 @@ from hf_moe_tuning.crash_safety import (
     atomic_write_text,
     inspect_checkpoint,
 )
+from hf_moe_tuning.models import build_tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from hf_moe_tuning import apply_freezing, build_tiny_model
+from hf_moe_tuning import apply_freezing
 from hf_moe_tuning.distributed import (
     configure_distributed,
     fsdp_wrap_class_names,
@@ -30,6 +30,7 @@ from hf_moe_tuning.distributed import (
     set_zero3_leaf_modules,
     wrap_unit_paths,
 )
+from hf_moe_tuning.models import build_tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "scripts", "distributed_train.py")

@@ -7,8 +7,9 @@ import torch
 from datasets import Dataset
 from transformers import ByT5Tokenizer, DataCollatorForSeq2Seq
 
-from hf_moe_tuning import MoETrainer, MoETrainingArguments, build_tiny_model
+from hf_moe_tuning import MoETrainer, MoETrainingArguments
 from hf_moe_tuning.demo import reverse_task, tokenize_seq2seq
+from hf_moe_tuning.models import build_tiny_model
 from hf_moe_tuning.routing.esft import (
     ESFTError,
     ESFTResolver,

@@ -10,13 +10,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from hf_moe_tuning import MoETrainer, MoETrainingArguments, apply_freezing, build_tiny_model
+from hf_moe_tuning import MoETrainer, MoETrainingArguments, apply_freezing
 from hf_moe_tuning.anatomy import NoMoELayersError
 from hf_moe_tuning.callbacks.bias_balancing import BiasBalancingCallback
 from hf_moe_tuning.callbacks.capacity import CapacityFactorCallback
 from hf_moe_tuning.callbacks.expert_dropout import ExpertDropoutCallback
 from hf_moe_tuning.callbacks.router_jitter import RouterJitterCallback
 from hf_moe_tuning.metrics.expert_load import max_violation
+from hf_moe_tuning.models import build_tiny_model
 from hf_moe_tuning.presets import accumulation_steps_for, apply_hparam_preset, get_preset
 from hf_moe_tuning.routing.bias_balancing import BiasBalancer, sign_bias_update
 from hf_moe_tuning.routing.capacity import apply_capacity_factors, expert_capacity
@@ -228,7 +229,7 @@ def _imbalance_router(model) -> None:
 def _mean_max_violation(balancer: BiasBalancer, model, steps: int, update: bool) -> list[float]:
     values = []
     model.train()
-    for step in range(steps):
+    for _step in range(steps):
         with torch.no_grad():
             model(**_lm_batch(0, batch=8, length=32))
         counts = [s.counts.clone() for s in balancer.layers]

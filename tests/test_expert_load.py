@@ -12,7 +12,7 @@ import torch
 from datasets import Dataset
 from transformers import ByT5Tokenizer, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
-from hf_moe_tuning import MoETrainingArguments, build_tiny_model
+from hf_moe_tuning import MoETrainingArguments
 from hf_moe_tuning.anatomy import NoMoELayersError
 from hf_moe_tuning.callbacks.expert_load import ExpertLoadCallback
 from hf_moe_tuning.metrics import (
@@ -30,6 +30,7 @@ from hf_moe_tuning.metrics import (
     summarize_load,
     top1_change_fraction,
 )
+from hf_moe_tuning.models import build_tiny_model
 from hf_moe_tuning.routing.capture import RouterCapture
 from hf_moe_tuning.trainer import enable_moe_logging
 
@@ -518,7 +519,7 @@ def test_drift_after_resume_is_against_the_runs_start(runner, tmp_path, caplog):
     ``trainer``: a plain Trainer whose script passes ``args.resume_from_checkpoint`` on (the HF examples'
     pattern); ``moe_trainer``: MoETrainer, which tells the callback the folder it resumes from.
     """
-    from hf_moe_tuning import MoETrainer  # noqa: PLC0415
+    from hf_moe_tuning import MoETrainer
 
     rows = make_rows("switch", 16)
     common = dict(max_steps=4, logging_steps=1, gradient_accumulation_steps=1, learning_rate=5e-2,

@@ -27,8 +27,9 @@ def run_training(out: str) -> None:
     from torch.utils.data import SequentialSampler
     from transformers import ByT5Tokenizer, DataCollatorForSeq2Seq, Trainer
 
-    from hf_moe_tuning import MoETrainingArguments, build_tiny_model
+    from hf_moe_tuning import MoETrainingArguments
     from hf_moe_tuning.callbacks.expert_load import ExpertLoadCallback
+    from hf_moe_tuning.models import build_tiny_model
     from hf_moe_tuning.trainer import enable_moe_logging
 
     class InOrderTrainer(Trainer):
@@ -106,7 +107,7 @@ def test_two_processes_log_the_same_counts_as_one(tmp_path):
 
 if __name__ == "__main__":
     run_training(sys.argv[1])
-    from accelerate import PartialState  # noqa: E402 - teardown of the launched run only
+    from accelerate import PartialState
 
     # without this, gloo's threads can abort the interpreter at exit ("terminate called without an active
     # exception"), failing an otherwise finished run

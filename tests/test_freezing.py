@@ -7,8 +7,10 @@ import re
 import pytest
 import torch
 
-from hf_moe_tuning import FreezingError, apply_freezing, build_tiny_model, plan_freezing
+from hf_moe_tuning import apply_freezing
 from hf_moe_tuning.anatomy import NoMoELayersError
+from hf_moe_tuning.freezing import FreezingError, plan_freezing
+from hf_moe_tuning.models import build_tiny_model
 
 # Independent, hand-written name rules per family (not the package's classifier): group -> regex.
 RULES: dict[str, dict[str, str]] = {

@@ -9,9 +9,10 @@ import pytest
 import torch
 from transformers import ByT5Tokenizer, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
-from hf_moe_tuning import MoEFreezingCallback, MoETrainer, MoETrainingArguments, build_tiny_model, enable_moe_logging
+from hf_moe_tuning import MoEFreezingCallback, MoETrainer, MoETrainingArguments, enable_moe_logging
 from hf_moe_tuning.anatomy import NoMoELayersError
 from hf_moe_tuning.demo import reverse_task, tokenize_seq2seq
+from hf_moe_tuning.models import build_tiny_model
 
 
 @pytest.fixture(scope="module")

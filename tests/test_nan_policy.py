@@ -17,7 +17,8 @@ import pytest
 import torch
 from datasets import Dataset
 
-from hf_moe_tuning import MoETrainer, MoETrainingArguments, build_tiny_model
+from hf_moe_tuning import MoETrainer, MoETrainingArguments
+from hf_moe_tuning.models import build_tiny_model
 
 
 def _dataset(n: int = 32, length: int = 12) -> Dataset:

@@ -18,12 +18,13 @@ import torch
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
-from hf_moe_tuning import MoETrainer, MoETrainingArguments, build_tiny_model
+from hf_moe_tuning import MoETrainer, MoETrainingArguments
 from hf_moe_tuning.callbacks.expert_load import ExpertLoadCallback
 from hf_moe_tuning.callbacks.nan_guard import NaNGuardCallback
 from hf_moe_tuning.callbacks.resume import FusedResumeCallback
 from hf_moe_tuning.callbacks.router_loss import RouterLossCallback
 from hf_moe_tuning.checkpoint import CheckpointLoadError, FusedResumeMixin, load_checkpoint_exact
+from hf_moe_tuning.models import build_tiny_model
 from hf_moe_tuning.trainer import build_moe_callbacks
 
 MAX_STEPS, STOP_AT = 2, 1

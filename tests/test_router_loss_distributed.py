@@ -8,7 +8,6 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from test_router_loss_training import _assert_same, _expected_grad, _train_once
 
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import functools
 import glob
+import json
 
 import pytest
 import torch
@@ -67,7 +66,7 @@ def _train_once(tmp_path, name, batch, accumulation, router_loss, bind=False, ac
     return {n: before[n] - p.detach() for n, p in model.named_parameters()}  # = lr · grad with SGD, lr = 1
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _expected_grad(name, with_lm: bool) -> dict[str, torch.Tensor]:
     """∇ (AUX · mean_s aux_s + Z · mean_s z_s [+ LM loss]) over the 8 sequences of the global batch, directly."""
     model = build_tiny_model(name).train()

@@ -13,9 +13,9 @@ import torch
 import yaml
 from transformers import ByT5Tokenizer
 
-from hf_moe_tuning import build_tiny_model
 from hf_moe_tuning.anatomy import NoMoELayersError, describe_moe
 from hf_moe_tuning.data import heldout_task, instruction_mixture
+from hf_moe_tuning.models import build_tiny_model
 from hf_moe_tuning.study import load_study_config, parse_study_config, validate_training_args
 from hf_moe_tuning.study.backends import CAUSAL, SEQ2SEQ, backend_for
 from hf_moe_tuning.study.chat import (

@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForSeq2SeqLM
 
-from hf_moe_tuning import build_tiny_model, describe_moe
+from hf_moe_tuning import describe_moe
 from hf_moe_tuning.cli import main
+from hf_moe_tuning.models import build_tiny_model
 from hf_moe_tuning.routing.upcycling import UpcycleOptions, UpcyclingError, upcycle_t5
 
 TOLERANCE = 1e-5  # float rounding of E * (1/E) in the rescaled experts

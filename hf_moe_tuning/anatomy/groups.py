@@ -21,9 +21,9 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Iterable
 
 import torch
 from torch import nn
@@ -265,7 +265,7 @@ def _config_int(config, key: str) -> int | None:
     for cfg in _text_configs(config) if config is not None else []:
         try:
             value = getattr(cfg, key, None)
-        except Exception:  # noqa: BLE001 - per-layer (heterogeneous) configs refuse global access
+        except Exception:
             continue
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -276,7 +276,7 @@ def _config_str(config, key: str) -> str | None:
     for cfg in _text_configs(config) if config is not None else []:
         try:
             value = getattr(cfg, key, None)
-        except Exception:  # noqa: BLE001 - per-layer (heterogeneous) configs refuse global access
+        except Exception:
             continue
         if isinstance(value, str):
             return value

@@ -21,7 +21,6 @@ import logging
 from transformers import TrainerCallback
 
 from ..anatomy import MoEAnatomy
-
 from ..hub.run_record import copy_moe_run_to_checkpoint, record_moe_run
 
 logger = logging.getLogger(__name__)

@@ -22,8 +22,8 @@ from typing import Any
 
 from transformers.trainer_callback import ExportableState
 
-from ..hub.run_record import copy_moe_run_to_checkpoint, record_moe_run
 from ..anatomy import MoEAnatomy, anatomy_for
+from ..hub.run_record import copy_moe_run_to_checkpoint, record_moe_run
 from ..routing.bias_balancing import BiasBalancer
 from .base import MoEMetricsCallback
 
@@ -50,7 +50,7 @@ class BiasBalancingCallback(MoEMetricsCallback, ExportableState):
         self._stats: dict[str, float] = {}
 
     @classmethod
-    def from_args(cls, args: Any, anatomy: MoEAnatomy | None = None) -> "BiasBalancingCallback | None":
+    def from_args(cls, args: Any, anatomy: MoEAnatomy | None = None) -> BiasBalancingCallback | None:
         """The callback for ``moe_bias_balancing=True`` (rate ``moe_bias_update_rate``), else ``None``."""
         if not getattr(args, "moe_bias_balancing", False):
             return None

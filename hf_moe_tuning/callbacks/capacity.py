@@ -34,7 +34,7 @@ class CapacityFactorCallback(ModelPatchCallback):
             raise ValueError("CapacityFactorCallback needs a train or an eval capacity factor")
 
     @classmethod
-    def from_args(cls, args: Any, anatomy: MoEAnatomy | None = None) -> "CapacityFactorCallback | None":
+    def from_args(cls, args: Any, anatomy: MoEAnatomy | None = None) -> CapacityFactorCallback | None:
         """The callback when ``moe_capacity_factor_train`` or ``moe_capacity_factor_eval`` is set, else ``None``."""
         train = getattr(args, "moe_capacity_factor_train", None)
         evaluation = getattr(args, "moe_capacity_factor_eval", None)

@@ -28,7 +28,7 @@ class ExpertDropoutCallback(ModelPatchCallback):
         self.p = validate_dropout(p)
 
     @classmethod
-    def from_args(cls, args: Any, anatomy: MoEAnatomy | None = None) -> "ExpertDropoutCallback | None":
+    def from_args(cls, args: Any, anatomy: MoEAnatomy | None = None) -> ExpertDropoutCallback | None:
         """The callback for ``args.moe_expert_dropout > 0``, else ``None``."""
         p = getattr(args, "moe_expert_dropout", 0.0)
         return cls(p, anatomy) if p > 0 else None

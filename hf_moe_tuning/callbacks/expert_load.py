@@ -307,7 +307,7 @@ class ExpertLoadCallback(MoEMetricsCallback):
         self.resume_checkpoint: str | None = None
 
     @classmethod
-    def from_args(cls, args: Any, anatomy: MoEAnatomy | None = None) -> "ExpertLoadCallback | None":
+    def from_args(cls, args: Any, anatomy: MoEAnatomy | None = None) -> ExpertLoadCallback | None:
         """Build from :class:`~hf_moe_tuning.MoETrainingArguments`; ``None`` when ``moe_log_expert_load`` is off."""
         if not getattr(args, "moe_log_expert_load", True):
             return None
@@ -587,7 +587,7 @@ class ExpertLoadCallback(MoEMetricsCallback):
         if not self._tensorboard_on(args):
             return
         if self._tb_writer is None:
-            from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - optional reporter
+            from torch.utils.tensorboard import SummaryWriter
 
             root = (
                 os.environ.get("TENSORBOARD_LOGGING_DIR")
@@ -712,7 +712,7 @@ class ExpertLoadCallback(MoEMetricsCallback):
                              layer["counts"].to(self._device))
                 for index, layer in layers.items()
             }
-        except Exception as err:  # noqa: BLE001 - a truncated or foreign file is reported, not fatal
+        except Exception as err:
             return None, f"{path} is unreadable, truncated or corrupt ({type(err).__name__}: {err})"
         probe_ids = self._probe.get("input_ids") if self._probe else None
         if probe_ids is None or saved_ids is None or not torch.equal(saved_ids, probe_ids.cpu()):

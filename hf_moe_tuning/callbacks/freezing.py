@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import ExportableState, TrainerState
 
 from ..adapters import is_peft_model
 from ..anatomy import MoEAnatomy, anatomy_for
@@ -80,7 +81,7 @@ class MoEFreezingCallback(MoEMetricsCallback, ExportableState):
     @classmethod
     def from_args(
         cls, args: Any, expert_resolver: ExpertResolver | None = None, anatomy: MoEAnatomy | None = None
-    ) -> "MoEFreezingCallback":
+    ) -> MoEFreezingCallback:
         """Build from the MoE options of ``args`` (:class:`~hf_moe_tuning.configuration.MoEArguments`)."""
         return cls(
             args.moe_freeze_strategy,

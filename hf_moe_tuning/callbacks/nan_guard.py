@@ -139,7 +139,7 @@ class NaNGuardCallback(MoEMetricsCallback, ExportableState):
         self._run_steps = self._run_skipped = 0
 
     @classmethod
-    def from_args(cls, args: Any, anatomy: Any = None) -> "NaNGuardCallback":
+    def from_args(cls, args: Any, anatomy: Any = None) -> NaNGuardCallback:
         """Build from the MoE options of ``args`` (``moe_nan_policy``, ``moe_nan_max_consecutive_skips``,
         ``moe_nan_max_skip_fraction``); ``anatomy``: the trainer's ``describe_moe`` of the model, if known."""
         return cls(
@@ -183,7 +183,7 @@ class NaNGuardCallback(MoEMetricsCallback, ExportableState):
         """Hook every router so a non-finite loss can name the first MoE layer whose logits were non-finite."""
         if self._router_handles:
             return
-        from ..anatomy import anatomy_for  # noqa: PLC0415
+        from ..anatomy import anatomy_for
 
         capture = getattr(model, "_hf_moe_router_capture", None)
         try:
@@ -192,7 +192,7 @@ class NaNGuardCallback(MoEMetricsCallback, ExportableState):
                 router = model.get_submodule(layer.router_path)
                 self._router_handles.append(router.register_forward_hook(self._router_hook(layer.index)))
                 self._router_paths[layer.index] = layer.path
-        except Exception as err:  # noqa: BLE001 - naming the layer is a diagnosis, never a reason to fail
+        except Exception as err:
             logger.debug("NaN guard: routers not watched (%s)", err)
 
     def _bad_router_layer(self) -> str:
@@ -297,7 +297,7 @@ class NaNGuardCallback(MoEMetricsCallback, ExportableState):
             if grads:
                 try:
                     norm = torch.nn.utils.get_total_norm(grads)
-                except Exception:  # noqa: BLE001 - e.g. gradients on several device meshes
+                except Exception:
                     norm = None
         if norm is None:
             return torch.zeros((), device=device)

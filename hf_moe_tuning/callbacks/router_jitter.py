@@ -27,7 +27,7 @@ class RouterJitterCallback(ModelPatchCallback):
         self.eps = validate_jitter(eps)
 
     @classmethod
-    def from_args(cls, args: Any, anatomy: MoEAnatomy | None = None) -> "RouterJitterCallback | None":
+    def from_args(cls, args: Any, anatomy: MoEAnatomy | None = None) -> RouterJitterCallback | None:
         """The callback when ``moe_router_jitter`` is set, else ``None``."""
         eps = getattr(args, "moe_router_jitter", None)
         return cls(eps, anatomy) if eps is not None else None

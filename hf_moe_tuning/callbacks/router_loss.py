@@ -222,7 +222,7 @@ class RouterLossCallback(MoEMetricsCallback, ExportableState):
         return self.aux_on or self.z_on
 
     @classmethod
-    def from_args(cls, args: TrainingArguments, anatomy: MoEAnatomy | None = None) -> "RouterLossCallback | None":
+    def from_args(cls, args: TrainingArguments, anatomy: MoEAnatomy | None = None) -> RouterLossCallback | None:
         """Build from the MoE options of ``args`` (``moe_*_loss_*`` fields); ``None`` when both losses are off."""
         aux = validate_coefficient("moe_aux_loss_coef", getattr(args, "moe_aux_loss_coef", 0.0))
         z = validate_coefficient("moe_z_loss_coef", getattr(args, "moe_z_loss_coef", 0.0))
@@ -538,7 +538,7 @@ class RouterLossCallback(MoEMetricsCallback, ExportableState):
 
     def _on_non_finite(self, losses: RouterLosses, output: Any, lm_loss: torch.Tensor | None) -> Any:
         index = losses.first_non_finite_layer()
-        layer = next((l for l in self.capture.anatomy.layers if l.index == index), None)
+        layer = next((layer for layer in self.capture.anatomy.layers if layer.index == index), None)
         where = f"MoE layer {index} ({layer.path})" if layer is not None else "an MoE layer"
         if self.nan_policy == "error":
             raise FloatingPointError(

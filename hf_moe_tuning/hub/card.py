@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Sequence
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
@@ -68,7 +69,7 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 def _group_order(groups: dict[str, Any]) -> list[str]:
     """Group names in :class:`~hf_moe_tuning.anatomy.ParamGroup` order (saved JSON may be key-sorted)."""
-    from ..anatomy import ParamGroup  # noqa: PLC0415
+    from ..anatomy import ParamGroup
 
     order = [g.value for g in ParamGroup]
     return sorted(groups, key=lambda g: (order.index(g) if g in order else len(order), g))
@@ -184,7 +185,7 @@ def _controls_section(summary: RunSummary) -> str:
 
 def _summed_loads(records: Sequence[dict[str, Any]]) -> list[Any]:
     """Per-layer :class:`LayerLoad` with the counts of ``records`` added up."""
-    from ..metrics.expert_load import LayerLoad  # noqa: PLC0415
+    from ..metrics.expert_load import LayerLoad
 
     totals: dict[int, LayerLoad] = {}
     for record in records:
@@ -203,7 +204,7 @@ def _summed_loads(records: Sequence[dict[str, Any]]) -> list[Any]:
 
 def expert_load_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per-layer summary of summed counts: tokens, load CV, entropy, max violation, dead experts, dropped share."""
-    from ..metrics.expert_load import layer_statistics  # noqa: PLC0415
+    from ..metrics.expert_load import layer_statistics
 
     rows = []
     for load in _summed_loads(records):
@@ -313,7 +314,7 @@ def moe_card_section(summary: RunSummary) -> str:
 
 def _hub_model_id(value: str | None) -> str | None:
     """``value`` if it names a Hub model (not a local path, not a tiny name), else ``None``."""
-    from ..models import TINY_MODELS  # noqa: PLC0415
+    from ..models import TINY_MODELS
 
     if not value or value.startswith("tiny:") or value in TINY_MODELS or os.path.exists(value) or "/" not in value:
         return None
@@ -382,7 +383,7 @@ def build_model_card(
     model_name: str | None = None,
     base_model: str | None = None,
     datasets: Sequence[str] | str | None = None,
-    license: str | None = None,  # noqa: A002 - the Hub's field name
+    license: str | None = None,
     language: str | Sequence[str] | None = None,
     tags: Iterable[str] = (),
     pipeline_tag: str | None = None,

@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 def _hub_api() -> Any:
     """transformers' shared ``HfApi`` (tagged with its library name), as ``Trainer`` uses it."""
-    from transformers.utils import hf_api  # noqa: PLC0415
+    from transformers.utils import hf_api
 
     return hf_api()
 
@@ -65,7 +65,7 @@ class AllowListPushMixin:
         check_repo_id(repo_id)
         model = self.accelerator.unwrap_model(self.model)
         if hasattr(model, "peft_config"):
-            from ..adapters import validate_lora_targets  # noqa: PLC0415
+            from ..adapters import validate_lora_targets
 
             for config in model.peft_config.values():
                 validate_lora_targets(model.get_base_model(), config)
@@ -110,7 +110,7 @@ class AllowListPushMixin:
             return
         if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
             return
-        from transformers.utils.hub import PushInProgress  # noqa: PLC0415
+        from transformers.utils.hub import PushInProgress
 
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
         output_dir = self.args.output_dir
@@ -163,7 +163,7 @@ class MoECardMixin(AllowListPushMixin):
     def create_model_card(
         self,
         language: str | None = None,
-        license: str | None = None,  # noqa: A002
+        license: str | None = None,
         tags: str | list[str] | None = None,
         model_name: str | None = None,
         finetuned_from: str | None = None,

@@ -202,9 +202,9 @@ _MODEL_FILES = re.compile(r"(model.*\.safetensors(\.index\.json)?|adapter_model\
 
 def _merge_into(output_dir: str, staging: str, run_info: dict[str, Any]) -> None:
     """Merge the adapter in ``output_dir`` into its base model and save the result (and the run files) in ``staging``."""
-    from peft import PeftConfig  # noqa: PLC0415
+    from peft import PeftConfig
 
-    from ..adapters import load_lora_model, merge_adapter  # noqa: PLC0415
+    from ..adapters import load_lora_model, merge_adapter
 
     spec = run_info.get("base_model") or PeftConfig.from_pretrained(output_dir).base_model_name_or_path
     base = _resolve_base(spec, run_info, meta=False)
@@ -288,7 +288,7 @@ def push_run(
         ValueError: a bad repo id or request; :class:`NoFinishedRunError`: nothing to push;
         :class:`HubPushError`: no token, offline mode, or the Hub could not be reached / refused the push.
     """
-    from ..adapters import check_adapter_checkpoint, is_adapter_dir  # noqa: PLC0415
+    from ..adapters import check_adapter_checkpoint, is_adapter_dir
 
     check_repo_id(repo_id)
     require_finished_run(output_dir)

@@ -130,7 +130,7 @@ def model_anatomy_record(model: Any, anatomy: Any = None) -> dict[str, Any] | No
     """
     if model is None:
         return None
-    from ..anatomy import anatomy_for  # noqa: PLC0415 - keeps this module importable from the callbacks
+    from ..anatomy import anatomy_for
 
     try:
         return anatomy_record(anatomy_for(_unwrap(model), anatomy))

@@ -252,7 +252,7 @@ def _card_base_model(output_dir: str) -> str | None:
         return None
     try:
         base = (metadata_load(path) or {}).get("base_model")
-    except Exception:  # noqa: BLE001 - a malformed old card only loses this fallback
+    except Exception:
         return None
     return base if isinstance(base, str) and base else None
 
@@ -288,9 +288,9 @@ def _resolve_base(spec: str | None, run_info: dict[str, Any], *, meta: bool) -> 
     With ``meta=True`` only its skeleton is built, on the meta device (no weights), which is enough to
     describe its anatomy or check adapter targets.
     """
-    import torch  # noqa: PLC0415
+    import torch
 
-    from ..models import TINY_MODELS, build_tiny_model, load_model  # noqa: PLC0415
+    from ..models import TINY_MODELS, build_tiny_model, load_model
 
     if not spec:
         return None
@@ -309,8 +309,8 @@ def _adapter_summary(output_dir: str, run_info: dict[str, Any], record: dict[str
     """The adapter's LoRA settings (``adapter_config.json``) and scalars per parameter group: from the
     run's record (what ``apply_lora`` reported) or, without one, counted against the base model's
     skeleton built on the meta device (local folder or ``tiny:<name>`` bases only)."""
-    from ..adapters import check_adapter_checkpoint, saved_adapter_groups  # noqa: PLC0415
-    from ..anatomy import describe_moe  # noqa: PLC0415
+    from ..adapters import check_adapter_checkpoint, saved_adapter_groups
+    from ..anatomy import describe_moe
 
     config = check_adapter_checkpoint(output_dir)
     summary = {
@@ -348,7 +348,7 @@ def _adapter_summary(output_dir: str, run_info: dict[str, Any], record: dict[str
 
 def _infer_strategy(groups: dict[str, dict[str, int]]) -> str | None:
     """The freezing strategy whose groups are exactly those saved in full (``None`` if none fits)."""
-    from ..freezing import STRATEGY_GROUPS  # noqa: PLC0415
+    from ..freezing import STRATEGY_GROUPS
 
     present = {g for g, row in groups.items() if row["total"]}
     full = {g for g, row in groups.items() if row["full"]}
@@ -384,7 +384,7 @@ def load_run(output_dir: str) -> RunSummary:
     recorded_base = (record or {}).get("base_model") or None
     summary.model_type = (record or {}).get("model_type")
     summary.moe = (record or {}).get("moe")
-    from ..adapters import is_adapter_dir  # noqa: PLC0415
+    from ..adapters import is_adapter_dir
 
     if is_adapter_dir(output_dir):
         summary.is_adapter = True
@@ -412,8 +412,8 @@ def load_run(output_dir: str) -> RunSummary:
 
 def summary_from_trainer(trainer: Any) -> RunSummary:
     """The :class:`RunSummary` of a live ``Trainer`` (its output_dir files, state, args and callbacks)."""
-    from ..anatomy import describe_moe  # noqa: PLC0415
-    from ..callbacks.freezing import MoEFreezingCallback  # noqa: PLC0415
+    from ..anatomy import describe_moe
+    from ..callbacks.freezing import MoEFreezingCallback
 
     output_dir = trainer.args.output_dir
     run_info = read_run_info(output_dir)
@@ -464,7 +464,7 @@ def save_run_state(trainer: Any) -> None:
     ``Trainer`` only records callback state in checkpoints; this makes the final folder self-describing
     (``hf-moe-tuning card OUTPUT_DIR`` then finds the freezing plan).
     """
-    from transformers.trainer_callback import ExportableState  # noqa: PLC0415
+    from transformers.trainer_callback import ExportableState
 
     if not trainer.is_world_process_zero():
         return

@@ -30,8 +30,8 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import torch
 
@@ -528,9 +528,9 @@ def save_load_heatmap(loads: Sequence[LayerLoad], path: str, title: str = "Exper
 
     Uses matplotlib's Agg canvas directly, so the global pyplot backend is left alone.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 - optional, heavy import
-    from matplotlib.colors import TwoSlopeNorm  # noqa: PLC0415
-    from matplotlib.figure import Figure  # noqa: PLC0415
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.figure import Figure
 
     matrix = load_matrix(loads).numpy()
     n_layers, n_experts = matrix.shape

@@ -59,7 +59,7 @@ class RouterCapture:
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
-    def acquire(cls, model: nn.Module, anatomy: MoEAnatomy | None = None) -> "RouterCapture":
+    def acquire(cls, model: nn.Module, anatomy: MoEAnatomy | None = None) -> RouterCapture:
         """Return the capture attached to ``model`` (creating and attaching it on first use)."""
         capture = getattr(model, _ATTR, None)
         if capture is None:

@@ -31,8 +31,9 @@ or by hand::
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -213,7 +214,7 @@ def _rows_for_scoring(dataset: Any, num_samples: int, seed: int, tokenizer: Any,
 def _collate(collator: Callable | None, rows: list[dict]) -> dict[str, torch.Tensor]:
     if collator is not None:
         return collator(rows)
-    from transformers import default_data_collator  # noqa: PLC0415
+    from transformers import default_data_collator
 
     try:
         return default_data_collator(rows)

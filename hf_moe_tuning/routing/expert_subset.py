@@ -30,8 +30,9 @@ ZeRO-3 or FSDP sharding use whole-tensor freezing or the gradient-mask fallback.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -169,7 +170,7 @@ class ExpertSubsets:
         if not self.blocks:
             return
         inner = optimizer
-        while hasattr(inner, "optimizer") and isinstance(getattr(inner, "optimizer"), torch.optim.Optimizer):
+        while hasattr(inner, "optimizer") and isinstance(inner.optimizer, torch.optim.Optimizer):
             inner = inner.optimizer  # accelerate's AcceleratedOptimizer wraps the real one
         self._optimizer_hooks.append(inner.register_step_post_hook(lambda *_: self.sync()))
 

@@ -149,7 +149,7 @@ def _dense_source_key(switch_key: str) -> tuple[str, int | None] | None:
     for kind in ("wi", "wo"):
         if switch_key.endswith(f".mlp.{kind}.weight"):
             return switch_key.replace(f".mlp.{kind}.weight", f".DenseReluDense.{kind}.weight"), None
-        if f".mlp.experts.expert_" in switch_key and switch_key.endswith(f".{kind}.weight"):
+        if ".mlp.experts.expert_" in switch_key and switch_key.endswith(f".{kind}.weight"):
             head, tail = switch_key.split(".mlp.experts.expert_")
             index = int(tail.split(".")[0])
             return f"{head}.DenseReluDense.{kind}.weight", index
@@ -201,7 +201,7 @@ def upcycle_t5(model: PreTrainedModel, options: UpcycleOptions | None = None) ->
 
 # --------------------------------------------------------------------------------------------- CLI
 def _upcycle_command(args: argparse.Namespace) -> int:
-    from ..models import load_model  # noqa: PLC0415
+    from ..models import load_model
 
     source = load_model(args.model, seed=args.seed)
     options = UpcycleOptions(

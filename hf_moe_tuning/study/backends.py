@@ -145,7 +145,7 @@ class Seq2SeqBackend(Backend):
     name = SEQ2SEQ
 
     def tokenizer(self):
-        from transformers import AutoTokenizer, ByT5Tokenizer  # noqa: PLC0415
+        from transformers import AutoTokenizer, ByT5Tokenizer
 
         if self.config.tokenizer == "byt5":
             return ByT5Tokenizer()
@@ -154,12 +154,12 @@ class Seq2SeqBackend(Backend):
     def initial_model(self, tokenizer, seed: int):
         if self.spec.is_tiny:
             return build_tiny_model(self.spec.init[5:], seed=seed, **self.spec.overrides)
-        from ..models import load_model  # noqa: PLC0415
+        from ..models import load_model
 
         return load_model(self.spec.init)
 
     def load(self, path: str, tokenizer):
-        from transformers import AutoModelForSeq2SeqLM  # noqa: PLC0415
+        from transformers import AutoModelForSeq2SeqLM
 
         return AutoModelForSeq2SeqLM.from_pretrained(path)
 
@@ -194,9 +194,9 @@ class Seq2SeqBackend(Backend):
         self, model, tokenizer, dataset: Dataset, args: dict[str, Any], output_dir: str | Path, seed: int,
         callbacks: list[TrainerCallback] | None = None, progress: bool = False, eval_dataset: Dataset | None = None,
     ) -> TrainOutcome:
-        from transformers import DataCollatorForSeq2Seq  # noqa: PLC0415
+        from transformers import DataCollatorForSeq2Seq
 
-        from .. import MoETrainer, MoETrainingArguments  # noqa: PLC0415
+        from .. import MoETrainer, MoETrainingArguments
 
         training_args = MoETrainingArguments(
             output_dir=str(output_dir), seed=seed, data_seed=seed, report_to="none", **_stage_args(args, progress)
@@ -221,14 +221,14 @@ class CausalBackend(Backend):
         return self.config.sft
 
     def sft_options(self) -> dict[str, Any]:
-        from .chat import OWN_SFT_KEYS  # noqa: PLC0415
+        from .chat import OWN_SFT_KEYS
 
         return {k: v for k, v in self.sft.items() if k not in OWN_SFT_KEYS}
 
     def tokenizer(self):
-        from transformers import AutoTokenizer, ByT5Tokenizer  # noqa: PLC0415
+        from transformers import AutoTokenizer, ByT5Tokenizer
 
-        from .chat import ensure_chat_template  # noqa: PLC0415
+        from .chat import ensure_chat_template
 
         if self.config.tokenizer == "byt5":
             tokenizer = ByT5Tokenizer()
@@ -239,16 +239,16 @@ class CausalBackend(Backend):
         return ensure_chat_template(tokenizer, self.sft.get("chat_template", "auto"))
 
     def initial_model(self, tokenizer, seed: int):
-        from .chat import align_special_tokens  # noqa: PLC0415
+        from .chat import align_special_tokens
 
         if self.spec.is_tiny:
             return align_special_tokens(build_tiny_model(self.spec.init[5:], seed=seed, **self.spec.overrides), tokenizer)
         return self.load(self.spec.init, tokenizer)
 
     def load(self, path: str, tokenizer):
-        from transformers import AutoModelForCausalLM  # noqa: PLC0415
+        from transformers import AutoModelForCausalLM
 
-        from .chat import align_special_tokens  # noqa: PLC0415
+        from .chat import align_special_tokens
 
         bf16 = bool({**self.config.finetune.args, **self.spec.args}.get("bf16", False))
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32)
@@ -260,14 +260,14 @@ class CausalBackend(Backend):
         model.save_pretrained(path)
 
     def pretraining_data(self, tokenizer) -> Dataset:
-        from .chat import text_dataset  # noqa: PLC0415
+        from .chat import text_dataset
 
         data = self.config.data
         return text_dataset(pretraining_corpus(data.get("corpus_size", 20_000), seed=data.get("seed", 0)))
 
     def pairs(self, dataset: Dataset, tokenizer) -> Dataset:
         """Training data from ``inputs``/``targets`` text columns: TRL's conversational prompt/completion."""
-        from .chat import to_prompt_completion  # noqa: PLC0415
+        from .chat import to_prompt_completion
 
         return to_prompt_completion(dataset, self.sft.get("system"))
 
@@ -275,8 +275,8 @@ class CausalBackend(Backend):
         self, model, tokenizer, dataset: Dataset, args: dict[str, Any], output_dir: str | Path, seed: int,
         callbacks: list[TrainerCallback] | None = None, progress: bool = False, eval_dataset: Dataset | None = None,
     ) -> TrainOutcome:
-        from ..sft import MoESFTTrainer  # noqa: PLC0415 - TRL is imported only where SFT runs
-        from .chat import lora_config, sft_config  # noqa: PLC0415
+        from ..sft import MoESFTTrainer
+        from .chat import lora_config, sft_config
 
         lora = self.sft.get("lora")
         peft_config = lora_config(lora, sparse=model_kind(model) == "sparse") if lora else None
@@ -292,7 +292,7 @@ class CausalBackend(Backend):
         return _run(trainer, eval_dataset)
 
     def evaluate(self, model, tokenizer, dataset: Dataset, kind: str, metrics) -> TaskEvaluation:
-        from .evaluation import evaluate_chat_task  # noqa: PLC0415
+        from .evaluation import evaluate_chat_task
 
         return evaluate_chat_task(
             model, tokenizer, dataset, kind, metrics, max_prompt_length=self.max_source_length,

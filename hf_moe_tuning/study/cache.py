@@ -61,7 +61,7 @@ def library_versions() -> dict[str, str]:
 
 def provenance() -> dict[str, Any]:
     """What besides the configuration determines a stage's output: code, libraries, platform, threads."""
-    import torch  # noqa: PLC0415
+    import torch
 
     return {
         "source": source_hash(),

@@ -135,9 +135,9 @@ def sft_config(args: dict[str, Any], output_dir: str, seed: int = 0, sft_options
     Raises:
         ValueError: a key that is no ``MoESFTConfig`` field, or a value its validators reject (names the field).
     """
-    import dataclasses  # noqa: PLC0415
+    import dataclasses
 
-    from ..sft import MoESFTConfig  # noqa: PLC0415 - TRL is imported only where SFT runs
+    from ..sft import MoESFTConfig
 
     kwargs = {**SFT_DEFAULTS, **args, **(sft_options or {})}
     for key in _MANAGED:
@@ -156,7 +156,7 @@ def lora_config(lora: dict[str, Any], sparse: bool):
     Attention modules are targeted in every model; MLP modules (``dense_target_modules``) in dense
     models; the fused expert tensors (``expert_parameters``, through PEFT's ``target_parameters``) in MoE models.
     """
-    from peft import LoraConfig  # noqa: PLC0415
+    from peft import LoraConfig
 
     kwargs = {k: v for k, v in lora.items() if k not in ("target_modules", "dense_target_modules", "expert_parameters")}
     modules = list(lora["target_modules"]) + ([] if sparse else list(lora.get("dense_target_modules", [])))

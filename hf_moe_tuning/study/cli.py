@@ -52,7 +52,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace, driver: str | None = None) -> int:
     """Load (and check) the recipe named by ``args`` and run it; ``driver`` restricts the studies it accepts."""
     if args.threads:
-        import torch  # noqa: PLC0415
+        import torch
 
         torch.set_num_threads(args.threads)
     if driver is None:

@@ -325,7 +325,7 @@ def parse_study_config(raw: dict[str, Any], path: str | Path | None = None) -> S
             if task not in HELDOUT_TASKS:
                 raise ConfigError(path, f"data.tasks[{i}]", f"unknown embedded task {task!r}; known: {sorted(HELDOUT_TASKS)}")
     else:
-        from ..data.hub import SUPERGLUE_TASKS  # noqa: PLC0415
+        from ..data.hub import SUPERGLUE_TASKS
 
         for i, task in enumerate(tasks):
             if task not in SUPERGLUE_TASKS:
@@ -479,8 +479,8 @@ _ACCELERATE_TYPES = {"NO", "MULTI_CPU", "MULTI_GPU", "FSDP", "DEEPSPEED"}
 
 
 def _sft_only_fields() -> frozenset[str]:
-    from transformers import TrainingArguments  # noqa: PLC0415
-    from trl import SFTConfig  # noqa: PLC0415
+    from transformers import TrainingArguments
+    from trl import SFTConfig
 
     return frozenset(f.name for f in dataclasses.fields(SFTConfig)) - frozenset(
         f.name for f in dataclasses.fields(TrainingArguments)
@@ -489,7 +489,7 @@ def _sft_only_fields() -> frozenset[str]:
 
 def _check_sft(raw: Any, path: Any, base_dir: Path) -> dict[str, Any]:
     """The ``sft`` section: chat template mode, system prompt, ``SFTConfig``-only fields, LoRA, accelerate config."""
-    from .chat import CHAT_TEMPLATE_MODES, OWN_SFT_KEYS  # noqa: PLC0415
+    from .chat import CHAT_TEMPLATE_MODES, OWN_SFT_KEYS
 
     if raw is None:
         return {}
@@ -519,7 +519,7 @@ def _check_sft(raw: Any, path: Any, base_dir: Path) -> dict[str, Any]:
 
 
 def _check_lora(lora: Any, path: Any) -> None:
-    from .chat import lora_config  # noqa: PLC0415
+    from .chat import lora_config
 
     if not isinstance(lora, dict):
         raise ConfigError(path, "sft.lora", f"expected a mapping, got {type(lora).__name__}")
@@ -561,11 +561,11 @@ TINY_COUNTERPARTS: dict[str, str] = {
 
 
 def _check_lora_targets(config: StudyConfig) -> list[str]:
-    from peft import get_peft_model  # noqa: PLC0415
+    from peft import get_peft_model
 
-    from ..anatomy import describe_moe  # noqa: PLC0415
-    from ..models import HUB_IDS, build_from_config, build_tiny_model, tiny_config  # noqa: PLC0415
-    from .chat import lora_config  # noqa: PLC0415
+    from ..anatomy import describe_moe
+    from ..models import HUB_IDS, build_from_config, build_tiny_model, tiny_config
+    from .chat import lora_config
 
     counterparts = {**{hub: name for name, hub in HUB_IDS.items() if name in TINY_MODELS}, **TINY_COUNTERPARTS}
     checked = []
@@ -595,9 +595,9 @@ def validate_training_args(config: StudyConfig, check_lora_targets: bool = True)
 
     Returns what was checked; raises :class:`ConfigError` naming the stage or arm.
     """
-    import tempfile  # noqa: PLC0415
+    import tempfile
 
-    from .backends import SEQ2SEQ, backend_name  # noqa: PLC0415
+    from .backends import SEQ2SEQ, backend_name
 
     checked = ["training arguments of every stage and arm"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -618,7 +618,7 @@ def validate_training_args(config: StudyConfig, check_lora_targets: bool = True)
                 if backend == SEQ2SEQ:
                     MoETrainingArguments(output_dir=tmp, report_to="none", use_cpu=True, **args)
                 else:
-                    from .chat import OWN_SFT_KEYS, sft_config  # noqa: PLC0415
+                    from .chat import OWN_SFT_KEYS, sft_config
 
                     options = {k: v for k, v in config.sft.items() if k not in OWN_SFT_KEYS}
                     sft_config({**args, "bf16": False, "use_cpu": True}, tmp, sft_options=options)

@@ -285,10 +285,10 @@ def render_markdown(results: list[dict[str, str]], deltas: list[dict[str, str]],
 
 def render_plot(results: list[dict[str, str]], deltas: list[dict[str, str]], info: dict[str, Any], path: Path) -> None:
     """``plot.png``: scores per task (baselines hatched) and each finding's CI on the average."""
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     table = _Table(results)
     tasks = [*table.tasks, AVERAGE]

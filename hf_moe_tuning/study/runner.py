@@ -110,8 +110,8 @@ def _run_jobs(config, jobs, starts, tasks, cache: StageCache, progress: bool, nu
             bar.update()
         bar.close()
         return records
-    import concurrent.futures  # noqa: PLC0415
-    import multiprocessing  # noqa: PLC0415
+    import concurrent.futures
+    import multiprocessing
 
     results: dict[int, dict[str, Any]] = {}
     context = multiprocessing.get_context("spawn")

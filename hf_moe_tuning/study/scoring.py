@@ -54,7 +54,7 @@ _ITEM_SCORERS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def metric_module(name: str):
     """The shipped ``evaluate`` module ``name`` (loaded once)."""
     return load_metric(name)

@@ -99,7 +99,7 @@ class ValidationEarlyStopping(TrainerCallback):
 def instruction_mixture_for(data: dict[str, Any]) -> Dataset:
     """The instruction mixture a recipe's ``data`` section names: embedded (default) or a Hub Flan collection."""
     if data.get("source") == "hub":
-        from ..data.hub import flan_mixture  # noqa: PLC0415
+        from ..data.hub import flan_mixture
 
         return flan_mixture(
             data["instruction_dataset"], data.get("mixture_size", 20_000), data.get("instruction_split", "train"),
@@ -238,8 +238,8 @@ def load_task_splits(config: StudyConfig, task: str):
     """Train/validation/test splits and ``(kind, metrics)`` of a task of the recipe."""
     data = config.data
     if data.get("source") == "hub":
-        from ..data.heldout import CLASSIFICATION  # noqa: PLC0415
-        from ..data.hub import superglue_task  # noqa: PLC0415
+        from ..data.heldout import CLASSIFICATION
+        from ..data.hub import superglue_task
 
         splits = superglue_task(task, data["task_dataset"], seed=data.get("seed", 0), train_size=data.get("train_size"),
                                 validation_size=data.get("validation_size", 200))

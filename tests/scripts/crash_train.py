@@ -112,7 +112,8 @@ def main() -> None:
     import torch
     from datasets import Dataset
 
-    from hf_moe_tuning import MoETrainer, MoETrainingArguments, build_tiny_model
+    from hf_moe_tuning import MoETrainer, MoETrainingArguments
+    from hf_moe_tuning.models import build_tiny_model
 
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)

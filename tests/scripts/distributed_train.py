@@ -69,10 +69,11 @@ def run(out: str, expect_backend: str = "none") -> None:
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
 
-    from hf_moe_tuning import MoETrainer, MoETrainingArguments, build_tiny_model
+    from hf_moe_tuning import MoETrainer, MoETrainingArguments
     from hf_moe_tuning.callbacks.expert_load import ExpertLoadCallback
     from hf_moe_tuning.callbacks.router_loss import RouterLossCallback
     from hf_moe_tuning.distributed import configure_distributed
+    from hf_moe_tuning.models import build_tiny_model
     from hf_moe_tuning.trainer import build_moe_callbacks
 
     class InOrderTrainer(MoETrainer):
@@ -124,7 +125,7 @@ def run(out: str, expect_backend: str = "none") -> None:
 
 if __name__ == "__main__":
     run(*sys.argv[1:3])
-    from accelerate import PartialState  # noqa: E402 - teardown of the launched run only
+    from accelerate import PartialState
 
     # without this, gloo's threads can abort the interpreter at exit ("terminate called without an active
     # exception"), failing an otherwise finished run
