@@ -131,6 +131,11 @@ def _all_reduce(values: torch.Tensor, op=None) -> torch.Tensor:
     return values
 
 
+def _unless(bad: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    """``value``, or 0 where the 0-d bool ``bad`` is set (on the device, no host sync)."""
+    return value if bad is None else torch.where(bad, torch.zeros_like(value), value)
+
+
 def _zero_loss(loss: torch.Tensor) -> torch.Tensor:
     """A zero that keeps ``loss``'s graph (``backward`` still runs; its gradients are dropped)."""
     return torch.nan_to_num(loss * 0.0, nan=0.0, posinf=0.0, neginf=0.0)
@@ -198,9 +203,10 @@ class RouterLossCallback(MoEMetricsCallback, ExportableState):
         self._average_tokens = True
         # per-micro-batch hand-off to a bound compute_loss
         self._pending_terms: list[torch.Tensor] = []
-        self._skip_micro_batch = False
-        # NaN policy and back-propagation probe
-        self._skip_step = False
+        self._micro_batch_bad: torch.Tensor | None = None  # 0-d bool on the device: non-finite router losses
+        # NaN policy (read once per optimizer step, in on_pre_optimizer_step) and back-propagation probe
+        self._layer_ids: list[int] = []
+        self._bad_layers: torch.Tensor | None = None  # [MoE layers] bool on the device, OR over the step's forwards
         self.skipped_steps = 0
         self._terms_added = 0
         self._term_backpropagated = False
@@ -265,7 +271,7 @@ class RouterLossCallback(MoEMetricsCallback, ExportableState):
 
         def bound_compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
             self._pending_terms = []
-            self._skip_micro_batch = False
+            self._micro_batch_bad = None
             result = compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
             if not (model.training and torch.is_grad_enabled()):
                 return result
@@ -276,7 +282,9 @@ class RouterLossCallback(MoEMetricsCallback, ExportableState):
         def counting_get_batch_samples(epoch_iterator, num_batches, device):
             batches, num_items = get_batch_samples(epoch_iterator, num_batches, device)
             sizes = [_batch_size(b) for b in batches]
-            if batches and all(s is not None for s in sizes):
+            if batches and all(s is not None for s in sizes) and not _distributed():
+                self._window_sequences = sum(sizes)
+            elif batches and all(s is not None for s in sizes):
                 total = torch.tensor(float(sum(sizes)), device=device)
                 self._window_sequences = int(_all_reduce(total).item())
             else:
@@ -287,9 +295,7 @@ class RouterLossCallback(MoEMetricsCallback, ExportableState):
         trainer.get_batch_samples = counting_get_batch_samples
 
     def _finish_bound_loss(self, trainer: Any, loss: torch.Tensor, num_items_in_batch: Any) -> torch.Tensor:
-        if self._skip_micro_batch:
-            self._pending_terms = []
-            return _zero_loss(loss)
+        bad, self._micro_batch_bad = self._micro_batch_bad, None
         scaled = trainer.loss_is_scaled_for_ga
         if scaled is None:
             scaled = (trainer.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
@@ -297,11 +303,12 @@ class RouterLossCallback(MoEMetricsCallback, ExportableState):
             )
         window = max(1, int(getattr(trainer, "current_gradient_accumulation_steps", self._accumulation_steps)))
         factor = 1.0 if scaled else 1.0 / window
-        self._lm_sum = self._lm_sum + factor * loss.detach().float()
+        self._lm_sum = self._lm_sum + _unless(bad, factor * loss.detach().float())
         terms, self._pending_terms = self._pending_terms, []
-        if not terms:
-            return loss
-        return self._add_term(loss, torch.stack(terms).sum(), factor, window)
+        total = self._add_term(loss, torch.stack(terms).sum(), factor, window) if terms else loss
+        # a micro-batch with non-finite router losses contributes nothing (decided on the device, no host sync);
+        # the step is stopped or skipped in on_pre_optimizer_step
+        return total if bad is None else torch.where(bad, _zero_loss(loss), total)
 
     # ------------------------------------------------------------------ lifecycle
     def on_init_end(self, args, state, control, model=None, **kwargs):
@@ -344,6 +351,8 @@ class RouterLossCallback(MoEMetricsCallback, ExportableState):
         self.capture = RouterCapture.acquire(model, anatomy)
         self.capture.keep_grad = True
         self.specs = {layer.index: routing_spec(model, layer) for layer in anatomy.layers}
+        self._layer_ids = [layer.index for layer in anatomy.layers]
+        self._bad_layers = None
         self._handles = [
             model.register_forward_pre_hook(self._check_forward_kwargs, with_kwargs=True),
             model.register_forward_hook(self._after_forward, with_kwargs=True),
@@ -427,15 +436,7 @@ class RouterLossCallback(MoEMetricsCallback, ExportableState):
             )
         if self._terms_added:
             self._probe_checked = True
-        if self.nan_policy == "skip":
-            flag = torch.tensor(float(self._skip_step), device=self._device())
-            if _all_reduce(flag, dist.ReduceOp.MAX if _distributed() else None).item() > 0:
-                for p in (model or self.model).parameters():
-                    p.grad = None  # optimizers skip parameters without a gradient: no update, no decay
-                self.skipped_steps += 1
-                logger.warning("optimizer step %d skipped: non-finite router logits (moe_nan_policy='skip')",
-                               state.global_step + 1)
-        self._skip_step = False
+        self._apply_nan_policy(state.global_step + 1, model)
 
     def on_step_end(self, args, state, control, **kwargs):
         self._step = state.global_step
@@ -494,15 +495,15 @@ class RouterLossCallback(MoEMetricsCallback, ExportableState):
         if not training:
             self._accumulate_eval(losses, lm_loss, num_sequences)
             return None
-        if not bool(torch.isfinite(torch.stack([losses.aux.sum(), losses.z.sum()])).all()):
-            return self._on_non_finite(losses, output, lm_loss)
+        bad = self._record_non_finite(losses)
         aux_coef, z_coef = self.coefficients()
         per_sequence = aux_coef * losses.aux + z_coef * losses.z
-        self._aux_sum = self._aux_sum + losses.aux.detach().float().sum()
-        self._z_sum = self._z_sum + losses.z.detach().float().sum()
-        self._sequences += num_sequences
+        self._aux_sum = self._aux_sum + _unless(bad, losses.aux.detach().float().sum())
+        self._z_sum = self._z_sum + _unless(bad, losses.z.detach().float().sum())
+        self._sequences = self._sequences + (~bad).float() * num_sequences  # no host-to-device copy
         if self.trainer is not None:
             self._pending_terms.append(per_sequence.sum())
+            self._micro_batch_bad = bad if self._micro_batch_bad is None else self._micro_batch_bad | bad
             return None
         if lm_loss is None:
             raise ValueError(
@@ -514,8 +515,9 @@ class RouterLossCallback(MoEMetricsCallback, ExportableState):
         factor = (float(self._world_size) if scaled and self._average_tokens else 1.0) * (
             1.0 if scaled else 1.0 / self._window
         )
-        self._lm_sum = self._lm_sum + factor * lm_loss.detach().float()
-        return _with_loss(output, self._add_term(lm_loss, per_sequence.sum(), factor, self._window, num_sequences))
+        self._lm_sum = self._lm_sum + _unless(bad, factor * lm_loss.detach().float())
+        total = self._add_term(lm_loss, per_sequence.sum(), factor, self._window, num_sequences)
+        return _with_loss(output, torch.where(bad, _zero_loss(lm_loss), total))
 
     def _add_term(
         self, loss: torch.Tensor, sequence_sum: torch.Tensor, factor: float, window: int, num_sequences: int = 0
@@ -536,21 +538,47 @@ class RouterLossCallback(MoEMetricsCallback, ExportableState):
     def _mark_backpropagated(self, grad: torch.Tensor) -> None:
         self._term_backpropagated = True
 
-    def _on_non_finite(self, losses: RouterLosses, output: Any, lm_loss: torch.Tensor | None) -> Any:
-        index = losses.first_non_finite_layer()
-        layer = next((layer for layer in self.capture.anatomy.layers if layer.index == index), None)
+    def _record_non_finite(self, losses: RouterLosses) -> torch.Tensor:
+        """Fold this forward's per-layer finiteness into the step's flags; return its 0-d "non-finite" flag.
+
+        Device ops only: the flags are read once per optimizer step, in :meth:`_apply_nan_policy`.
+        """
+        ids = list(losses.layer_aux)
+        sums = torch.stack([losses.layer_aux[i] for i in ids]).float().sum(dim=-1) + torch.stack(
+            [losses.layer_z[i] for i in ids]
+        ).float().sum(dim=-1)
+        bad = ~torch.isfinite(sums)
+        if ids != self._layer_ids:  # some layers routed no token: put the flags in anatomy order
+            by_id = dict(zip(ids, bad.unbind()))
+            none = bad.new_zeros(())
+            bad = torch.stack([by_id.get(i, none) for i in self._layer_ids])
+        self._bad_layers = bad if self._bad_layers is None else self._bad_layers | bad.to(self._bad_layers.device)
+        return bad.any()
+
+    def _apply_nan_policy(self, step: int, model: nn.Module | None) -> None:
+        """Before the update: stop (``error``) or skip (``skip``) when a forward of this step had non-finite
+        router losses, on any process. One host read per optimizer step, none when nothing was recorded."""
+        bad, self._bad_layers = self._bad_layers, None
+        if bad is None and not _distributed():
+            return
+        if bad is None:
+            bad = torch.zeros(len(self._layer_ids), dtype=torch.bool, device=self._device())
+        flags = _all_reduce(bad.float(), dist.ReduceOp.MAX if _distributed() else None).tolist()
+        index = next((self._layer_ids[i] for i, flag in enumerate(flags) if flag > 0), None)
+        if index is None:
+            return
+        layer = next((layer for layer in self.capture.anatomy.layers if layer.index == index), None) if (
+            self.capture is not None) else None
         where = f"MoE layer {index} ({layer.path})" if layer is not None else "an MoE layer"
         if self.nan_policy == "error":
             raise FloatingPointError(
-                f"non-finite router logits in {where} at optimizer step {self._step + 1}; set moe_nan_policy='skip' "
-                "to skip such steps (or lower the learning rate / raise moe_z_loss_coef)"
+                f"non-finite router logits in {where} at optimizer step {step}; no update was applied. Set "
+                "moe_nan_policy='skip' to skip such steps (or lower the learning rate / raise moe_z_loss_coef)"
             )
-        logger.warning("non-finite router logits in %s at optimizer step %d: skipping the step", where, self._step + 1)
-        self._skip_step = True
-        if self.trainer is not None:
-            self._skip_micro_batch = True
-            return None
-        return _with_loss(output, _zero_loss(lm_loss)) if lm_loss is not None else None
+        for p in (model or self.model).parameters():
+            p.grad = None  # optimizers skip parameters without a gradient: no update, no decay
+        self.skipped_steps += 1
+        logger.warning("optimizer step %d skipped: non-finite router logits in %s (moe_nan_policy='skip')", step, where)
 
     # ------------------------------------------------------------------ metrics
     def _device(self) -> torch.device:
@@ -576,7 +604,7 @@ class RouterLossCallback(MoEMetricsCallback, ExportableState):
         device = self._device()
         values = torch.stack([
             self._aux_sum.to(device).float(), self._z_sum.to(device).float(),
-            torch.tensor(float(self._sequences), device=device), self._lm_sum.to(device).float(),
+            torch.as_tensor(self._sequences, dtype=torch.float32).to(device), self._lm_sum.to(device).float(),
         ])
         aux_sum, z_sum, seqs, lm_sum = _all_reduce(values).tolist()
         world = dist.get_world_size() if _distributed() else 1
