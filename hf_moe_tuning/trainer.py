@@ -13,10 +13,12 @@ Plain ``Trainer`` / TRL ``SFTTrainer`` users pass the callbacks themselves and c
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import types
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,6 +124,25 @@ def _bind_callbacks(trainer: Trainer) -> None:
             bind(trainer)
 
 
+@contextlib.contextmanager
+def _evaluation_hooks(trainer: Trainer) -> Iterator[None]:
+    """Attach the callbacks that only hook the model while training (router loss) for an evaluation run
+    outside ``train`` (before it, after it, or eval-only); a no-op inside training."""
+    with contextlib.ExitStack() as stack:
+        for cb in trainer.callback_handler.callbacks:
+            if isinstance(cb, RouterLossCallback):
+                stack.enter_context(cb.evaluating(trainer.model))
+        yield
+
+
+def _merge_into(callbacks, logs: dict[str, float]) -> dict[str, float]:
+    """Merge the pending MoE metrics into ``logs`` *in place* (as ``Trainer.log`` adds ``epoch``), so the dict
+    ``Trainer.evaluate`` logs is the one it returns: eval_results.json / all_results.json and
+    ``metric_for_best_model`` see the MoE keys too."""
+    logs.update(merge_pending_metrics(callbacks, logs))
+    return logs
+
+
 def _first_missing_dir(path: str | None) -> str | None:
     """The outermost directory of ``path`` that does not exist yet (``None`` if ``path`` exists)."""
     if not path:
@@ -176,8 +197,14 @@ class MoETrainerMixin(CrashSafeCheckpointMixin):
         configure_distributed(self)  # FSDP wrap units / ZeRO-3 leaf modules from the anatomy; no-op for DDP/CPU
         return run_training(self, functools.partial(super().train, checkpoint, *args, **kwargs))
 
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """``Trainer.evaluate``; also outside ``train``, the returned metrics hold ``eval_router/*``,
+        ``eval_lm_loss`` and ``eval_moe/*`` (those are logged too)."""
+        with _evaluation_hooks(self):
+            return super().evaluate(*args, **kwargs)
+
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        super().log(merge_pending_metrics(self.callback_handler.callbacks, logs), *args, **kwargs)
+        super().log(_merge_into(self.callback_handler.callbacks, logs), *args, **kwargs)
 
 
 class MoETrainer(MoETrainerMixin, FusedResumeMixin, MoECardMixin, Trainer):
@@ -225,11 +252,16 @@ def enable_moe_logging(trainer: Trainer) -> Trainer:
     if isinstance(trainer, MoETrainerMixin) or getattr(trainer, "_moe_logging_enabled", False):
         return trainer
     _bind_callbacks(trainer)
-    original = trainer.log
+    original_log, original_evaluate = trainer.log, trainer.evaluate
 
     def log(self: Trainer, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        original(merge_pending_metrics(self.callback_handler.callbacks, logs), *args, **kwargs)
+        original_log(_merge_into(self.callback_handler.callbacks, logs), *args, **kwargs)
+
+    def evaluate(self: Trainer, *args: Any, **kwargs: Any) -> dict[str, float]:
+        with _evaluation_hooks(self):
+            return original_evaluate(*args, **kwargs)
 
     trainer.log = types.MethodType(log, trainer)
+    trainer.evaluate = types.MethodType(evaluate, trainer)
     trainer._moe_logging_enabled = True
     return trainer

@@ -300,3 +300,42 @@ def test_tensorboard_has_the_five_keys_and_eval_reports_them(tmp_path):
         assert f"eval/{key}" in tags, (key, sorted(tags))
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
     assert evals and evals[0]["eval_lm_loss"] == pytest.approx(evals[0]["eval_loss"], rel=1e-5)
+
+
+def _moe_keys(metrics: dict) -> set[str]:
+    return {k for k in metrics if k.startswith(("eval_router/", "eval_moe/")) or k == "eval_lm_loss"}
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["MoETrainer", "Trainer+enable_moe_logging"])
+def test_standalone_evaluate_reports_and_returns_every_moe_key(tmp_path, plain):
+    """Issue 15 point 4: evaluate() before training, after it and eval-only reports eval_router/* and
+    eval_lm_loss like eval_moe/*, and returns them (so eval_results.json / all_results.json hold them)."""
+    from hf_moe_tuning.callbacks.expert_load import ExpertLoadCallback
+
+    def make(out):
+        model = build_tiny_model("mixtral")
+        if plain:
+            args = _args(tmp_path, output_dir=str(tmp_path / out), per_device_train_batch_size=4,
+                         per_device_eval_batch_size=4, learning_rate=1e-3, max_steps=2)
+            trainer = Trainer(model=model, args=args, train_dataset=_dataset(), eval_dataset=_dataset(n=6, seed=1),
+                              callbacks=[RouterLossCallback(aux_coef=0.01, z_coef=0.001),
+                                         ExpertLoadCallback(write_heatmap=False, probe_size=0)])
+            return enable_moe_logging(trainer)
+        args = _args(tmp_path, cls=MoETrainingArguments, output_dir=str(tmp_path / out), per_device_train_batch_size=4,
+                     per_device_eval_batch_size=4, learning_rate=1e-3, max_steps=2, moe_aux_loss_coef=0.01,
+                     moe_z_loss_coef=0.001, moe_expert_load_heatmap=False, moe_drift_probe_size=0)
+        return MoETrainer(model=model, args=args, train_dataset=_dataset(), eval_dataset=_dataset(n=6, seed=1))
+
+    expected = {"eval_lm_loss", "eval_router/aux_loss", "eval_router/z_loss", "eval_router/aux_coef",
+                "eval_router/z_coef", "eval_moe/load_cv_mean"}
+    trainer = make("run")
+    before = trainer.evaluate()  # before training
+    logged = [trainer.state.log_history[-1]]
+    trainer.train()
+    after = trainer.evaluate()  # after training
+    logged.append(trainer.state.log_history[-1])
+    eval_only = make("eval_only").evaluate()  # a trainer that never trains
+    for metrics in (before, after, eval_only, *logged):
+        assert expected <= _moe_keys(metrics), sorted(metrics)
+        assert metrics["eval_lm_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-5)
+    assert after["eval_lm_loss"] != pytest.approx(before["eval_lm_loss"])  # trained in between

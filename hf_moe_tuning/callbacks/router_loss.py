@@ -48,8 +48,10 @@ Logged keys (averaged over the logging interval and over processes; ``eval_`` pr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -375,6 +377,24 @@ class RouterLossCallback(MoEMetricsCallback, ExportableState):
             setattr(obj, attr, value)
         self._restore = []
         self.model = None
+
+    @contextlib.contextmanager
+    def evaluating(self, model: nn.Module | None) -> Iterator[None]:
+        """Attach to ``model`` for an evaluation outside training and detach afterwards.
+
+        The callback is attached from train begin to train end; ``trainer.evaluate()`` before ``train``, after
+        it or without it runs through this (``MoETrainer`` and :func:`~hf_moe_tuning.enable_moe_logging` do it),
+        so the evaluation reports ``eval_router/*`` and ``eval_lm_loss`` like one inside training. A no-op while
+        attached.
+        """
+        if model is None or (self.capture is not None and self.capture.attached):
+            yield
+            return
+        self.attach(model)
+        try:
+            yield
+        finally:
+            self.detach()
 
     def on_train_end(self, args, state, control, **kwargs):
         self.detach()
