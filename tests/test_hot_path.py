@@ -116,3 +116,64 @@ def test_no_host_sync_in_a_training_forward_or_backward(tmp_path, nan_policy):
     # the NaN guards read their flags once per optimizer step, before the update (the counter does see them)
     assert {fn for (_, _, _, fn) in step_calls} <= {"on_pre_optimizer_step", "_apply_nan_policy"}, dict(step_calls)
     assert sum(step_calls.values()) <= 2, dict(step_calls)  # one read per guard, whatever the layers and micro-batches
+
+
+# ------------------------------------------------------------------ hot path 4: capacity accounting memory
+def _one_hot_capacity_overflow(top1: torch.Tensor, capacity: int, num_experts: int) -> torch.Tensor:
+    """The former implementation: an int64 one-hot ``[..., S, E]`` and its cumulative sum."""
+    one_hot = torch.nn.functional.one_hot(top1.long(), num_experts)
+    priority = torch.cumsum(one_hot, dim=-2).gather(-1, top1.long().unsqueeze(-1))
+    return (priority > capacity).squeeze(-1)
+
+
+def test_capacity_overflow_equals_the_one_hot_implementation():
+    from hf_moe_tuning.metrics.expert_load import capacity_overflow
+
+    g = torch.Generator().manual_seed(0)
+    cases = [((2, 5), 3, 2), ((3, 4, 10), 8, 2), ((4, 2, 64), 128, 1), ((1, 1, 1), 2, 0), ((5, 3, 17), 4, 3),
+             ((2, 6, 33), 16, 5), ((0, 7), 4, 1)]
+    for shape, experts, capacity in cases:
+        for _ in range(3):
+            top1 = torch.randint(0, experts, shape, generator=g)
+            got = capacity_overflow(top1, capacity, experts)
+            assert got.dtype == torch.bool and got.shape == top1.shape
+            assert torch.equal(got, _one_hot_capacity_overflow(top1, capacity, experts)), (shape, experts, capacity)
+    # skewed routing (most tokens on one expert), int32 indices
+    top1 = torch.where(torch.rand(4, 3, 50, generator=g) < 0.8, 0, torch.randint(0, 32, (4, 3, 50), generator=g))
+    assert torch.equal(capacity_overflow(top1.int(), 4, 32), _one_hot_capacity_overflow(top1, 4, 32))
+
+
+def _largest_intermediate_bytes(fn, *args) -> int:
+    """Bytes of the largest tensor any aten op creates while ``fn(*args)`` runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    Largest.largest = max(Largest.largest, t.numel() * t.element_size())
+            return out
+
+    with Largest():
+        fn(*args)
+    return Largest.largest
+
+
+def test_capacity_accounting_memory_does_not_grow_with_the_number_of_experts():
+    """At 4 layers x 8 sequences x 256 tokens, the largest temporary of the capacity accounting is the same at 8
+    and at 128 experts, a few int64 values per token; the one-hot implementation grew 16-fold."""
+    from hf_moe_tuning.metrics.expert_load import capacity_overflow
+
+    g = torch.Generator().manual_seed(0)
+    shape = (4, 8, 256)
+    tokens = shape[0] * shape[1] * shape[2]
+    new, old = {}, {}
+    for experts in (8, 128):
+        top1 = torch.randint(0, experts, shape, generator=g)
+        new[experts] = _largest_intermediate_bytes(capacity_overflow, top1, 40, experts)
+        old[experts] = _largest_intermediate_bytes(_one_hot_capacity_overflow, top1, 40, experts)
+    assert new[8] == new[128] <= 8 * tokens, new  # one int64 per token at most
+    assert old[128] == 16 * old[8] and old[8] == 8 * tokens * 8, old  # the witness: [tokens, E] int64

@@ -146,6 +146,11 @@ def capacity_overflow(top1: torch.Tensor, capacity: int, num_experts: int) -> to
     sequence), and tokens with priority ``> capacity`` are dropped. Padding takes part in this order
     exactly as in the model; mask it out when counting.
 
+    The positions come from a stable sort of the ``(sequence, expert)`` keys, not from a one-hot:
+    temporaries are ``O(tokens)`` (a few int64 vectors of ``top1.numel()``), whatever the number of
+    experts (the one-hot over all layers was ``O(tokens · experts)``: 268 MB at 16 layers, 16k tokens
+    and 128 experts).
+
     Args:
         top1: top-1 expert indices ``[B, S]``, or ``[L, B, S]`` for ``L`` layers at once.
         capacity: tokens an expert takes per sequence (``router.expert_capacity``).
@@ -153,11 +158,17 @@ def capacity_overflow(top1: torch.Tensor, capacity: int, num_experts: int) -> to
     """
     if top1.dim() not in (2, 3):
         raise ValueError(f"top1 must be [batch, seq] or [layers, batch, seq], got shape {tuple(top1.shape)}")
-    if top1.dtype != torch.long:
-        top1 = top1.long()
-    one_hot = torch.nn.functional.one_hot(top1, num_experts)
-    priority = torch.cumsum(one_hot, dim=-2).gather(-1, top1.unsqueeze(-1))
-    return (priority > capacity).squeeze(-1)
+    if top1.numel() == 0:
+        return torch.zeros(top1.shape, dtype=torch.bool, device=top1.device)
+    seq_len = top1.shape[-1]
+    # key = sequence * E + expert; a stable sort keeps the token order within each (sequence, expert) run
+    sequence = torch.arange(top1.numel() // seq_len, device=top1.device).repeat_interleave(seq_len)
+    keys = sequence.mul_(num_experts).add_(top1.reshape(-1).long())
+    sorted_keys, order = torch.sort(keys, stable=True)
+    # priority - 1 = rank within the run = sorted position - first sorted position of the same key
+    rank = torch.arange(keys.numel(), device=keys.device).sub_(torch.searchsorted(sorted_keys, sorted_keys))
+    dropped = torch.empty_like(order, dtype=torch.bool).index_put_((order,), rank >= capacity)
+    return dropped.view(top1.shape)
 
 
 # ---------------------------------------------------------------------------------------------- statistics
