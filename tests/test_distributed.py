@@ -77,10 +77,28 @@ def test_ddp_two_processes_match_one_process_and_only_rank0_writes(tmp_path):
             assert row2[key] == pytest.approx(row1[key], rel=1e-5, abs=1e-7), key
 
     # the per-expert token counts written to expert_load.jsonl are the same, once per log (rank 0 only)
-    rec1 = [json.loads(line) for line in (one / "run" / "expert_load.jsonl").read_text().splitlines()]
-    rec2 = [json.loads(line) for line in (two / "run" / "expert_load.jsonl").read_text().splitlines()]
+    rec1_all = [json.loads(line) for line in (one / "run" / "expert_load.jsonl").read_text().splitlines()]
+    rec2_all = [json.loads(line) for line in (two / "run" / "expert_load.jsonl").read_text().splitlines()]
+    rec1 = [r for r in rec1_all if r["split"] == "train"]
+    rec2 = [r for r in rec2_all if r["split"] == "train"]
     assert [r["step"] for r in rec2] == [r["step"] for r in rec1] == [1, 2, 3, 4]
     assert [r["layers"] for r in rec2] == [r["layers"] for r in rec1]
+
+    # evaluation: the loss without router terms is not divided by the world size (issue 15 point 1), and each of
+    # the 21 sequences is counted once, without accelerate's padded duplicates (point 2)
+    eval1, eval2 = ([row for row in h if "eval_loss" in row] for h in (history_one, history_two))
+    assert len(eval1) == len(eval2) == 1
+    eval1, eval2 = eval1[0], eval2[0]
+    assert eval1["eval_lm_loss"] == pytest.approx(eval1["eval_loss"], rel=1e-4)
+    assert eval2["eval_lm_loss"] == pytest.approx(eval1["eval_lm_loss"], rel=0.01)
+    assert eval2["eval_lm_loss"] == pytest.approx(eval2["eval_loss"], rel=0.01)
+    ev1 = [r for r in rec1_all if r["split"] != "train"]
+    ev2 = [r for r in rec2_all if r["split"] != "train"]
+    assert len(ev1) == len(ev2) == 1
+    assert [layer["tokens"] for layer in ev1[0]["layers"]] == [21 * 12] * len(ev1[0]["layers"])
+    assert ev2[0]["layers"] == ev1[0]["layers"]
+    for key in (k for k in eval1 if k.startswith("eval_moe/")):
+        assert eval2[key] == pytest.approx(eval1[key], rel=1e-5, abs=1e-7), key
 
     writes0 = set(json.loads((two / "writes_rank0.json").read_text()))
     writes1 = set(json.loads((two / "writes_rank1.json").read_text()))

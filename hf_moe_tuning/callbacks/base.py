@@ -88,6 +88,25 @@ def saved_callback_state(state, callback: TrainerCallback) -> dict | None:
     return saved if isinstance(saved, dict) else None
 
 
+def real_eval_samples(batch_size: int) -> int:
+    """How many of the ``batch_size`` samples of this process's current evaluation batch are real.
+
+    Under data parallelism accelerate pads the last global batch with copies of the first samples (so every
+    process gets a full batch); ``Accelerator.gather_for_metrics`` drops them again, keeping the first
+    ``remainder`` samples of the batch gathered in rank order. This mirrors it per process, so every evaluation
+    example is counted once. ``batch_size`` outside the last batch, on one process or when unknown.
+    """
+    from accelerate.state import GradientState, PartialState
+
+    gradient_state = GradientState()
+    if not gradient_state.end_of_dataloader or gradient_state.remainder is None or gradient_state.remainder <= 0:
+        return batch_size
+    state = PartialState()
+    if state.num_processes <= 1:
+        return batch_size
+    return max(0, min(batch_size, gradient_state.remainder - state.process_index * batch_size))
+
+
 def merge_pending_metrics(callbacks, logs: dict) -> dict:
     """Return ``logs`` updated with the pending metrics of every :class:`MoEMetricsCallback` in ``callbacks``."""
     kind = log_kind(logs)

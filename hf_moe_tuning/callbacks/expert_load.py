@@ -94,7 +94,7 @@ from ..metrics.expert_load import (
     summarize_load,
 )
 from ..routing.capture import RouterCapture
-from .base import EVAL, TRAIN, MoEMetricsCallback, log_kind
+from .base import EVAL, TRAIN, MoEMetricsCallback, log_kind, real_eval_samples
 
 logger = logging.getLogger(__name__)
 
@@ -428,7 +428,17 @@ class ExpertLoadCallback(MoEMetricsCallback):
             )
         self._seen_forward = capture.forward_count
         counter = self._counters[kind]
+        batch_size = next((v.shape[0] for v in (capture.batch or {}).values() if v.dim() >= 1), None)
+        real = real_eval_samples(batch_size) if kind == EVAL and batch_size else batch_size
         for routings, indices, mask, dropped in self._routed():
+            if real is not None and real < batch_size:  # accelerate's padded duplicates: counted once
+                if mask.shape[0] % batch_size:
+                    self._warn_once("duplicates", "expert load: could not drop the padded duplicate samples of the "
+                                    "last evaluation batch (unknown [batch, seq] layout); they are counted.")
+                else:
+                    mask = mask.reshape(batch_size, -1).clone()
+                    mask[real:] = False
+                    mask = mask.reshape(-1)
             counter.update_layers([routing.layer.index for routing in routings], indices, mask, dropped)
         self._dirty[kind] = True
 

@@ -316,6 +316,9 @@ class RouterLossCallback(MoEMetricsCallback, ExportableState):
     def on_init_end(self, args, state, control, model=None, **kwargs):
         if model is not None:  # fail at Trainer creation, not after the first step, on a dense model
             require_moe(anatomy_for(model, self.anatomy), "The router loss (moe_aux_loss_coef / moe_z_loss_coef)")
+        # also needed by an evaluation before training (the eval loss scale, see _after_forward)
+        self._world_size = max(1, args.world_size)
+        self._average_tokens = bool(getattr(args, "average_tokens_across_devices", False))
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
         if model is None:
@@ -513,6 +516,11 @@ class RouterLossCallback(MoEMetricsCallback, ExportableState):
             return None
         lm_loss = _output_loss(output)
         if not training:
+            if lm_loss is not None and kwargs.get("num_items_in_batch") is not None and self._average_tokens:
+                # transformers 5 passes the token count of all processes in evaluation too, so the model's loss
+                # is this process's share of the global mean; Trainer.compute_loss multiplies it by the world
+                # size, and so does this (else eval_lm_loss reads eval_loss / world size under DDP)
+                lm_loss = lm_loss * self._world_size
             self._accumulate_eval(losses, lm_loss, num_sequences)
             return None
         bad = self._record_non_finite(losses)

@@ -7,7 +7,7 @@
 A tiny Mixtral trains 4 steps with the router aux and z losses on and expert-load logging; samples are
 taken in order, so every global batch holds the same 4 sequences whatever the process count, and all
 sequences have the same length (no padding), so per-process token means equal the global mean. A
-checkpoint is saved at step 2. Every process records the files it creates or writes under OUT (Python
+checkpoint is saved at step 2; after training, 21 held-out sequences are evaluated once. Every process records the files it creates or writes under OUT (Python
 audit hook, plus ``torch.save`` and the safetensors writer) in ``OUT/../writes_rank{r}.json``; rank 0 also dumps ``log_history.json`` next to it.
 """
 
@@ -19,6 +19,7 @@ import sys
 
 GLOBAL_BATCH = 4
 SEQ_LEN = 12
+EVAL_SIZE = 21
 
 
 def _record_writes(root: str, sink: list[str]) -> None:
@@ -84,11 +85,15 @@ def run(out: str, expect_backend: str = "none") -> None:
     model = build_tiny_model("mixtral", seed=0)
     g = torch.Generator().manual_seed(0)
     rows = [{"input_ids": torch.randint(3, 300, (SEQ_LEN,), generator=g).tolist()} for _ in range(16)]
-    for row in rows:
+    # 21 evaluation sequences: 2 processes x batch 2 leave a short last batch, which accelerate pads with
+    # duplicates of the first samples (gather_for_metrics drops them again)
+    eval_rows = [{"input_ids": torch.randint(3, 300, (SEQ_LEN,), generator=g).tolist()} for _ in range(EVAL_SIZE)]
+    for row in rows + eval_rows:
         row["labels"] = list(row["input_ids"])
     args = MoETrainingArguments(
         out,
         per_device_train_batch_size=GLOBAL_BATCH // world,
+        per_device_eval_batch_size=GLOBAL_BATCH // world,
         max_steps=4,
         logging_steps=1,
         save_steps=2,
@@ -109,11 +114,13 @@ def run(out: str, expect_backend: str = "none") -> None:
         model=model,
         args=args,
         train_dataset=Dataset.from_list(rows),
+        eval_dataset=Dataset.from_list(eval_rows),
         callbacks=[cb for cb in wanted if cb is not None and type(cb) not in present],
     )
     setup = configure_distributed(trainer)
     assert setup.backend == expect_backend, setup  # DDP needs nothing
     trainer.train()
+    trainer.evaluate()
     assert trainer.args.world_size == world, "the launcher did not start the expected number of processes"
     audit_dir = os.path.dirname(os.path.abspath(out))
     with open(os.path.join(audit_dir, f"writes_rank{rank}.json"), "w", encoding="utf-8") as f:
