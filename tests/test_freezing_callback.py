@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import pytest
@@ -63,14 +64,15 @@ def test_plain_trainer_freezes_before_optimizer(tmp_path, data) -> None:
     assert 0 < cb.plan.trainable_frac < 1
 
 
-def test_moe_trainer_wires_freezing_and_logs(tmp_path, data, capsys) -> None:
+def test_moe_trainer_wires_freezing_and_logs(tmp_path, data, capsys, caplog) -> None:
     tok, ds = data
     model = build_tiny_model("switch")
     args = MoETrainingArguments(**_args(tmp_path), moe_freeze_strategy="moe", moe_experts="0,1")
     trainer = MoETrainer(model=model, args=args, train_dataset=ds, data_collator=DataCollatorForSeq2Seq(tok, model=model))
-    trainer.train()
-    printed = capsys.readouterr().out
-    assert "MoE freezing strategy: moe" in printed and "experts" in printed
+    with caplog.at_level(logging.INFO, logger="hf_moe_tuning.callbacks.freezing"):
+        trainer.train()
+    assert "MoE freezing strategy: moe" in caplog.text and "experts" in caplog.text
+    assert "MoE freezing strategy" not in capsys.readouterr().out  # logged, not printed (issue 15 point 13)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".router." in n or ".expert_0." in n or ".expert_1." in n for n in trainable)
     rows = [r for r in trainer.state.log_history if "loss" in r]

@@ -49,7 +49,7 @@ class MoEFreezingCallback(MoEMetricsCallback, ExportableState):
             (``"esft-gate:0.1"``) resolved by ``expert_resolver``.
         extra_trainable / extra_frozen: regexes on parameter names.
         expert_resolver: function ``(model, spec) -> {layer: [experts]}`` for ESFT specs.
-        print_table: print the per-group table at train start (main process only).
+        print_table: log the per-group table at train start (``logger.info``, main process only).
         anatomy: the trainer's anatomy of the model (computed when freezing if ``None``).
     """
 
@@ -158,7 +158,7 @@ class MoEFreezingCallback(MoEMetricsCallback, ExportableState):
             self.report.slice_freezer.attach(optimizer)
         self._push(state)
         if self.print_table and state.is_world_process_zero:
-            print(self.report.plan.format_table())
+            logger.info("%s", self.report.plan.format_table())  # logged, not printed on every run
         record_moe_run(args, state, self, model)  # moe_run.json: the plan the card reports
 
     def on_save(self, args, state, control, **kwargs):
