@@ -80,6 +80,7 @@ def _demo(args: argparse.Namespace) -> int:
         output_dir=args.output_dir,
         seed=args.seed,
     )
+    print(result.plan_table)  # the trainer only logs it
     print(f"final train loss: {result.final_loss:.4f} (first logged: {result.first_loss:.4f}) after {result.steps} steps")
     return 0
 
