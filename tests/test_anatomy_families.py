@@ -336,3 +336,46 @@ def test_family_expert_load_counts_what_the_experts_receive(model_type):
         if load.dropped is not None:
             got = got - torch.tensor(load.dropped)
         assert got.tolist() == want.tolist(), (model_type, index)
+
+
+@pytest.mark.parametrize("model_type", CHECKED)
+def test_family_captured_logits_are_the_router_logits(model_type):
+    """RouterCapture's logits (reused from the router's output where the family table's ``router_raw_logits``
+    says so, recomputed elsewhere) equal ``F.linear(x, W) (+ b)`` of the router's input, after the whole forward
+    (so nothing the model does later changes them), for every family (issue 18, hot path 2)."""
+    import torch.nn.functional as F
+
+    from hf_moe_tuning.routing.capture import RouterCapture
+
+    model, anatomy = _built(model_type)
+    inputs: dict[int, torch.Tensor] = {}
+
+    def hook(module, args, output, layer):
+        inputs[layer.index] = args[0].detach().reshape(-1, args[0].shape[-1]).clone()
+
+    handles = [
+        model.get_submodule(layer.router_path).register_forward_hook(functools.partial(hook, layer=layer))
+        for layer in anatomy.layers
+        if layer.scoring != "product_key"
+    ]
+    capture = RouterCapture.acquire(model, anatomy)
+    try:
+        with torch.no_grad():
+            model(**_text_inputs(model, model_type, seed=2))
+        captured = dict(capture.logits)
+    finally:
+        capture.release()
+        for handle in handles:
+            handle.remove()
+    assert captured or all(layer.scoring == "product_key" for layer in anatomy.layers)
+    assert set(captured) == set(inputs)
+    for layer in anatomy.layers:
+        if layer.index not in captured:
+            continue
+        weight = model.get_parameter(layer.router_weight).float()
+        bias = model.get_parameter(layer.router_bias).float() if layer.router_bias else None
+        want = F.linear(inputs[layer.index].float(), weight, bias)[:, : layer.num_experts]
+        got = captured[layer.index]
+        assert got.dtype == torch.float32 and got.shape == want.shape, (model_type, layer.index, got.shape)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, equal_nan=True,
+                                   msg=lambda m, i=layer.index: f"{model_type} layer {i}: {m}")

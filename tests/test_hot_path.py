@@ -177,3 +177,48 @@ def test_capacity_accounting_memory_does_not_grow_with_the_number_of_experts():
         old[experts] = _largest_intermediate_bytes(_one_hot_capacity_overflow, top1, 40, experts)
     assert new[8] == new[128] <= 8 * tokens, new  # one int64 per token at most
     assert old[128] == 16 * old[8] and old[8] == 8 * tokens * 8, old  # the witness: [tokens, E] int64
+
+
+# ------------------------------------------------------------------ hot path 2: no second router matmul
+_MATMULS = {"mm", "addmm", "bmm"}
+
+
+def _matmuls_of_a_training_forward(model, batch) -> int:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in _MATMULS:
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        model(**batch)
+    return Count.n
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_monitoring_adds_no_matmul_to_a_forward(family):
+    """Router losses + expert-load logging on: a training forward of a Mixtral-style model runs exactly the aten
+    mm/addmm/bmm ops of the plain forward (the router logits are reused, not recomputed)."""
+    from hf_moe_tuning.callbacks.expert_load import ExpertLoadCallback
+    from hf_moe_tuning.callbacks.router_loss import RouterLossCallback
+
+    model = build_tiny_model(family, seed=0).train()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 300, (2, 12), generator=g)
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+    plain = _matmuls_of_a_training_forward(model, batch)
+    router_loss = RouterLossCallback(aux_coef=0.01, z_coef=1e-3)
+    router_loss.attach(model)
+    load = ExpertLoadCallback(probe_size=0, write_jsonl=False, write_heatmap=False, tensorboard=False)
+    load.bind(model)
+    try:
+        monitored = _matmuls_of_a_training_forward(model, batch)
+        assert router_loss.capture.logits, "the capture recorded nothing"
+    finally:
+        load.close()
+        router_loss.detach()
+    assert plain > 0 and monitored == plain, (plain, monitored)

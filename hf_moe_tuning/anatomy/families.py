@@ -21,7 +21,7 @@ the ``layout`` column only documents the order of the remaining axes (GPT-OSS is
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 Scoring = Literal["softmax", "sigmoid", "product_key"]
@@ -54,6 +54,13 @@ class MoEFamily:
             (Zaya's router is an MLP on a ``router_hidden_size`` stream).
         expert_blocks: fused expert tensors are 2-D with the experts as contiguous blocks along axis 0
             (``[E * intermediate, hidden]``, DBRX) instead of a leading ``E`` axis.
+        router_raw_logits: the router module returns its raw logits ``x · Wᵀ (+ b)`` as its first output
+            (the ``(logits, weights, indices)`` routers of transformers 5.x), so
+            :class:`~hf_moe_tuning.routing.capture.RouterCapture` reuses them. ``False``: the capture
+            recomputes them from the router's input and weight (one more matmul), for routers that return
+            probabilities, top-k scores or nothing usable (transformers #45120: ``router_logits`` that were
+            already softmaxed); a bare ``nn.Linear`` router's output is used whatever this says. Set from
+            :data:`_RAW_LOGIT_FAMILIES`, which ``tests/test_anatomy_families.py`` checks.
         skip_blocks: regexes of module paths that look like MoE blocks but are not MoE layers
             (JetMoE's mixture-of-attention heads; their parameters stay in ``attention``).
         unsupported: why the anatomy refuses this family (``describe_moe`` raises instead of guessing).
@@ -87,6 +94,7 @@ class MoEFamily:
     router_extra_rows: str | int = 0
     router_in_key: str | None = None
     expert_blocks: bool = False
+    router_raw_logits: bool = False
     skip_blocks: tuple[str, ...] = ()
     unsupported: str = ""
     notes: str = ""
@@ -227,6 +235,26 @@ _SIGMOID_FAMILIES = (
 )  # fmt: skip
 for _model_type in _SIGMOID_FAMILIES:
     MOE_FAMILIES.setdefault(_model_type, MoEFamily(_model_type, scoring="sigmoid"))
+
+#: Families whose router module (not a bare ``nn.Linear``) returns the raw logits ``x · Wᵀ (+ b)`` first:
+#: the ``router_raw_logits`` column. Left out on purpose: llama4_text (returns the sigmoid of the top-k
+#: logits), muse_spark_text (scales inside the router), inkling_text (returns only the routed experts'
+#: columns of its E + shared rows), doge (product keys); bare ``nn.Linear`` routers need no entry.
+_RAW_LOGIT_FAMILIES = (
+    "aria_text", "axk1", "axk2", "bailing_hybrid", "beam", "cohere2_moe", "deepseek_ocr2_text", "deepseek_v2",
+    "deepseek_v3", "deepseek_v32", "deepseek_v4", "dots1", "dots3_note_text", "ernie4_5_moe",
+    "ernie4_5_vl_moe_text", "exaone_moe", "flex_olmo", "flint", "glm4_moe", "glm4_moe_lite", "glm4v_moe_text",
+    "glm5_next_text", "glm_moe_dsa", "gpt_oss", "granitemoe", "granitemoe_swa", "granitemoehybrid",
+    "granitemoeshared", "hy_v3", "hy_v4", "hy_v4_vl_text", "inkling2_loop_text", "inkling2_text", "jamba",
+    "kimi_linear", "kolibri1", "laguna", "lara_mini", "lfm2_moe", "mellum", "mimo_v2_flash", "minimax",
+    "minimax_m2", "minimax_m3_vl_text", "mistral4", "mistral_large4_text", "mixtral", "nemotron_h", "olmoe",
+    "openai_privacy_filter", "phimoe", "qwen2_moe", "qwen3_5_moe_text", "qwen3_moe", "qwen3_next",
+    "qwen3_omni_moe_talker_text", "qwen3_omni_moe_text", "qwen3_vl_moe_text", "qwen4_exp_text", "sarvam_mla",
+    "sarvam_moe", "solar_open", "step3p5", "unlimited_ocr_text",
+)  # fmt: skip
+for _model_type in _RAW_LOGIT_FAMILIES:
+    _row = MOE_FAMILIES.get(_model_type) or MoEFamily(_model_type)
+    MOE_FAMILIES[_model_type] = replace(_row, router_raw_logits=True)
 
 
 def get_family(model_type: str | None) -> MoEFamily:

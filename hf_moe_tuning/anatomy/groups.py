@@ -85,6 +85,8 @@ class MoELayer:
             ``num_experts`` except where the family table says otherwise: extra rows come last and route
             to parameter-free experts (Longcat-Flash zero-computation experts, Zaya's skip expert) or gate
             the shared experts (Inkling); ``logits[:, :num_experts]`` are the routed experts' columns.
+        router_raw_logits: the router module returns its raw logits first (family table column of the same
+            name), so the router capture reuses them instead of recomputing them.
     """
 
     index: int
@@ -102,6 +104,7 @@ class MoELayer:
     scoring: str = "softmax"
     capacity: bool = False
     router_outputs: int | None = None
+    router_raw_logits: bool = False
 
     def __post_init__(self) -> None:
         if self.router_outputs is None:
@@ -443,6 +446,7 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
                 scoring=scoring,
                 capacity=family.capacity,
                 router_outputs=block.router_rows,
+                router_raw_logits=family.router_raw_logits,
             )
         )
         claimed.append(path)

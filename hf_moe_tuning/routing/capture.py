@@ -8,9 +8,12 @@ What is captured on each forward of the top-level model:
 
 * ``logits[layer.index]``: router logits ``[num_tokens, num_experts]`` in float32, with autograd
   history (so losses built on them reach the router weights). They are taken from the router
-  module's output when it is an ``nn.Linear`` (Switch, NLLB-MoE, JetMoE ...) and otherwise recomputed
-  from the router's input and its ``[E, hidden]`` weight (Mixtral, Qwen-MoE, DeepSeek, GPT-OSS ...),
-  so nothing depends on the model's own ``output_router_logits`` path.
+  module's output when it is an ``nn.Linear`` (Switch, NLLB-MoE, JetMoE ...) or when the family table
+  says its router returns raw logits first (``router_raw_logits``: the ``(logits, weights, indices)``
+  routers of Mixtral, Qwen-MoE, DeepSeek, GPT-OSS ...), so monitoring adds no matmul; otherwise they
+  are recomputed from the router's input and its ``[E, hidden]`` weight (routers that return
+  probabilities or top-k scores, e.g. Llama-4; transformers #45120). Nothing depends on the model's
+  own ``output_router_logits`` path.
 * ``indices[layer.index]``: the experts the router chose, ``[num_tokens, top_k]`` int64, when the router
   module returns them (the ``(logits, weights, indices)`` routers of transformers 5: Mixtral, Qwen-MoE,
   OLMoE, DeepSeek, GPT-OSS and most others). That is the model's own choice, whatever its rule (group
@@ -123,11 +126,17 @@ class RouterCapture:
         def hook(mod: nn.Module, inputs: tuple, output: Any) -> None:
             if not self.enabled:
                 return
+            raw = None
             if isinstance(mod, nn.Linear) and isinstance(output, torch.Tensor):
-                logits = output.reshape(-1, output.shape[-1]).float()
+                raw = output
+            elif isinstance(output, (tuple, list)):
+                self._keep_router_choice(layer, output)
+                first = output[0] if output else None
+                if layer.router_raw_logits and isinstance(first, torch.Tensor) and first.shape[-1] == layer.router_outputs:
+                    raw = first  # the router's own logits: no second matmul
+            if raw is not None:
+                logits = raw.reshape(-1, raw.shape[-1]).float()
             else:
-                if isinstance(output, (tuple, list)):
-                    self._keep_router_choice(layer, output)
                 hidden = inputs[0]
                 x = hidden.reshape(-1, hidden.shape[-1]).float()
                 logits = F.linear(x, weight.float(), bias.float() if bias is not None else None)
