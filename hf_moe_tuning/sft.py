@@ -47,6 +47,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 from .anatomy import describe_moe
 from .checkpoint import FusedResumeMixin
 from .configuration import MoEArguments
+from .hub.mixin import AllowListPushMixin
 from .presets import apply_hparam_preset
 from .trainer import (
     MoETrainerMixin,
@@ -97,7 +98,7 @@ def resolve_trl_aux_loss(args: MoESFTConfig) -> None:
         )
 
 
-class MoESFTTrainer(MoETrainerMixin, FusedResumeMixin, SFTTrainer):
+class MoESFTTrainer(MoETrainerMixin, FusedResumeMixin, AllowListPushMixin, SFTTrainer):
     """TRL's ``SFTTrainer`` with the MoE callbacks of :class:`MoESFTConfig`, like :class:`~hf_moe_tuning.MoETrainer`.
 
     The MoE callbacks are built after ``SFTTrainer.__init__`` (TRL may load the model from a name and wrap it in

@@ -594,3 +594,30 @@ def test_run_record_starts_fresh_per_train_call(tmp_path):
     assert record_moe_run(args, SimpleNamespace(is_world_process_zero=False), Other(b=3)) is None
     assert read_moe_run(str(tmp_path))["callbacks"] == {"Setting": {"a": 2}}
     assert [n for n in os.listdir(tmp_path) if n != MOE_RUN_NAME] == []  # no temporary files left
+
+
+def test_sft_trainer_push_sends_the_allow_list_only(tmp_path, hub):
+    """MoESFTTrainer pushes through the same allow-list as MoETrainer (TRL's own push would send the whole folder)."""
+    from datasets import Dataset
+
+    from hf_moe_tuning.sft import MoESFTTrainer
+    from hf_moe_tuning.study.chat import align_special_tokens, ensure_chat_template, sft_config
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".env").write_text("HF_TOKEN=hf_secret")
+    (out / "optimizer.pt").write_bytes(b"optimizer state")
+    tokenizer = ensure_chat_template(ByT5Tokenizer(), "byte")
+    model = align_special_tokens(build_tiny_model("mixtral"), tokenizer)
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": f"say {i}"}],
+                               "completion": [{"role": "assistant", "content": str(i)}]} for i in range(8)])
+    args = sft_config({"max_steps": 1, "per_device_train_batch_size": 4, "hub_model_id": "me/tiny-sft", "use_cpu": True,
+                       "hub_token": "hf_args_token", "moe_drift_probe_size": 0, "disable_tqdm": True}, str(out))
+    trainer = MoESFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    trainer.train()
+    trainer.push_to_hub()
+    uploads = [c[2] for c in hub if c[0] == "upload_folder"]
+    assert uploads and uploads[-1]["sent"]
+    sent = uploads[-1]["sent"]
+    assert not {Path(p).name for p in sent} & NEVER_SENT, sorted(sent)
+    assert not any(b"hf_secret" in data or b"hf_args_token" in data for data in sent.values())

@@ -31,6 +31,13 @@ def _batches(n: int, size: int):
         yield range(start, min(start + size, n))
 
 
+def _store_target_logliks(logliks, lengths, batch, logits, targets, mask) -> None:
+    """Write the summed log-likelihood of each row's masked ``targets`` and its number of target tokens."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    logliks[list(batch)] = (logprobs * mask).sum(-1).cpu()
+    lengths[list(batch)] = mask.sum(-1).float().cpu()
+
+
 @torch.no_grad()
 def score_candidates(
     model,
@@ -54,10 +61,8 @@ def score_candidates(
         labels = tokenizer(text_target=targets, padding=True, return_tensors="pt")["input_ids"].to(device)
         mask = labels != tokenizer.pad_token_id
         labels = labels.masked_fill(~mask, -100)
-        logits = model(**enc, labels=labels).logits.float()
-        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        logliks[list(batch)] = (logprobs * mask).sum(-1).cpu()
-        lengths[list(batch)] = mask.sum(-1).float().cpu()
+        logits = model(**enc, labels=labels).logits
+        _store_target_logliks(logliks, lengths, batch, logits, labels.clamp(min=0), mask)
     return best_candidates(logliks, lengths, choices)
 
 
@@ -152,11 +157,8 @@ def score_chat_candidates(
             attention[row, : len(seq)] = 1
             target_mask[row, start : len(seq)] = True
         input_ids, attention = input_ids.to(model.device), attention.to(model.device)
-        logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-        mask = target_mask[:, 1:].to(logprobs.device)
-        logliks[list(batch)] = (logprobs * mask).sum(-1).cpu()
-        lengths[list(batch)] = mask.sum(-1).float().cpu()
+        logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]
+        _store_target_logliks(logliks, lengths, batch, logits, input_ids[:, 1:], target_mask[:, 1:].to(logits.device))
     return best_candidates(logliks, lengths, choices)
 
 
