@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 from datasets import Dataset
+from helpers import random_lm_dataset
 from transformers import HfArgumentParser
 
 from hf_moe_tuning import MoETrainer, MoETrainingArguments, apply_freezing
@@ -31,13 +32,6 @@ def _assert_untouched(model: torch.nn.Module, before: dict[str, tuple[bool, torc
         assert param.requires_grad == requires_grad, f"{name} requires_grad changed"
         assert torch.allclose(param.detach(), value, rtol=0, atol=0, equal_nan=True), f"{name} changed"
 
-
-def _dataset(n: int = 8, length: int = 10) -> Dataset:
-    g = torch.Generator().manual_seed(0)
-    rows = [{"input_ids": torch.randint(3, 300, (length,), generator=g).tolist()} for _ in range(n)]
-    for row in rows:
-        row["labels"] = list(row["input_ids"])
-    return Dataset.from_list(rows)
 
 
 def _args(out, **kwargs) -> MoETrainingArguments:
@@ -111,7 +105,7 @@ def test_bad_model_requests_leave_nothing_behind(tmp_path, model_name, kwargs, e
     before = _snapshot(model)
     out = tmp_path / "nested" / "run"
     with pytest.raises(error, match=message):
-        MoETrainer(model=model, args=_args(out, **kwargs), train_dataset=_dataset())
+        MoETrainer(model=model, args=_args(out, **kwargs), train_dataset=random_lm_dataset(8, 10))
     _assert_untouched(model, before)  # no half-frozen model
     assert not (tmp_path / "nested").exists()  # no partial output dir
 
@@ -178,7 +172,7 @@ def _poisoned(target: str) -> torch.nn.Module:
 def test_non_finite_values_stop_the_run_naming_the_step(tmp_path, target, kwargs, message):
     model = _poisoned(target)
     args = _args(tmp_path / "run", moe_nan_policy="error", **kwargs)
-    trainer = MoETrainer(model=model, args=args, train_dataset=_dataset(), callbacks=[NaNGuardCallback.from_args(args)])
+    trainer = MoETrainer(model=model, args=args, train_dataset=random_lm_dataset(8, 10), callbacks=[NaNGuardCallback.from_args(args)])
     before = _snapshot(model)
     with pytest.raises(FloatingPointError, match=message):
         trainer.train()
@@ -193,7 +187,7 @@ def test_non_finite_values_stop_the_run_naming_the_step(tmp_path, target, kwargs
 def test_non_finite_values_skip_the_step_when_asked(tmp_path, target, kwargs, key):
     model = _poisoned(target)
     args = _args(tmp_path / "run", moe_nan_policy="skip", moe_nan_max_skip_fraction=1.0, save_strategy="no", **kwargs)
-    trainer = MoETrainer(model=model, args=args, train_dataset=_dataset(), callbacks=[NaNGuardCallback.from_args(args)])
+    trainer = MoETrainer(model=model, args=args, train_dataset=random_lm_dataset(8, 10), callbacks=[NaNGuardCallback.from_args(args)])
     before = _snapshot(model)
     trainer.train()
     counts = [row[key] for row in trainer.state.log_history if key in row]

@@ -24,6 +24,7 @@ import sys
 import pytest
 import torch
 from datasets import Dataset
+from helpers import random_lm_dataset
 from transformers import TrainerState
 
 from hf_moe_tuning import MoETrainer, MoETrainingArguments
@@ -43,13 +44,6 @@ STEPS = 3
 TIMING = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos", "train_loss")
 
 
-def _dataset(n: int = 32, length: int = 12) -> Dataset:
-    g = torch.Generator().manual_seed(0)
-    rows = [{"input_ids": torch.randint(3, 300, (length,), generator=g).tolist()} for _ in range(n)]
-    for row in rows:
-        row["labels"] = list(row["input_ids"])
-    return Dataset.from_list(rows)
-
 
 def _args(out, **kwargs) -> MoETrainingArguments:
     base = {
@@ -63,7 +57,7 @@ def _args(out, **kwargs) -> MoETrainingArguments:
 
 def _run(out, resume=None, model: str = "mixtral", dataset: Dataset | None = None, **kwargs) -> MoETrainer:
     trainer = MoETrainer(model=build_tiny_model(model, seed=0), args=_args(out, **kwargs),
-                         train_dataset=dataset if dataset is not None else _dataset())
+                         train_dataset=dataset if dataset is not None else random_lm_dataset())
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
@@ -307,7 +301,7 @@ def test_empty_dataset(tmp_path):
 
 
 def test_token_ids_outside_the_vocabulary_and_no_empty_output_dir(tmp_path):
-    rows = _dataset(8).to_list()
+    rows = random_lm_dataset(8).to_list()
     for row in rows[2:]:  # every batch fails, the first one included
         row["input_ids"][3] = 5000
     out = tmp_path / "nested" / "run"
@@ -334,4 +328,4 @@ def test_demo_with_negative_max_steps(tmp_path, capsys):
 def test_resuming_into_another_model_family(full):
     with pytest.raises(CheckpointError, match="holds a 'mixtral' model but this trainer trains a 'qwen2_moe' model"):
         MoETrainer(model=build_tiny_model("qwen2_moe", seed=0), args=_args(full[0] / "other"),
-                   train_dataset=_dataset()).train(resume_from_checkpoint=str(full[0] / "checkpoint-1"))
+                   train_dataset=random_lm_dataset()).train(resume_from_checkpoint=str(full[0] / "checkpoint-1"))

@@ -16,17 +16,10 @@ import math
 import pytest
 import torch
 from datasets import Dataset
+from helpers import random_lm_dataset
 
 from hf_moe_tuning import MoETrainer, MoETrainingArguments
 from hf_moe_tuning.models import build_tiny_model
-
-
-def _dataset(n: int = 32, length: int = 12) -> Dataset:
-    g = torch.Generator().manual_seed(0)
-    rows = [{"input_ids": torch.randint(3, 300, (length,), generator=g).tolist()} for _ in range(n)]
-    for row in rows:
-        row["labels"] = list(row["input_ids"])
-    return Dataset.from_list(rows)
 
 
 def _args(out, **kwargs) -> MoETrainingArguments:
@@ -40,7 +33,7 @@ def _args(out, **kwargs) -> MoETrainingArguments:
 
 def _run(out, dataset: Dataset | None = None, **kwargs) -> MoETrainer:
     trainer = MoETrainer(model=build_tiny_model("mixtral", seed=0), args=_args(out, **kwargs),
-                         train_dataset=dataset if dataset is not None else _dataset())
+                         train_dataset=dataset if dataset is not None else random_lm_dataset())
     trainer.train()
     return trainer
 
@@ -76,7 +69,7 @@ def test_skip_stops_at_its_limits(tmp_path, limits, message):
     model = build_tiny_model("mixtral", seed=0)
     _poisoned_head(model)
     args = _args(tmp_path / "run", max_steps=6, moe_nan_policy="skip", **limits)
-    trainer = MoETrainer(model=model, args=args, train_dataset=_dataset())
+    trainer = MoETrainer(model=model, args=args, train_dataset=random_lm_dataset())
     with pytest.raises(FloatingPointError, match=message):
         trainer.train()
 
@@ -101,7 +94,7 @@ def test_a_skipped_step_never_pulls_the_logged_loss_down(tmp_path):
         model = build_tiny_model("mixtral", seed=0)
         model.register_forward_hook(_NaNAtForward({2}))
         args = _args(out, moe_nan_policy="skip", moe_nan_max_skip_fraction=1.0, logging_steps=logging_steps)
-        trainer = MoETrainer(model=model, args=args, train_dataset=_dataset())
+        trainer = MoETrainer(model=model, args=args, train_dataset=random_lm_dataset())
         output = trainer.train()
         return [row for row in trainer.state.log_history if "learning_rate" in row], output
 
@@ -122,7 +115,7 @@ def test_router_skips_log_no_zero_loss(tmp_path):
         model.model.layers[0].mlp.gate.weight[0, 0] = float("nan")
     args = _args(tmp_path / "run", max_steps=2, moe_aux_loss_coef=0.01, moe_nan_policy="skip",
                  moe_nan_max_skip_fraction=1.0)
-    trainer = MoETrainer(model=model, args=args, train_dataset=_dataset())
+    trainer = MoETrainer(model=model, args=args, train_dataset=random_lm_dataset())
     output = trainer.train()
     rows = [row for row in trainer.state.log_history if "router/skipped_steps" in row]
     assert [row["router/skipped_steps"] for row in rows] == [1.0, 2.0]
@@ -136,7 +129,7 @@ def test_router_nan_message_numbers_the_step_as_the_logs_and_names_the_layer(tmp
     with torch.no_grad():
         model.model.layers[1].mlp.gate.weight[0, 0] = float("nan")
     args = _args(tmp_path / "run", moe_aux_loss_coef=0.01 if router_loss else 0.0)
-    trainer = MoETrainer(model=model, args=args, train_dataset=_dataset())
+    trainer = MoETrainer(model=model, args=args, train_dataset=random_lm_dataset())
     layer = r"MoE layer 1 \(model.layers.1.mlp\)"
     message = (rf"non-finite router logits in {layer} at optimizer step 1" if router_loss
                else rf"non-finite training loss .* at optimizer step 1; the router logits of {layer} are non-finite")
@@ -145,7 +138,7 @@ def test_router_nan_message_numbers_the_step_as_the_logs_and_names_the_layer(tmp
 
 
 def test_all_labels_ignored(tmp_path):
-    rows = _dataset(8).to_list()
+    rows = random_lm_dataset(8).to_list()
     for row in rows:
         row["labels"] = [-100] * len(row["labels"])
     with pytest.raises(FloatingPointError, match="no labelled token \\(every label is -100\\)"):

@@ -15,7 +15,7 @@ import json
 
 import pytest
 import torch
-from datasets import Dataset
+from helpers import random_lm_dataset
 from transformers import Trainer, TrainingArguments
 
 from hf_moe_tuning import MoETrainer, MoETrainingArguments
@@ -35,13 +35,6 @@ TIMING = ("train_runtime", "train_samples_per_second", "train_steps_per_second",
 ResumeTrainer = MoETrainer if issubclass(MoETrainer, FusedResumeMixin) else type("ResumeTrainer", (FusedResumeMixin, MoETrainer), {})
 
 
-def _dataset(n: int = 32, length: int = 12) -> Dataset:
-    g = torch.Generator().manual_seed(0)
-    rows = [{"input_ids": torch.randint(3, 300, (length,), generator=g).tolist()} for _ in range(n)]
-    for row in rows:
-        row["labels"] = list(row["input_ids"])
-    return Dataset.from_list(rows)
-
 
 def _common(out) -> dict:
     return dict(
@@ -59,7 +52,7 @@ def _plain_run(out, name: str, *, resume: str | None = None, fix: bool = True) -
     """Train ``MAX_STEPS`` steps in ``out`` (saving at ``STOP_AT``), or resume from checkpoint ``resume``."""
     model = build_tiny_model(name, seed=0)
     callbacks = [FusedResumeCallback()] if fix else []
-    trainer = Trainer(model=model, args=TrainingArguments(**_common(out)), train_dataset=_dataset(), callbacks=callbacks)
+    trainer = Trainer(model=model, args=TrainingArguments(**_common(out)), train_dataset=random_lm_dataset(), callbacks=callbacks)
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
@@ -98,7 +91,7 @@ def test_fused_resume_callback_with_a_checkpoint_outside_output_dir(tmp_path):
     def resume(callback):
         model = build_tiny_model("qwen2_moe", seed=0)
         args = TrainingArguments(**_common(tmp_path / "elsewhere"))
-        trainer = Trainer(model=model, args=args, train_dataset=_dataset(), callbacks=[callback])
+        trainer = Trainer(model=model, args=args, train_dataset=random_lm_dataset(), callbacks=[callback])
         trainer.train(resume_from_checkpoint=checkpoint)
         return trainer
 
@@ -125,7 +118,7 @@ def _moe_run(out, name: str, resume: str | None = None, model_kwargs: dict | Non
         moe_aux_loss_schedule="linear_warmup", moe_z_loss_schedule="cosine", moe_router_loss_warmup_steps=3,
         moe_nan_policy="skip", moe_drift_probe_size=0, moe_expert_load_heatmap=False, **moe,
     )
-    dataset = _dataset()
+    dataset = random_lm_dataset()
     wanted = [RouterLossCallback.from_args(args), ExpertLoadCallback.from_args(args), NaNGuardCallback.from_args(args)]
     present = {type(cb) for cb in build_moe_callbacks(args, model, train_dataset=dataset)}
     extra = [cb for cb in wanted if cb is not None and type(cb) not in present]
@@ -184,7 +177,7 @@ def test_load_best_model_at_end_is_exact(tmp_path):
         load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True,  # best: the first
         moe_drift_probe_size=0, moe_expert_load_heatmap=False,
     )
-    trainer = ResumeTrainer(model=model, args=args, train_dataset=_dataset(), eval_dataset=_dataset(8))
+    trainer = ResumeTrainer(model=model, args=args, train_dataset=random_lm_dataset(), eval_dataset=random_lm_dataset(8))
     trainer.train()
     best = trainer.state.best_model_checkpoint
     assert best == _checkpoint(tmp_path)
