@@ -105,16 +105,23 @@ def evaluate_task(
     max_source_length: int = 192,
 ) -> TaskEvaluation:
     """Evaluate ``model`` on ``dataset`` (columns ``inputs``, ``targets``, ``choices``)."""
-    inputs, references = list(dataset["inputs"]), list(dataset["targets"])
+    return _evaluate(
+        dataset, list(dataset["inputs"]), kind, metrics,
+        lambda texts, choices: score_candidates(model, tokenizer, texts, choices, batch_size, max_source_length),
+        lambda texts: generate_answers(model, tokenizer, texts, batch_size, max_new_tokens, max_source_length),
+    )
+
+
+def _evaluate(dataset: Dataset, texts: list[str], kind: str, metrics: Sequence[str], score, generate) -> TaskEvaluation:
+    """Predict with ``score(texts, choices)`` (classification) or ``generate(texts)`` and score against ``targets``."""
     if kind == CLASSIFICATION:
         choices = list(dataset["choices"])
-        best = score_candidates(model, tokenizer, inputs, choices, batch_size, max_source_length)
-        predictions = [options[i] for options, i in zip(choices, best)]
+        predictions = [options[i] for options, i in zip(choices, score(texts, choices))]
     elif kind == GENERATION:
-        predictions = generate_answers(model, tokenizer, inputs, batch_size, max_new_tokens, max_source_length)
+        predictions = generate(texts)
     else:
         raise ValueError(f"unknown task kind {kind!r}; use {CLASSIFICATION!r} or {GENERATION!r}")
-    means, items = score_predictions(predictions, references, metrics)
+    means, items = score_predictions(predictions, list(dataset["targets"]), metrics)
     return TaskEvaluation(means, items, predictions)
 
 
@@ -208,15 +215,8 @@ def evaluate_chat_task(
     system: str | None = None,
 ) -> TaskEvaluation:
     """Evaluate a causal LM on ``dataset`` (columns ``inputs``, ``targets``, ``choices``)."""
-    prompts = [render_prompt(tokenizer, text, system) for text in dataset["inputs"]]
-    references = list(dataset["targets"])
-    if kind == CLASSIFICATION:
-        choices = list(dataset["choices"])
-        best = score_chat_candidates(model, tokenizer, prompts, choices, batch_size, max_prompt_length)
-        predictions = [options[i] for options, i in zip(choices, best)]
-    elif kind == GENERATION:
-        predictions = generate_chat_answers(model, tokenizer, prompts, batch_size, max_new_tokens, max_prompt_length)
-    else:
-        raise ValueError(f"unknown task kind {kind!r}; use {CLASSIFICATION!r} or {GENERATION!r}")
-    means, items = score_predictions(predictions, references, metrics)
-    return TaskEvaluation(means, items, predictions)
+    return _evaluate(
+        dataset, [render_prompt(tokenizer, text, system) for text in dataset["inputs"]], kind, metrics,
+        lambda texts, choices: score_chat_candidates(model, tokenizer, texts, choices, batch_size, max_prompt_length),
+        lambda texts: generate_chat_answers(model, tokenizer, texts, batch_size, max_new_tokens, max_prompt_length),
+    )
