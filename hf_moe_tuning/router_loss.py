@@ -191,11 +191,81 @@ def _as_groups(x: torch.Tensor, num_sequences: int) -> torch.Tensor:
 
 
 def _mask_or_ones(mask: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
+    """Float weights ``[N]`` of the tokens of ``logits`` (``[N, E]`` or ``[L, N, E]``): 1 counts, 0 does not."""
+    n = logits.shape[-2]
     if mask is None:
-        return torch.ones(logits.shape[0], dtype=torch.float32, device=logits.device)
-    if mask.shape != logits.shape[:1]:
-        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected ({logits.shape[0]},)")
+        return torch.ones(n, dtype=torch.float32, device=logits.device)
+    if mask.shape != (n,):
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected ({n},)")
     return mask.to(device=logits.device, dtype=torch.float32)
+
+
+def _stacked_losses(
+    logits: torch.Tensor,
+    spec: RoutingSpec,
+    weights: torch.Tensor,
+    num_sequences: int,
+    selected: torch.Tensor | None,
+    want_aux: bool = True,
+    want_z: bool = True,
+    correction_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Aux and z losses ``([L, B], [L, B])`` of ``L`` layers that route alike, in one pass over ``[L, N, E]``.
+
+    ``weights`` (float ``[N]``, shared by the layers) is built once; the per-sequence expert counts
+    ``f_e`` come from one scatter-add of the weights into ``L · B · E`` bins (no ``[N, E]`` one-hot).
+    ``selected``: the router's choice ``[L, N, k]``, or ``None`` to derive it with ``spec`` (and the
+    stacked ``correction_bias [L, E]``).
+    """
+    num_layers, n, num_experts = logits.shape
+    seq_len = n // num_sequences
+    if n % num_sequences:
+        raise ValueError(f"{n} routed tokens cannot be split into {num_sequences} sequences")
+    w_seq = weights.view(num_sequences, seq_len)
+    denom = w_seq.sum(dim=1).clamp_min(1.0)  # counted tokens per sequence [B]
+    zeros = logits.new_zeros(num_layers, num_sequences, dtype=torch.float32)
+    aux = zeros
+    if want_aux:
+        probs = router_probs(logits, spec.scoring)  # [L, N, E]
+        if selected is None:
+            with torch.no_grad():
+                selected = metrics_select_experts(
+                    logits, spec.top_k, scoring=spec.scoring, correction_bias=correction_bias,
+                    num_groups=spec.num_group, topk_groups=spec.topk_group,
+                )
+        # P_e per sequence: masked mean of the probabilities
+        mean_prob = (probs * weights[:, None]).view(num_layers, num_sequences, seq_len, num_experts).sum(dim=2)
+        mean_prob = mean_prob / denom[:, None]
+        # f_e per sequence: one scatter-add of the token weights into bin (layer · B + sequence) · E + expert
+        top_k = selected.shape[-1]
+        bins = _sequence_bins(num_layers, num_sequences, seq_len, num_experts, logits.device)  # [L, N, 1]
+        flat = (selected.to(device=logits.device, dtype=torch.long) + bins).reshape(-1)
+        values = weights.view(1, n, 1).expand(num_layers, n, top_k).reshape(-1)
+        counts = torch.zeros(num_layers * num_sequences * num_experts, dtype=torch.float32, device=logits.device)
+        counts.scatter_add_(0, flat, values)
+        fraction = counts.view(num_layers, num_sequences, num_experts) / (spec.top_k * denom[:, None])
+        aux = spec.num_experts * (fraction * mean_prob).sum(dim=-1)
+    z = zeros
+    if want_z:
+        z_tok = torch.logsumexp(logits.float(), dim=-1) ** 2  # [L, N]
+        z = (z_tok * weights).view(num_layers, num_sequences, seq_len).sum(dim=2) / denom
+    return aux, z
+
+
+_BINS: dict[tuple, torch.Tensor] = {}
+
+
+def _sequence_bins(num_layers: int, num_sequences: int, seq_len: int, num_experts: int, device) -> torch.Tensor:
+    """``[L, N, 1]`` int64 offsets ``(layer · B + sequence of token) · E`` (cached per shape and device)."""
+    key = (num_layers, num_sequences, seq_len, num_experts, str(device))
+    bins = _BINS.get(key)
+    if bins is None:
+        if len(_BINS) > 64:
+            _BINS.clear()
+        rows = torch.arange(num_layers * num_sequences, device=device).mul_(num_experts)
+        bins = _BINS[key] = rows.view(num_layers, num_sequences, 1).expand(-1, -1, seq_len).reshape(
+            num_layers, num_sequences * seq_len, 1)
+    return bins
 
 
 def aux_loss_per_sequence(
@@ -214,29 +284,23 @@ def aux_loss_per_sequence(
         num_sequences: rows of the batch; each is one group.
         selected: the experts chosen per token ``[N, k]``; default :func:`select_experts`.
     """
-    probs = router_probs(logits, spec.scoring)
-    if selected is None:
-        selected = select_experts(logits, spec)
-    weights = _mask_or_ones(mask, logits)
-    assignments = torch.zeros_like(probs).scatter_(1, selected, 1.0)  # [N, E], k ones per row
-    probs_g = _as_groups(probs * weights[:, None], num_sequences)
-    assign_g = _as_groups(assignments * weights[:, None], num_sequences)
-    counted = _as_groups(weights, num_sequences).sum(dim=1)  # [B]
-    denom = counted.clamp_min(1.0)
-    mean_prob = probs_g.sum(dim=1) / denom[:, None]  # P_e per sequence
-    fraction = assign_g.sum(dim=1) / (spec.top_k * denom[:, None])  # f_e per sequence
-    return spec.num_experts * (fraction * mean_prob).sum(dim=-1)
+    _as_groups(logits, num_sequences)  # same error as before for a token count that does not split
+    bias = spec.correction_bias[None] if spec.correction_bias is not None else None
+    aux, _ = _stacked_losses(
+        logits[None], spec, _mask_or_ones(mask, logits), num_sequences,
+        None if selected is None else selected[None], want_z=False, correction_bias=bias,
+    )
+    return aux[0]
 
 
 def z_loss_per_sequence(
     logits: torch.Tensor, mask: torch.Tensor | None = None, num_sequences: int = 1
 ) -> torch.Tensor:
     """Router z-loss ``mean_t logsumexp(logits_t)²`` of each sequence over its counted tokens, ``[num_sequences]``."""
-    z = torch.logsumexp(logits.float(), dim=-1) ** 2
-    weights = _mask_or_ones(mask, logits)
-    z_g = _as_groups(z * weights, num_sequences).sum(dim=1)
-    counted = _as_groups(weights, num_sequences).sum(dim=1)
-    return z_g / counted.clamp_min(1.0)
+    _as_groups(logits, num_sequences)
+    spec = RoutingSpec(logits.shape[-1], 1)
+    _, z = _stacked_losses(logits[None], spec, _mask_or_ones(mask, logits), num_sequences, None, want_aux=False)
+    return z[0]
 
 
 def aux_loss(logits: torch.Tensor, spec: RoutingSpec, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -256,14 +320,26 @@ class RouterLosses:
     Attributes:
         aux: ``[num_sequences]`` aux loss per sequence, averaged over MoE layers.
         z: ``[num_sequences]`` z-loss per sequence, averaged over MoE layers.
-        layer_aux: ``{layer index: [num_sequences]}`` per-layer aux losses.
-        layer_z: ``{layer index: [num_sequences]}`` per-layer z-losses.
+        layer_ids: the MoE-layer indices that routed tokens, in anatomy order.
+        aux_by_layer: ``[len(layer_ids), num_sequences]`` per-layer aux losses (rows in ``layer_ids`` order).
+        z_by_layer: ``[len(layer_ids), num_sequences]`` per-layer z-losses.
     """
 
     aux: torch.Tensor
     z: torch.Tensor
-    layer_aux: dict[int, torch.Tensor]
-    layer_z: dict[int, torch.Tensor]
+    layer_ids: list[int]
+    aux_by_layer: torch.Tensor
+    z_by_layer: torch.Tensor
+
+    @property
+    def layer_aux(self) -> dict[int, torch.Tensor]:
+        """``{layer index: [num_sequences]}`` per-layer aux losses."""
+        return dict(zip(self.layer_ids, self.aux_by_layer.unbind(0)))
+
+    @property
+    def layer_z(self) -> dict[int, torch.Tensor]:
+        """``{layer index: [num_sequences]}`` per-layer z-losses."""
+        return dict(zip(self.layer_ids, self.z_by_layer.unbind(0)))
 
     @property
     def num_sequences(self) -> int:
@@ -271,10 +347,8 @@ class RouterLosses:
 
     def first_non_finite_layer(self) -> int | None:
         """Index of the first MoE layer whose losses are NaN/inf, else ``None``."""
-        for index in self.layer_aux:
-            if not (torch.isfinite(self.layer_aux[index]).all() and torch.isfinite(self.layer_z[index]).all()):
-                return index
-        return None
+        finite = (torch.isfinite(self.aux_by_layer).all(dim=-1) & torch.isfinite(self.z_by_layer).all(dim=-1)).tolist()
+        return next((index for index, ok in zip(self.layer_ids, finite) if not ok), None)
 
 
 def compute_router_losses(
@@ -287,6 +361,10 @@ def compute_router_losses(
 ) -> RouterLosses | None:
     """Per-sequence aux and z losses averaged over the MoE layers of one forward pass.
 
+    Layers that route alike (same routing rule, token count, mask and source of the expert choice) are
+    stacked and computed together: one softmax, one logsumexp and one scatter-add per group of layers,
+    not a handful of kernels per layer.
+
     Args:
         items: ``(layer, logits [N, E], mask [N])`` per MoE layer, e.g. ``RouterCapture.layer_items()``.
         specs: :class:`RoutingSpec` per layer index.
@@ -298,19 +376,46 @@ def compute_router_losses(
 
     Returns ``None`` when no MoE layer routed tokens in the pass.
     """
-    layer_aux: dict[int, torch.Tensor] = {}
-    layer_z: dict[int, torch.Tensor] = {}
+    buckets: dict[tuple, list[tuple[int, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]] = {}
+    order: list[int] = []
     for layer, logits, mask in items:
-        zeros = logits.new_zeros(num_sequences)
+        spec = specs[layer.index]
         chosen = (selected or {}).get(layer.index)
-        if chosen is not None and chosen.shape[0] != logits.shape[0]:
+        if chosen is not None and (chosen.shape[0] != logits.shape[0] or chosen.shape[-1] != spec.top_k):
             chosen = None
-        layer_aux[layer.index] = (
-            aux_loss_per_sequence(logits, specs[layer.index], mask, num_sequences, chosen) if want_aux else zeros
+        key = (
+            spec.num_experts, spec.top_k, spec.scoring, spec.correction_bias is not None, spec.num_group,
+            spec.topk_group, tuple(logits.shape), logits.dtype, logits.device, id(mask), chosen is not None,
         )
-        layer_z[layer.index] = z_loss_per_sequence(logits, mask, num_sequences) if want_z else zeros
-    if not layer_aux:
+        buckets.setdefault(key, []).append((layer.index, logits, mask, chosen))
+        order.append(layer.index)
+    if not order:
         return None
-    aux = torch.stack(list(layer_aux.values())).mean(dim=0)
-    z = torch.stack(list(layer_z.values())).mean(dim=0)
-    return RouterLosses(aux=aux, z=z, layer_aux=layer_aux, layer_z=layer_z)
+    ids: list[int] = []
+    aux_parts: list[torch.Tensor] = []
+    z_parts: list[torch.Tensor] = []
+    for group in buckets.values():
+        indices = [index for index, *_ in group]
+        spec = specs[indices[0]]
+        stacked = group[0][1].unsqueeze(0) if len(group) == 1 else torch.stack([g[1] for g in group])
+        chosen = None
+        if group[0][3] is not None:
+            chosen = group[0][3].unsqueeze(0) if len(group) == 1 else torch.stack([g[3] for g in group])
+        bias = None
+        if chosen is None and spec.correction_bias is not None:
+            bias = torch.stack([specs[i].correction_bias for i in indices])
+        weights = _mask_or_ones(group[0][2], stacked)
+        aux, z = _stacked_losses(stacked, spec, weights, num_sequences, chosen, want_aux, want_z, bias)
+        ids += indices
+        aux_parts.append(aux)
+        z_parts.append(z)
+    aux_by_layer = aux_parts[0] if len(aux_parts) == 1 else torch.cat(aux_parts)
+    z_by_layer = z_parts[0] if len(z_parts) == 1 else torch.cat(z_parts)
+    if ids != order:  # several groups: back to anatomy order (the mean over layers sums in that order)
+        position = {index: row for row, index in enumerate(ids)}
+        perm = torch.tensor([position[i] for i in order], device=aux_by_layer.device)
+        aux_by_layer, z_by_layer, ids = aux_by_layer.index_select(0, perm), z_by_layer.index_select(0, perm), order
+    return RouterLosses(
+        aux=aux_by_layer.mean(dim=0), z=z_by_layer.mean(dim=0), layer_ids=ids,
+        aux_by_layer=aux_by_layer, z_by_layer=z_by_layer,
+    )

@@ -1,4 +1,4 @@
-"""Hot path (issue 18 points 1, 2, 4): no host sync in a training forward/backward, no second router matmul,
+"""Hot path (issue 18 points 1-5): no host sync in a training forward/backward, no second router matmul,
 capacity accounting memory flat in the number of experts."""
 
 from __future__ import annotations
@@ -222,3 +222,92 @@ def test_monitoring_adds_no_matmul_to_a_forward(family):
         load.close()
         router_loss.detach()
     assert plain > 0 and monitored == plain, (plain, monitored)
+
+
+# ------------------------------------------------------------------ hot path 3: router losses stacked over layers
+def _former_router_losses(items, specs, num_sequences, selected):
+    """The former per-layer implementation (a float mask twice and an ``[N, E]`` one-hot per layer)."""
+    from hf_moe_tuning.router_loss import router_probs, select_experts
+
+    def weights_of(mask, logits):
+        return torch.ones(logits.shape[0]) if mask is None else mask.to(torch.float32)
+
+    def groups(x):
+        return x.reshape(num_sequences, x.shape[0] // num_sequences, *x.shape[1:])
+
+    layer_aux, layer_z = {}, {}
+    for layer, logits, mask in items:
+        spec = specs[layer.index]
+        chosen = (selected or {}).get(layer.index)
+        if chosen is not None and chosen.shape[0] != logits.shape[0]:
+            chosen = None
+        probs = router_probs(logits, spec.scoring)
+        chosen = select_experts(logits, spec) if chosen is None else chosen
+        weights = weights_of(mask, logits)
+        assignments = torch.zeros_like(probs).scatter_(1, chosen, 1.0)
+        denom = groups(weights).sum(dim=1).clamp_min(1.0)
+        mean_prob = groups(probs * weights[:, None]).sum(dim=1) / denom[:, None]
+        fraction = groups(assignments * weights[:, None]).sum(dim=1) / (spec.top_k * denom[:, None])
+        layer_aux[layer.index] = spec.num_experts * (fraction * mean_prob).sum(dim=-1)
+        z = torch.logsumexp(logits.float(), dim=-1) ** 2
+        weights = weights_of(mask, logits)  # rebuilt, as before
+        layer_z[layer.index] = groups(z * weights).sum(dim=1) / groups(weights).sum(dim=1).clamp_min(1.0)
+    aux = torch.stack(list(layer_aux.values())).mean(dim=0)
+    z = torch.stack(list(layer_z.values())).mean(dim=0)
+    return aux, z, layer_aux, layer_z
+
+
+@pytest.mark.parametrize(
+    "family, batch, seq, overrides",
+    [("mixtral", 3, 11, {}), ("qwen2_moe", 2, 16, {}), ("deepseek_v3", 4, 7, {}), ("olmoe", 1, 9, {}),
+     ("switch", 3, 10, {}), ("switch", 2, 13, {"encoder_sparse_step": 1, "decoder_sparse_step": 1})],
+)
+def test_stacked_router_losses_equal_the_per_layer_implementation(family, batch, seq, overrides):
+    """Values and gradients of the stacked computation equal the former per-layer loop within 1e-6, with padding
+    and ignored labels masked, for routers that return their choice (Mixtral, Qwen2-MoE, DeepSeek-V3 with its
+    sigmoid scores and correction bias, OLMoE) and bare linear routers whose choice is derived (Switch encoder and
+    decoder stacks, whose masks differ)."""
+    from hf_moe_tuning.anatomy import describe_moe
+    from hf_moe_tuning.router_loss import compute_router_losses, routing_spec
+    from hf_moe_tuning.routing.capture import RouterCapture
+
+    model = build_tiny_model(family, seed=0, **overrides).train()
+    with torch.no_grad():  # routers away from uniform, so every term matters
+        for name, p in model.named_parameters():
+            if "router" in name or ("gate" in name and p.dim() == 2 and p.shape[0] <= 64):
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    g = torch.Generator().manual_seed(seq)
+    ids = torch.randint(3, 300, (batch, seq), generator=g)
+    lengths = [seq - (i % 3) * (seq // 4) for i in range(batch)]
+    mask = torch.tensor([[1] * n + [0] * (seq - n) for n in lengths])
+    if family == "switch":
+        labels = torch.randint(3, 300, (batch, seq // 2 + 1), generator=g)
+        labels[0, -2:] = -100
+        inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    else:
+        labels = ids.masked_fill(mask == 0, -100)
+        labels[-1, :2] = -100  # ignored labels on a real token
+        inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    anatomy = describe_moe(model)
+    specs = {layer.index: routing_spec(model, layer) for layer in anatomy.layers}
+    capture = RouterCapture.acquire(model, anatomy)
+    try:
+        model(**inputs)
+        items = list(capture.layer_items())
+        assert len(items) == len(anatomy.layers) > 1
+        new = compute_router_losses(items, specs, batch, selected=capture.indices)
+        old_aux, old_z, old_layer_aux, old_layer_z = _former_router_losses(items, specs, batch, capture.indices)
+        torch.testing.assert_close(new.aux, old_aux, rtol=0, atol=1e-6)
+        torch.testing.assert_close(new.z, old_z, rtol=0, atol=1e-6 * max(1.0, float(old_z.detach().abs().max())))
+        assert list(new.layer_aux) == list(old_layer_aux)
+        for index in old_layer_aux:
+            torch.testing.assert_close(new.layer_aux[index], old_layer_aux[index], rtol=0, atol=1e-6)
+            torch.testing.assert_close(new.layer_z[index], old_layer_z[index], rtol=1e-6, atol=1e-6)
+        logits = [logit for _, logit, _ in items]
+        new_grads = torch.autograd.grad((new.aux + 0.1 * new.z).sum(), logits, retain_graph=True)
+        old_grads = torch.autograd.grad((old_aux + 0.1 * old_z).sum(), logits)
+        for a, b in zip(new_grads, old_grads):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        assert float(old_aux.min()) > 0
+    finally:
+        capture.release()

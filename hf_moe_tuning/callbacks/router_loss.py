@@ -571,10 +571,8 @@ class RouterLossCallback(MoEMetricsCallback, ExportableState):
 
         Device ops only: the flags are read once per optimizer step, in :meth:`_apply_nan_policy`.
         """
-        ids = list(losses.layer_aux)
-        sums = torch.stack([losses.layer_aux[i] for i in ids]).float().sum(dim=-1) + torch.stack(
-            [losses.layer_z[i] for i in ids]
-        ).float().sum(dim=-1)
+        ids = losses.layer_ids
+        sums = losses.aux_by_layer.float().sum(dim=-1) + losses.z_by_layer.float().sum(dim=-1)
         bad = ~torch.isfinite(sums)
         if ids != self._layer_ids:  # some layers routed no token: put the flags in anatomy order
             by_id = dict(zip(ids, bad.unbind()))
