@@ -419,7 +419,13 @@ def test_tensorboard_histograms(tmp_path):
     assert callback._tensorboard_on(trainer.args)
     trainer.train()
     callback.close()
-    events = EventAccumulator(str(tmp_path / "runs" / "expert_load"), size_guidance={"histograms": 0}).Reload()
+    from transformers.integrations import TensorBoardCallback
+
+    # one TensorBoard path: the histograms are in transformers' own event file, beside the scalars
+    tensorboard = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, TensorBoardCallback))
+    assert [d for d in os.listdir(tmp_path / "runs")] == [os.path.basename(tensorboard.logging_dir)]
+    events = EventAccumulator(tensorboard.logging_dir, size_guidance={"histograms": 0}).Reload()
+    assert "train/loss" in events.Tags()["scalars"]
     tags = events.Tags()["histograms"]
     assert tags == ["moe/layer0/expert_load", "moe/layer1/expert_load"]
     first = events.Histograms("moe/layer0/expert_load")[0]

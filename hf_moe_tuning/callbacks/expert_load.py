@@ -14,8 +14,9 @@ and most others, recorded by the shared :class:`~hf_moe_tuning.routing.capture.R
 group limits, correction biases and hash routing count exactly as the model routed. Where the router is
 a bare linear layer (Switch, NLLB-MoE, JetMoE, DBRX) they are derived from its logits (top-k; Switch
 capacity drops from the routing order of each sequence). Layers that route alike are counted together
-in one scatter-add. When the Trainer is about to log, the counters are summed over processes (one
-``all_reduce``), reduced to the metrics below and pushed into the log. Evaluation keeps its own
+in one scatter-add. When the Trainer is about to log, the counters are summed over the processes the
+Trainer's accelerator trains with (one reduction, :mod:`hf_moe_tuning.reduction`; never over independent runs
+that merely share a process group), reduced to the metrics below and pushed into the log. Evaluation keeps its own
 counters; its metrics carry the ``eval_`` prefix. Product-key layers (Doge) have no per-expert logits
 and are not counted.
 
@@ -64,7 +65,8 @@ layers before decoder layers). Files, written by the main process: ``output_dir/
 (one record per log with the per-layer, per-expert counts), ``output_dir/expert_load_train.png`` (the
 whole run's load at train end) and ``output_dir/expert_load_{eval prefix}_step{N}.png`` at each
 evaluation; with ``"tensorboard"`` in ``report_to``, histograms of the per-expert load (x = expert
-index, height = tokens) under ``<tensorboard dir>/expert_load``.
+index, height = tokens), written by transformers' own ``TensorBoardCallback`` writer next to the scalars
+(found when the trainer binds its callbacks: ``MoETrainer``, ``MoESFTTrainer`` or ``enable_moe_logging``).
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ from ..metrics.expert_load import (
     select_experts,
     summarize_load,
 )
+from ..reduction import warn_if_independent_runs
 from ..routing.capture import RouterCapture
 from .base import EVAL, TRAIN, MoEMetricsCallback, log_kind, real_eval_samples
 
@@ -177,12 +180,6 @@ def _fits_int16(values: torch.Tensor) -> bool:
     return values.numel() == 0 or int(values.max()) <= torch.iinfo(torch.int16).max
 
 
-def _world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def _model_device(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
@@ -260,7 +257,8 @@ class ExpertLoadCallback(MoEMetricsCallback):
         write_heatmap: save layer x expert heatmaps at train end and at each evaluation.
         probe_size: examples in the fixed probe batch for routing drift; 0 disables drift.
         drift_every_steps: measure drift at the first log at or after every this many optimizer steps.
-        tensorboard: write per-expert load histograms; ``None`` = when ``"tensorboard"`` is in ``report_to``.
+        tensorboard: write per-expert load histograms to the Trainer's TensorBoard writer; ``None`` = when
+            ``"tensorboard"`` is in ``report_to``.
         anatomy: the trainer's anatomy of the model (computed when binding if ``None``).
     """
 
@@ -298,7 +296,7 @@ class ExpertLoadCallback(MoEMetricsCallback):
         self._eval_metrics: dict[str, float] = {}
         self._probe: dict[str, Any] | None = None
         self._reference: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self._tb_writer = None
+        self._tensorboard_callback: Any = None  # transformers' TensorBoardCallback, found by bind_trainer
         self._warned: set[str] = set()
         self._start_step = 0
         self._reference_saved_to: str | None = None
@@ -367,14 +365,20 @@ class ExpertLoadCallback(MoEMetricsCallback):
         self._counters = {TRAIN: ExpertLoadCounter(spec), EVAL: ExpertLoadCounter(spec)}
 
     def close(self) -> None:
-        """Release the router hooks and the TensorBoard writer."""
+        """Release the router hooks."""
         if self.capture is not None:
             self.capture.release()
             self.capture = None
         self.model = None
-        if self._tb_writer is not None:
-            self._tb_writer.close()
-            self._tb_writer = None
+
+    def bind_trainer(self, trainer: Any) -> None:
+        """Find the trainer's ``TensorBoardCallback``: the load histograms go to its writer, beside the scalars
+        (``MoETrainer``, ``MoESFTTrainer`` and ``enable_moe_logging`` call this)."""
+        from transformers.integrations import TensorBoardCallback
+
+        self._tensorboard_callback = next(
+            (cb for cb in trainer.callback_handler.callbacks if isinstance(cb, TensorBoardCallback)), None
+        )
 
     # ------------------------------------------------------------------ counting
     def _routed(self, with_dropped: bool = True, top1_first: bool = False):
@@ -596,22 +600,22 @@ class ExpertLoadCallback(MoEMetricsCallback):
     def _write_tensorboard(self, args: Any, state: Any, split: str, loads: list[LayerLoad]) -> None:
         if not self._tensorboard_on(args):
             return
-        if self._tb_writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            root = (
-                os.environ.get("TENSORBOARD_LOGGING_DIR")
-                or getattr(args, "logging_dir", None)
-                or os.path.join(args.output_dir, "runs")
+        writer = getattr(self._tensorboard_callback, "tb_writer", None)
+        if writer is None:
+            self._warn_once(
+                "tensorboard",
+                "ExpertLoadCallback: no TensorBoard writer of the Trainer to add the expert-load histograms to "
+                "(no 'tensorboard' in report_to, or the callback was not bound to the trainer: use MoETrainer or "
+                "hf_moe_tuning.enable_moe_logging(trainer)); histograms are skipped",
             )
-            self._tb_writer = SummaryWriter(log_dir=os.path.join(root, "expert_load"))
+            return
         prefix = "" if split == "train" else f"{split}/"
         for load in loads:
             total = sum(load.counts)
             if total == 0:
                 continue
             used = [e for e, c in enumerate(load.counts) if c]
-            self._tb_writer.add_histogram_raw(
+            writer.add_histogram_raw(
                 f"{prefix}moe/layer{load.index}/expert_load",
                 min=float(min(used)),
                 max=float(max(used)),
@@ -622,7 +626,7 @@ class ExpertLoadCallback(MoEMetricsCallback):
                 bucket_counts=load.counts,
                 global_step=state.global_step,
             )
-        self._tb_writer.flush()
+        writer.flush()
 
     def _warn_once(self, key: str, msg: str, *args: Any, level: int = logging.WARNING) -> None:
         if key not in self._warned:
@@ -651,6 +655,7 @@ class ExpertLoadCallback(MoEMetricsCallback):
         self._train_totals = None
         self._start_step = state.global_step
         self._reference_saved_to = None
+        warn_if_independent_runs(args.output_dir)  # N runs launched without a distributed accelerator
         if state.is_world_process_zero and self.write_jsonl:
             path = os.path.join(args.output_dir, JSONL_NAME)
             if state.global_step == 0:
@@ -808,5 +813,3 @@ class ExpertLoadCallback(MoEMetricsCallback):
                     totals, first = from_file, 1 if first_in_file <= self._start_step else self._start_step + 1
             self._save_heatmap(args, totals, "expert_load_train.png",
                                f"Expert load (train, steps {first}-{state.global_step})")
-            if self._tb_writer is not None:
-                self._tb_writer.flush()

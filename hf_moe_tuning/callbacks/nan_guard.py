@@ -49,12 +49,12 @@ import types
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from transformers.trainer_callback import ExportableState
 
 from ..configuration import NAN_POLICIES
 from ..hub.run_record import copy_moe_run_to_checkpoint, record_moe_run
+from ..reduction import reduce_max
 from .base import TRAIN, MoEMetricsCallback, saved_callback_state
 
 logger = logging.getLogger(__name__)
@@ -84,12 +84,8 @@ def _output_loss(output: Any) -> torch.Tensor | None:
 
 
 def any_process_flagged(flag: torch.Tensor) -> bool:
-    """``True`` when ``flag`` (a 0-d tensor) is non-zero on any process (one ``all_reduce`` when distributed)."""
-    flag = flag.detach().float().reshape(())
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        flag = flag.clone()
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item() > 0)
+    """``True`` when ``flag`` (a 0-d tensor) is non-zero on any training process (one reduction when distributed)."""
+    return bool(reduce_max(flag.detach().float().reshape(())).item() > 0)
 
 
 class NaNGuardCallback(MoEMetricsCallback, ExportableState):
@@ -314,9 +310,7 @@ class NaNGuardCallback(MoEMetricsCallback, ExportableState):
             bad_grad.to(device),
             unlabelled.to(device) if unlabelled is not None else torch.zeros((), device=device),
         ]
-        values = torch.stack([p.float().reshape(()) for p in parts])
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        values = reduce_max(torch.stack([p.float().reshape(()) for p in parts]))
         bad_loss, bad_norm, no_labels = (v > 0 for v in values.tolist())
         where = self._bad_router_layer() if (bad_loss or bad_norm) else ""
         self._router_flags = {}

@@ -55,7 +55,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from transformers import TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
@@ -63,6 +62,7 @@ from transformers.trainer_callback import ExportableState
 from ..anatomy import MoEAnatomy, anatomy_for, require_moe
 from ..configuration import NAN_POLICIES
 from ..hub.run_record import copy_moe_run_to_checkpoint, record_moe_run
+from ..reduction import reduce_max, reduce_sum, training_world_size
 from ..router_loss import (
     RouterLosses,
     RoutingSpec,
@@ -120,17 +120,6 @@ def _with_loss(output: Any, loss: torch.Tensor) -> Any:
         output["loss"] = loss
         return output
     return (loss, *output[1:]) if isinstance(output, tuple) else [loss, *output[1:]]
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _all_reduce(values: torch.Tensor, op=None) -> torch.Tensor:
-    if _distributed():
-        values = values.clone()
-        dist.all_reduce(values, op=op or dist.ReduceOp.SUM)
-    return values
 
 
 def _unless(bad: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
@@ -284,11 +273,11 @@ class RouterLossCallback(MoEMetricsCallback, ExportableState):
         def counting_get_batch_samples(epoch_iterator, num_batches, device):
             batches, num_items = get_batch_samples(epoch_iterator, num_batches, device)
             sizes = [_batch_size(b) for b in batches]
-            if batches and all(s is not None for s in sizes) and not _distributed():
+            if batches and all(s is not None for s in sizes) and training_world_size() == 1:
                 self._window_sequences = sum(sizes)
             elif batches and all(s is not None for s in sizes):
                 total = torch.tensor(float(sum(sizes)), device=device)
-                self._window_sequences = int(_all_reduce(total).item())
+                self._window_sequences = int(reduce_sum(total).item())
             else:
                 self._window_sequences = None
             return batches, num_items
@@ -475,7 +464,7 @@ class RouterLossCallback(MoEMetricsCallback, ExportableState):
         if batch is None:
             return
         self._eval_totals = batch if self._eval_totals is None else self._eval_totals + batch.to(self._eval_totals)
-        aux_sum, z_sum, seqs, lm_sum, lm_count = _all_reduce(self._eval_totals).tolist()
+        aux_sum, z_sum, seqs, lm_sum, lm_count = reduce_sum(self._eval_totals).tolist()
         if seqs <= 0:
             return
         aux_coef, z_coef = self.coefficients()
@@ -585,11 +574,11 @@ class RouterLossCallback(MoEMetricsCallback, ExportableState):
         """Before the update: stop (``error``) or skip (``skip``) when a forward of this step had non-finite
         router losses, on any process. One host read per optimizer step, none when nothing was recorded."""
         bad, self._bad_layers = self._bad_layers, None
-        if bad is None and not _distributed():
+        if bad is None and training_world_size() == 1:
             return
         if bad is None:
             bad = torch.zeros(len(self._layer_ids), dtype=torch.bool, device=self._device())
-        flags = _all_reduce(bad.float(), dist.ReduceOp.MAX if _distributed() else None).tolist()
+        flags = reduce_max(bad.float()).tolist()
         index = next((self._layer_ids[i] for i, flag in enumerate(flags) if flag > 0), None)
         if index is None:
             return
@@ -632,8 +621,8 @@ class RouterLossCallback(MoEMetricsCallback, ExportableState):
             self._aux_sum.to(device).float(), self._z_sum.to(device).float(),
             torch.as_tensor(self._sequences, dtype=torch.float32).to(device), self._lm_sum.to(device).float(),
         ])
-        aux_sum, z_sum, seqs, lm_sum = _all_reduce(values).tolist()
-        world = dist.get_world_size() if _distributed() else 1
+        aux_sum, z_sum, seqs, lm_sum = reduce_sum(values).tolist()
+        world = training_world_size()
         metrics = {
             "router/aux_coef": self._aux_coef_sum / self._interval_steps,
             "router/z_coef": self._z_coef_sum / self._interval_steps,

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..reduction import reduce_sum
+
 __all__ = [
     "LayerLoad",
     "ExpertLoadCounter",
@@ -370,14 +372,6 @@ def drift_statistics(
 
 
 # ---------------------------------------------------------------------------------------------- counter
-def _all_reduce_sum(flat: torch.Tensor) -> torch.Tensor:
-    """Sum ``flat`` over processes when ``torch.distributed`` is initialised (no-op otherwise)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        if torch.distributed.get_world_size() > 1:
-            torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
-    return flat
-
-
 class ExpertLoadCounter:
     """Per-layer expert counts accumulated on the device between two :meth:`reduce` calls.
 
@@ -385,7 +379,8 @@ class ExpertLoadCounter:
     ``0..E-1`` take kept assignments, bins ``E+1..2E`` assignments dropped past capacity, and bins
     ``E`` and ``2E+1`` take masked tokens (never read). So :meth:`update_layers` adds any number of
     layers that route alike, dropped tokens included, with one scatter-add, and :meth:`reduce` sums
-    everything over processes with one ``all_reduce`` and one host copy. A layer's token count is the
+    everything over the training processes with one reduction (:func:`~hf_moe_tuning.reduction.reduce_sum`) and one
+    host copy. A layer's token count is the
     sum of its expert counts divided by ``top_k`` (every unmasked token goes to exactly ``top_k``
     distinct experts), so it needs no counter of its own.
 
@@ -503,7 +498,7 @@ class ExpertLoadCounter:
         flags = torch.tensor(
             [1 if index in self._unmeasured else 0 for index, *_ in self.layers], dtype=torch.long, device=bins.device
         )
-        flat = _all_reduce_sum(torch.cat([bins, flags])).cpu().tolist()
+        flat = reduce_sum(torch.cat([bins, flags])).cpu().tolist()
         loads = []
         for row, (index, path, num_experts, top_k, measures_dropped) in enumerate(self.layers):
             start = self._offset[index]

@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ..anatomy import MoEAnatomy, MoELayer, describe_moe, require_moe
 from ..metrics.expert_load import expert_counts, max_violation
+from ..reduction import reduce_sum
 
 logger = logging.getLogger(__name__)
 
@@ -186,9 +186,7 @@ class BiasBalancer:
         stats: dict[str, float] = {}
         if not self.layers:
             return stats
-        counts = torch.stack([s.counts for s in self.layers])
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(counts)
+        counts = reduce_sum(torch.stack([s.counts for s in self.layers]))  # over the training processes
         violations = []
         for state, layer_counts in zip(self.layers, counts):
             if int(layer_counts.sum()) == 0:
