@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
+from transformers.utils import ADAPTER_CONFIG_NAME  # "adapter_config.json"
+from transformers.utils import ADAPTER_SAFE_WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME  # "adapter_model.safetensors"
 
 from .anatomy import MoEAnatomy, ParamGroup, describe_moe
 from .freezing import FreezePlan, plan_freezing
@@ -55,8 +57,6 @@ logger = logging.getLogger(__name__)
 #: Groups that can carry LoRA adapters.
 LORA_GROUPS: tuple[str, ...] = ("attention", "dense_ffn", "experts", "shared_experts")
 
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -85,8 +85,11 @@ class LoraTargets:
 
 
 def is_peft_model(model: Any) -> bool:
-    """Whether ``model`` is a PEFT wrapper (``PeftModel``): its adapter decides which parameters train."""
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+    """Whether ``model`` is a PEFT wrapper (``isinstance(model, PeftModel)``): its adapter decides which
+    parameters train."""
+    from peft import PeftModel  # a dependency; transformers' Trainer has imported it already
+
+    return isinstance(model, PeftModel)
 
 
 def _is_linear(module: nn.Module) -> bool:

@@ -26,14 +26,13 @@ import logging
 import os
 
 from transformers import TrainerCallback
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..checkpoint import has_checkpoint_layout_conversion, load_checkpoint_exact, needs_exact_load
 
 logger = logging.getLogger(__name__)
-
-TRAINER_STATE_NAME = "trainer_state.json"
 
 
 class FusedResumeCallback(TrainerCallback):

@@ -23,6 +23,7 @@ from typing import Any
 from transformers.trainer_utils import HubStrategy, SaveStrategy
 from transformers.utils import CONFIG_NAME, GENERATION_CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
+from ..adapters import is_peft_model
 from .card import build_model_card, save_card
 from .push import check_repo_id, upload_allowed
 from .run_record import copy_moe_run_to_checkpoint
@@ -64,7 +65,7 @@ class AllowListPushMixin:
         repo_id = getattr(self, "hub_model_id", None) or self.args.hub_model_id or Path(self.args.output_dir).absolute().name
         check_repo_id(repo_id)
         model = self.accelerator.unwrap_model(self.model)
-        if hasattr(model, "peft_config"):
+        if is_peft_model(model):
             from ..adapters import validate_lora_targets
 
             for config in model.peft_config.values():

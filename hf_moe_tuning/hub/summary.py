@@ -45,15 +45,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from huggingface_hub.repocard import metadata_load
 from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
-from ..adapters import is_peft_model
+from ..adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, is_peft_model
 from .run_record import (
     adapter_record,
     anatomy_record,
@@ -68,8 +68,6 @@ logger = logging.getLogger(__name__)
 
 CARD_NAME = "README.md"
 RUN_INFO_NAME = "run_info.json"
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 EXPERT_LOAD_JSONL = "expert_load.jsonl"
 TRAIN_HEATMAP = "expert_load_train.png"
 
@@ -190,22 +188,13 @@ def _has_weights(path: str) -> bool:
     return full or adapter
 
 
-def _latest_checkpoint(output_dir: str) -> str | None:
-    found = []
-    for name in os.listdir(output_dir):
-        match = re.fullmatch(r"checkpoint-(\d+)", name)
-        if match and os.path.isdir(os.path.join(output_dir, name)):
-            found.append((int(match.group(1)), name))
-    return os.path.join(output_dir, max(found)[1]) if found else None
-
-
 def require_finished_run(output_dir: str) -> None:
     """Raise :class:`NoFinishedRunError` unless ``output_dir`` holds a saved model or adapter."""
     if not os.path.isdir(output_dir):
         raise NoFinishedRunError(f"{output_dir!r} is not a directory")
     if _has_weights(output_dir):
         return
-    checkpoint = _latest_checkpoint(output_dir)
+    checkpoint = get_last_checkpoint(output_dir)
     hint = (
         f"; the run has checkpoints but no final model: pass {checkpoint!r} or call trainer.save_model()"
         if checkpoint
@@ -220,7 +209,7 @@ def require_finished_run(output_dir: str) -> None:
 def _load_trainer_state(output_dir: str) -> dict[str, Any]:
     path = os.path.join(output_dir, TRAINER_STATE_NAME)
     if not os.path.isfile(path):
-        checkpoint = _latest_checkpoint(output_dir)
+        checkpoint = get_last_checkpoint(output_dir)
         path = os.path.join(checkpoint, TRAINER_STATE_NAME) if checkpoint else path
     if not os.path.isfile(path):
         return {}
@@ -240,7 +229,7 @@ def _load_moe_run(output_dir: str) -> dict[str, Any] | None:
     """``moe_run.json`` of the folder, else of its newest checkpoint (``None`` when the run recorded none)."""
     record = read_moe_run(output_dir)
     if record is None:
-        checkpoint = _latest_checkpoint(output_dir)
+        checkpoint = get_last_checkpoint(output_dir)
         record = read_moe_run(checkpoint) if checkpoint else None
     return record
 
@@ -438,7 +427,7 @@ def summary_from_trainer(trainer: Any) -> RunSummary:
     config = getattr(base, "config", None)
     summary.model_type = getattr(config, "model_type", None)
     summary.architecture = type(base).__name__
-    if hasattr(model, "peft_config"):
+    if is_peft_model(model):
         peft_config = model.peft_config[getattr(model, "active_adapter", "default")]
         summary.is_adapter = True
         summary.adapter = {
