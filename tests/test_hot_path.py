@@ -66,21 +66,38 @@ class SyncCounter:
         self._saved = []
 
 
-@pytest.mark.parametrize("nan_policy", ["error", "skip"])
-def test_no_host_sync_in_a_training_forward_or_backward(tmp_path, nan_policy):
+_ALL_MONITORING = dict(  # every monitoring option on, as a user gets it, plus a fused expert subset
+    moe_experts=[0, 2], moe_drift_probe_size=8, moe_drift_every_steps=1, moe_expert_load_heatmap=True,
+    moe_expert_load_jsonl=True, logging_steps=3,
+)
+
+
+@pytest.mark.parametrize(
+    "nan_policy, extra",
+    [("error", {}), ("skip", {}), ("error", _ALL_MONITORING)],
+    ids=["error", "skip", "subset-drift-heatmap"],
+)
+def test_no_host_sync_in_a_training_forward_or_backward(tmp_path, nan_policy, extra):
     """Router losses + expert-load logging on, two micro-batches per step: the forwards and backwards of a
     non-logging step call no ``item`` / ``tolist`` / ``__bool__`` / ``int`` / ``float`` / ``torch.equal`` from
-    package code; the whole optimizer step only reads flags once, before the update (the NaN policy)."""
-    args = MoETrainingArguments(
+    package code; the whole optimizer step only reads flags once, before the update (the NaN policy). With every
+    option on (a trainable expert subset inside the fused tensors, the drift probe, heatmaps), the same holds, and
+    the drift measurement at the logging step reads the device once."""
+    settings = dict(
         output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, gradient_accumulation_steps=2,
         learning_rate=1e-3, logging_steps=100, save_strategy="no", report_to=[], use_cpu=True, seed=0,
         disable_tqdm=True, moe_aux_loss_coef=0.01, moe_z_loss_coef=1e-3, moe_log_expert_load=True,
         moe_drift_probe_size=0, moe_expert_load_heatmap=False, moe_nan_policy=nan_policy,
     )
+    args = MoETrainingArguments(**{**settings, **extra})
     trainer = MoETrainer(model=build_tiny_model("mixtral", seed=0), args=args, train_dataset=_dataset())
+    if extra:
+        from hf_moe_tuning.routing.expert_subset import installed_expert_subsets
+
+        assert installed_expert_subsets(trainer.model), "no expert subset was installed"
     counter = SyncCounter()
     phase = {"step": 0}
-    in_step = {"forward_backward": Counter(), "optimizer_step": Counter()}
+    in_step = {"forward_backward": Counter(), "optimizer_step": Counter(), "drift": Counter()}
     training_step = trainer.training_step
 
     def counted_training_step(*a, **kw):
@@ -93,6 +110,24 @@ def test_no_host_sync_in_a_training_forward_or_backward(tmp_path, nan_policy):
     trainer.training_step = counted_training_step
 
     from transformers import TrainerCallback
+
+    from hf_moe_tuning.callbacks.expert_load import ExpertLoadCallback
+
+    load = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, ExpertLoadCallback))
+    drift_metrics = load._drift_metrics
+    drift_logs: list[dict] = []
+
+    def counted_drift(step):
+        counter.active, before = True, Counter(counter.calls)
+        try:
+            out = drift_metrics(step)
+            drift_logs.append(out)
+            return out
+        finally:
+            in_step["drift"] += counter.calls - before
+            counter.active = False
+
+    load._drift_metrics = counted_drift
 
     class Window(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -116,6 +151,12 @@ def test_no_host_sync_in_a_training_forward_or_backward(tmp_path, nan_policy):
     # the NaN guards read their flags once per optimizer step, before the update (the counter does see them)
     assert {fn for (_, _, _, fn) in step_calls} <= {"on_pre_optimizer_step", "_apply_nan_policy"}, dict(step_calls)
     assert sum(step_calls.values()) <= 2, dict(step_calls)  # one read per guard, whatever the layers and micro-batches
+    if extra:
+        drifts = [d for d in drift_logs if d]
+        assert len(drifts) == 1 and "moe/routing_drift" in drifts[0], drift_logs  # measured at the step-3 log
+        assert sum(in_step["drift"].values()) == 1, dict(in_step["drift"])  # one host read for all layers
+        assert {fn for (_, _, _, fn) in in_step["drift"]} == {"_drift_metrics"}, dict(in_step["drift"])
+        assert os.path.isfile(tmp_path / "expert_load_train.png")  # rendered off the step path, there at return
 
 
 # ------------------------------------------------------------------ hot path 4: capacity accounting memory

@@ -64,17 +64,21 @@ key                                meaning (``c_e``: tokens routed to expert ``e
 layers before decoder layers). Files, written by the main process: ``output_dir/expert_load.jsonl``
 (one record per log with the per-layer, per-expert counts), ``output_dir/expert_load_train.png`` (the
 whole run's load at train end) and ``output_dir/expert_load_{eval prefix}_step{N}.png`` at each
-evaluation; with ``"tensorboard"`` in ``report_to``, histograms of the per-expert load (x = expert
+evaluation (inside ``train`` they render on a background thread, off the step path, with matplotlib
+imported there at train start; ``on_train_end`` waits for them, so all are written when ``train`` returns;
+each is written atomically); with ``"tensorboard"`` in ``report_to``, histograms of the per-expert load (x = expert
 index, height = tokens), written by transformers' own ``TensorBoardCallback`` writer next to the scalars
 (found when the trainer binds its callbacks: ``MoETrainer``, ``MoESFTTrainer`` or ``enable_moe_logging``).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from itertools import islice
 from typing import Any
 
@@ -241,6 +245,24 @@ def train_totals_from_records(records: list[dict]) -> tuple[list[LayerLoad] | No
     return ([totals[i] for i in sorted(totals)] or None), first
 
 
+def _import_matplotlib() -> None:
+    for module in ("matplotlib.backends.backend_agg", "matplotlib.colors", "matplotlib.figure"):
+        importlib.import_module(module)
+
+
+def _render_heatmap(loads: list[LayerLoad], path: str, title: str) -> None:
+    """Render to a hidden temporary file in the same folder, then rename it to ``path`` (atomic)."""
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+    try:
+        save_load_heatmap(loads, tmp, title)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    logger.info("expert load heatmap saved to %s", path)
+
+
 def _eval_prefix(metrics: dict | None) -> str:
     """``"eval"`` or e.g. ``"eval_data1"`` from an evaluation's metric keys (``<prefix>_runtime``)."""
     for key in metrics or {}:
@@ -298,6 +320,8 @@ class ExpertLoadCallback(MoEMetricsCallback):
         self._reference: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._tensorboard_callback: Any = None  # transformers' TensorBoardCallback, found by bind_trainer
         self._warned: set[str] = set()
+        self._heatmap_renderer: ThreadPoolExecutor | None = None  # while training: PNGs render off the step path
+        self._heatmap_jobs: list[Future] = []
         self._start_step = 0
         self._reference_saved_to: str | None = None
         #: the checkpoint folder ``train()`` resumes from, when known (``MoETrainer`` sets it); otherwise the
@@ -492,10 +516,12 @@ class ExpertLoadCallback(MoEMetricsCallback):
         batch = {k: v.to(device) for k, v in self._probe.items()}
         was_training = model.training
         model.eval()
+        self.capture.probing = True  # not an evaluation batch: the router-loss callback leaves it alone
         try:
             with torch.no_grad():
                 model(**batch)
         finally:
+            self.capture.probing = False
             model.train(was_training)
         out = {}
         for routings, indices, mask, _ in self._routed(with_dropped=False, top1_first=True):
@@ -512,16 +538,26 @@ class ExpertLoadCallback(MoEMetricsCallback):
             return {}
         self._next_drift_step = (step // self.drift_every_steps + 1) * self.drift_every_steps
         current = self._probe_routing(self.model)
-        indices, changed, tokens, ref_counts, cur_counts = [], [], [], [], []
-        for index, (ref_top1, ref_mask, ref_count) in self._reference.items():
-            if index not in current:
-                continue
+        indices = [index for index in self._reference if index in current]
+        if not indices:
+            return {}
+        # every layer's numbers in one device vector, read with one host copy (was 4 syncs per layer)
+        parts, widths = [], []
+        for index in indices:
+            ref_top1, ref_mask, ref_count = self._reference[index]
             cur_top1, _, cur_count = current[index]
-            indices.append(index)
-            changed.append(int(((ref_top1 != cur_top1) & ref_mask).sum()))
-            tokens.append(int(ref_mask.sum()))
-            ref_counts.append(ref_count.tolist())
-            cur_counts.append(cur_count.tolist())
+            ref_top1, ref_mask, ref_count = (t.to(cur_top1.device) for t in (ref_top1, ref_mask, ref_count))
+            parts += [((ref_top1 != cur_top1) & ref_mask).sum().reshape(1), ref_mask.sum().reshape(1),
+                      ref_count.reshape(-1).long(), cur_count.reshape(-1).long()]
+            widths.append(ref_count.numel())
+        flat = torch.cat(parts).tolist()
+        changed, tokens, ref_counts, cur_counts, pos = [], [], [], [], 0
+        for width in widths:
+            changed.append(flat[pos])
+            tokens.append(flat[pos + 1])
+            ref_counts.append(flat[pos + 2 : pos + 2 + width])
+            cur_counts.append(flat[pos + 2 + width : pos + 2 + 2 * width])
+            pos += 2 + 2 * width
         return drift_statistics(changed, tokens, ref_counts, cur_counts, indices)
 
     # ------------------------------------------------------------------ emitting
@@ -586,11 +622,35 @@ class ExpertLoadCallback(MoEMetricsCallback):
             f.write(json.dumps(record) + "\n")
 
     def _save_heatmap(self, args: Any, loads: list[LayerLoad] | None, name: str, title: str) -> None:
+        """Render a heatmap PNG: on the background renderer while training (evaluations inside ``train``),
+        else here. Written atomically, so nobody reads half a file."""
         if not self.write_heatmap or not loads or not any(load.tokens for load in loads):
             return
         os.makedirs(args.output_dir, exist_ok=True)
-        path = save_load_heatmap(loads, os.path.join(args.output_dir, name), title)
-        logger.info("expert load heatmap saved to %s", path)
+        loads = [replace(load, counts=list(load.counts), dropped=None) for load in loads]  # a snapshot
+        path = os.path.join(args.output_dir, name)
+        if self._heatmap_renderer is not None:
+            self._heatmap_jobs.append(self._heatmap_renderer.submit(_render_heatmap, loads, path, title))
+        else:
+            _render_heatmap(loads, path, title)
+
+    def _start_heatmap_renderer(self) -> None:
+        """Start the background renderer and import matplotlib on it now, off the step path (the import is
+        most of the first heatmap's cost)."""
+        self.wait_for_heatmaps()
+        self._heatmap_renderer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe-heatmap")
+        self._heatmap_jobs.append(self._heatmap_renderer.submit(_import_matplotlib))
+
+    def wait_for_heatmaps(self) -> None:
+        """Wait until every heatmap submitted so far is written (``on_train_end`` does); re-raises a render error."""
+        jobs, self._heatmap_jobs = self._heatmap_jobs, []
+        renderer, self._heatmap_renderer = self._heatmap_renderer, None
+        try:
+            for job in jobs:
+                job.result()
+        finally:
+            if renderer is not None:
+                renderer.shutdown(wait=True)
 
     def _tensorboard_on(self, args: Any) -> bool:
         if self.tensorboard is not None:
@@ -664,6 +724,8 @@ class ExpertLoadCallback(MoEMetricsCallback):
             elif dropped := truncate_jsonl(path, state.global_step):  # resumed: each step once
                 logger.info("expert load: resumed at step %d, dropped %d later or unreadable line(s) of %s",
                             state.global_step, dropped, path)
+        if self.write_heatmap and state.is_world_process_zero:
+            self._start_heatmap_renderer()
         self._probe, self._reference = None, {}
         self._next_drift_step = (state.global_step // self.drift_every_steps + 1) * self.drift_every_steps
         if self.probe_size > 0 and train_dataloader is not None:
@@ -813,3 +875,4 @@ class ExpertLoadCallback(MoEMetricsCallback):
                     totals, first = from_file, 1 if first_in_file <= self._start_step else self._start_step + 1
             self._save_heatmap(args, totals, "expert_load_train.png",
                                f"Expert load (train, steps {first}-{state.global_step})")
+        self.wait_for_heatmaps()  # the evaluations' and this one: all written when train() returns

@@ -492,7 +492,7 @@ class RouterLossCallback(MoEMetricsCallback, ExportableState):
 
     def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         capture = self.capture
-        if capture is None:
+        if capture is None or capture.probing:  # e.g. the expert-load drift probe: no loss, no metrics
             return None
         training = module.training
         if training and not torch.is_grad_enabled():

@@ -561,5 +561,5 @@ def save_load_heatmap(loads: Sequence[LayerLoad], path: str, title: str = "Exper
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="load / mean load")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")  # also for a temporary name without the extension
     return path

@@ -56,6 +56,8 @@ class RouterCapture:
         self._index_ok: dict[int, bool] = {}
         self.enabled = True
         self.keep_grad = True
+        #: set while a callback runs a forward of its own (the expert-load drift probe): others ignore it
+        self.probing = False
         self._handles: list[Any] = []
         self._users = 0
         self.forward_count = 0

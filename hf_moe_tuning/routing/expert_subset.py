@@ -15,13 +15,20 @@ full AdamW moments and apply weight decay to every expert. Here instead:
   (``_Splice``: the slices are written into ``P`` whenever they changed, and the block reads an alias
   of ``P`` whose backward hands only ``grad[selected]`` to the slices);
 * the slices are written back into ``P`` after every optimizer step (optimizer post-hook), before
-  each forward and before every ``state_dict()`` when they differ; the trainable slice parameters are
-  left out of ``state_dict()``, and after ``load_state_dict`` (or any other in-place write to ``P``)
-  they are reloaded from ``P``, so ``Trainer`` checkpoints and resume work unchanged.
+  each forward when they were written since (their version counter moved; without an attached
+  optimizer also when their values differ, since fused optimizer kernels move no version counter),
+  and before every ``state_dict()`` when they differ; the trainable slice parameters are left out of
+  ``state_dict()``, and after ``load_state_dict`` (or any other in-place write to ``P``) they are
+  reloaded from ``P``, so ``Trainer`` checkpoints and resume work unchanged.
+
+Hot path: with the optimizer attached (``Trainer`` through ``MoEFreezingCallback``), a forward reads
+only version counters (host integers): no ``torch.equal``, no host sync.
 
 Memory: the selected slices exist twice (in ``P`` and as the trainable copy) and their gradient and
 optimizer moments exist once; frozen slices have none. Backward still forms the transient gradient of
-the fused tensor that autograd builds for any indexed weight, reduced to the selected rows at once.
+the fused tensor that autograd builds for any indexed weight (the experts' code indexes or multiplies the
+whole fused tensor; only a rewrite of each family's experts forward could avoid it), reduced to the
+selected rows at once.
 
 Limitations: parameters must be materialised on one process (plain / DDP training). With DeepSpeed
 ZeRO-3 or FSDP sharding use whole-tensor freezing or the gradient-mask fallback.
@@ -79,6 +86,7 @@ class TrainableExpertSlices(nn.Module):
         self.relative_names: list[str] = []
         self._indices: dict[str, torch.Tensor] = {}
         self._fused_versions: dict[str, int] = {}  # version of each fused tensor after our own last write
+        self._slice_versions: dict[str, int] = {}  # version of each slice parameter when last written to its tensor
         for rel, mask in masks.items():
             fused = block.get_parameter(rel)
             keep = torch.tensor(list(mask), dtype=torch.bool)
@@ -94,6 +102,7 @@ class TrainableExpertSlices(nn.Module):
             self.relative_names.append(rel)
             self._indices[rel] = index
             self._fused_versions[rel] = fused._version
+            self._slice_versions[rel] = slices._version
 
     def slices(self, rel: str) -> nn.Parameter:
         return self.get_parameter(_key(rel))
@@ -102,25 +111,32 @@ class TrainableExpertSlices(nn.Module):
         return self._indices[rel]
 
     @torch.no_grad()
-    def sync(self, block: nn.Module, force: bool = False) -> None:
+    def sync(self, block: nn.Module, force: bool = False, compare: bool = True) -> None:
         """Write the trainable slices into the fused tensors.
 
-        Only slices whose values differ are written (unless ``force``), so a fused tensor is modified in
-        place only after an optimizer step, never between a forward and its backward. (The slices'
-        version counters cannot tell: fused optimizer kernels update parameters without bumping them.)
-        If the fused tensor itself was written by someone else since (an in-place checkpoint load), that
-        write wins: the slices are reloaded from it instead.
+        Written when ``force``, when a slice was written in place since its last write (its version
+        counter moved: a for-each or single-tensor optimizer step, a user's in-place edit), or, with
+        ``compare``, when its values differ (fused optimizer kernels move no version counter; the
+        comparison is a host sync). So a fused tensor is modified in place only after an update of the
+        slices, never between a forward and its backward. If the fused tensor itself was written by
+        someone else since (an in-place checkpoint load), that write wins: the slices are reloaded from it.
         """
         for rel in self.relative_names:
             fused = block.get_parameter(rel)
             if fused._version != self._fused_versions.get(rel):
                 self.load_from_fused(block, [rel])
                 continue
+            slices = self.slices(rel)
             index = self._indices[rel].to(fused.device)
-            values = self.slices(rel).detach().reshape(index.numel(), *fused.shape[1:]).to(fused.dtype)
-            if force or not torch.equal(fused.index_select(0, index), values):
+            values = slices.detach().reshape(index.numel(), *fused.shape[1:]).to(fused.dtype)
+            if (
+                force
+                or slices._version != self._slice_versions.get(rel)
+                or (compare and not torch.equal(fused.index_select(0, index), values))
+            ):
                 fused.index_copy_(0, index, values)
                 self._fused_versions[rel] = fused._version
+                self._slice_versions[rel] = slices._version
 
     @torch.no_grad()
     def load_from_fused(self, block: nn.Module, names: Sequence[str] | None = None) -> None:
@@ -130,6 +146,7 @@ class TrainableExpertSlices(nn.Module):
             fused = block.get_parameter(rel)
             slices.copy_(fused.detach().index_select(0, self._indices[rel].to(fused.device)).reshape(slices.shape))
             self._fused_versions[rel] = fused._version
+            self._slice_versions[rel] = slices._version
 
 
 def _owner_and_leaf(block: nn.Module, rel: str) -> tuple[nn.Module, str]:
@@ -166,13 +183,20 @@ class ExpertSubsets:
             holder.sync(self.model.get_submodule(path), force=force)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Sync after every ``optimizer.step()`` so the fused tensors are always current."""
+        """Write the slices into the fused tensors after every ``optimizer.step()`` (unconditionally: a step
+        changes them, and comparing would be a host sync), so the fused tensors are always current and a
+        forward needs no comparison."""
         if not self.blocks:
             return
         inner = optimizer
         while hasattr(inner, "optimizer") and isinstance(inner.optimizer, torch.optim.Optimizer):
             inner = inner.optimizer  # accelerate's AcceleratedOptimizer wraps the real one
-        self._optimizer_hooks.append(inner.register_step_post_hook(lambda *_: self.sync()))
+        self._optimizer_hooks.append(inner.register_step_post_hook(lambda *_: self.sync(force=True)))
+
+    @property
+    def optimizer_attached(self) -> bool:
+        """Whether an optimizer writes the slices into the fused tensors after each of its steps."""
+        return bool(self._optimizer_hooks)
 
     def detach_optimizer(self) -> None:
         """Remove the optimizer hooks (the model keeps working: forwards and saves sync by themselves)."""
@@ -217,7 +241,8 @@ def _install_block_hooks(subsets: ExpertSubsets, path: str, block: nn.Module, ho
     prefix_of_holder = f"{SUBSET_MODULE}."
 
     def pre_forward(module: nn.Module, args: Any) -> None:
-        holder.sync(module)
+        # with an attached optimizer, only version counters are read (no comparison, no host sync)
+        holder.sync(module, compare=not subsets.optimizer_attached)
         for rel in holder.relative_names:
             owner, leaf = _owner_and_leaf(module, rel)
             fused = owner._parameters[leaf]
