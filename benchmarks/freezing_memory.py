@@ -1,223 +1,156 @@
-"""Memory and step time of ST-MoE freezing, and optimizer state of an expert subset, in one run.
+"""Memory and step time of ST-MoE freezing: ``non_moe`` (experts and routers frozen) vs ``all`` (full fine-tuning).
 
-Two models (built from configs, offline):
+* **Step time**: arms ``all``, ``non_moe`` and ``control`` (``all`` again: the noise floor) train copies of one
+  model in one process, interleaved step by step (``benchmarks/_harness.py``), AdamW with weight decay 0.01 on
+  the trainable parameters; the figure is the median [range] over repeats of ``non_moe / all``.
+* **Peak memory**: a peak is a property of a whole process, so each (strategy, repeat) trains in a fresh
+  subprocess (strategies alternating), ``--memory-steps`` steps after building the model. On CPU it reports
+  the **raw** peak resident set size (``getrusage`` ``ru_maxrss``: everything, the interpreter and torch
+  included) and the **net** peak (raw minus the RSS right before the model is built: parameters, gradients,
+  optimizer state, activations, allocator slack). On CUDA (``--device cuda``) raw is
+  ``torch.cuda.max_memory_allocated()`` and net subtracts what was allocated before the model was built.
+  The figures are the median [range] over repeats of the per-repeat ratios ``non_moe / all``.
 
-* ``switch``: a Switch Transformer (T5 shape, MoE every other layer, per-expert modules) whose routed
-  experts hold >= 80% of the parameters;
-* ``mixtral``: a fused-expert decoder MoE (experts in 3-D tensors).
+Issue 18's targets at the realistic size: net peak <= 0.60x and step time <= 0.75x of ``all``. The last line
+is ``<net peak ratio> <step-time ratio>`` of the last model measured.
 
-Measured, side by side:
-
-1. **peak memory** and **step time** of ``non_moe`` vs ``all`` (AdamW with weight decay, same batches).
-   Each (model, strategy) runs in a fresh subprocess, interleaved over ``--repeats``:
-   on CUDA the peak is ``torch.cuda.max_memory_allocated()``; on CPU it is the process's peak resident
-   set size (``getrusage(RUSAGE_SELF).ru_maxrss``) minus its RSS right before the model is built
-   (psutil), i.e. params + grads + optimizer state + activations + allocator slack. Step time is the
-   median over the timed steps (after warm-up), then the median over repeats.
-2. **optimizer-state bytes** of training a 10% expert subset (strategy ``moe``, router frozen, ESFT-style;
-   inside fused tensors through :mod:`hf_moe_tuning.routing.expert_subset`) vs full fine-tuning
-   (``all``): the bytes of every tensor in ``optimizer.state`` after one AdamW step.
-
-Targets: non_moe peak <= 0.60x and step time <= 0.75x of all; subset optimizer state <= 0.15x of full.
-The last line printed is the summary.
-
-    python benchmarks/freezing_memory.py            # CPU, ~2-4 minutes on 2 cores
-    python benchmarks/freezing_memory.py --device cuda --steps 30
+    python benchmarks/freezing_memory.py --size tiny
+    python benchmarks/freezing_memory.py --size realistic --model switch
+    python benchmarks/freezing_memory.py --size realistic --device cuda
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
-from typing import Any
 
+import _harness as h
 import torch
 
-# Model shapes: experts dominate the parameter count, as in switch-base-* and Mixtral-like MoEs.
-SWITCH = dict(d_model=128, d_kv=32, d_ff=512, num_heads=4, num_experts=20, expert_capacity=256)
-MIXTRAL = dict(hidden_size=128, intermediate_size=512, num_local_experts=20, num_experts_per_tok=2, num_hidden_layers=4, head_dim=32)
-MODELS: dict[str, tuple[str, dict[str, Any]]] = {"switch": ("switch", SWITCH), "mixtral": ("mixtral", MIXTRAL)}
-SUBSET_SHARE = 0.10
+STRATEGIES = ("all", "non_moe")
 
 
-def build(model_key: str):
-    from hf_moe_tuning.models import build_tiny_model
-
-    name, overrides = MODELS[model_key]
-    return build_tiny_model(name, seed=0, **overrides)
-
-
-def batches(model_key: str, n: int, batch_size: int, seq_len: int) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(3, 300, (batch_size, seq_len), generator=g)
-        labels = ids[:, : seq_len // 2].contiguous() if model_key == "switch" else ids
-        out.append({"input_ids": ids, "labels": labels})
-    return out
-
-
-def subset_experts(model) -> dict[int, list[int]]:
-    """The first ``SUBSET_SHARE`` of the experts (at least one) in every MoE layer."""
-    from hf_moe_tuning.anatomy import describe_moe
-
-    return {
-        layer.index: list(range(max(1, round(SUBSET_SHARE * layer.num_experts)))) for layer in describe_moe(model).layers
-    }
-
-
-def expert_share(model) -> float:
-    from hf_moe_tuning.anatomy import ParamGroup, describe_moe
-
-    anatomy = describe_moe(model)
-    return anatomy.group_counts()[ParamGroup.EXPERTS] / anatomy.total_params
-
-
-# --------------------------------------------------------------------------------------------- worker
-def _rss_bytes() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
-def worker(args: argparse.Namespace) -> dict[str, Any]:
-    """One (model, strategy) training run in this process; returns peak memory and step time."""
-    from hf_moe_tuning import apply_freezing
-
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    data = batches(args.model, args.warmup + args.steps, args.batch_size, args.seq_len)
-    baseline = _rss_bytes()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    model = build(args.model).to(device)
-    model.train()
-    report = apply_freezing(model, args.strategy)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
-    report.slice_freezer.attach(optimizer)
-    times = []
-    for i, batch in enumerate(data):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-        method = "cuda_max_memory_allocated"
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
-        method = "peak_rss_minus_baseline"
-    return {
-        "model": args.model,
-        "strategy": args.strategy,
-        "peak_bytes": int(peak),
-        "memory_method": method,
-        "step_s": statistics.median(times),
-        "trainable_frac": report.plan.trainable_frac,
-    }
-
-
-def run_worker(args: argparse.Namespace, model: str, strategy: str) -> dict[str, Any]:
-    cmd = [
-        sys.executable, os.path.abspath(__file__), "--worker", "--model", model, "--strategy", strategy,
-        "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
-        "--seq-len", str(args.seq_len), "--threads", str(args.threads), "--device", args.device,
-    ]  # fmt: skip
-    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1")
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-
-# --------------------------------------------------------------------------------------------- optimizer state
-def optimizer_state_bytes(model_key: str, subset: bool) -> tuple[int, float]:
-    """Bytes of AdamW state after one step (subset: 10% experts, router frozen) and the trainable share."""
-    from hf_moe_tuning import apply_freezing
-
-    model = build(model_key)
-    if subset:
-        report = apply_freezing(model, "moe", train_router=False, experts=subset_experts(model))
-    else:
-        report = apply_freezing(model, "all")
+def _optimizer(model, report) -> torch.optim.Optimizer:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01)
     report.slice_freezer.attach(optimizer)
-    model(**batches(model_key, 1, 2, 16)[0]).loss.backward()
+    return optimizer
+
+
+def _train_step(model, optimizer, batch) -> None:
+    model(**batch).loss.backward()
     optimizer.step()
-    nbytes = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
-    return nbytes, report.plan.trainable_frac
+    optimizer.zero_grad(set_to_none=True)
 
 
-# --------------------------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--model", default="switch", choices=sorted(MODELS))
-    parser.add_argument("--strategy", default="all")
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=max(1, min(4, os.cpu_count() or 1)))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
-    if args.worker:
-        print(json.dumps(worker(args)))
-        return 0
+# --------------------------------------------------------------------------------------------- memory worker
+def worker(opts: argparse.Namespace) -> dict:
+    """One (model, strategy) run in this fresh process: raw and net peak memory."""
+    import psutil
 
-    summary = {}
-    for model_key in MODELS:
-        share = expert_share(build(model_key))
-        runs: dict[str, list[dict[str, Any]]] = {"all": [], "non_moe": []}
-        for _ in range(args.repeats):
-            for strategy in ("all", "non_moe"):
-                runs[strategy].append(run_worker(args, model_key, strategy))
-        peak = {s: statistics.median(r["peak_bytes"] for r in rs) for s, rs in runs.items()}
-        step = {s: statistics.median(r["step_s"] for r in rs) for s, rs in runs.items()}
-        full_state, full_frac = optimizer_state_bytes(model_key, subset=False)
-        subset_state, subset_frac = optimizer_state_bytes(model_key, subset=True)
-        ratios = {
-            "peak": peak["non_moe"] / peak["all"],
-            "time": step["non_moe"] / step["all"],
-            "opt_state": subset_state / full_state,
-        }
-        summary[model_key] = ratios
-        method = runs["all"][0]["memory_method"]
-        print(f"== {model_key}: routed experts hold {100 * share:.1f}% of the parameters ({method}, {args.device})")
-        for strategy in ("all", "non_moe"):
-            print(
-                f"   {strategy:<8} peak {peak[strategy] / 2**20:8.1f} MiB   step {1000 * step[strategy]:8.1f} ms   "
-                f"trainable {100 * runs[strategy][0]['trainable_frac']:5.1f}%"
-            )
-        print(
-            f"   optimizer state: full {full_state / 2**20:.1f} MiB ({100 * full_frac:.0f}% trainable) vs "
-            f"{int(100 * SUBSET_SHARE)}% expert subset {subset_state / 2**20:.2f} MiB ({100 * subset_frac:.1f}% trainable)"
-        )
-        print(
-            f"   ratios: non_moe/all peak {ratios['peak']:.2f} (<= 0.60), step time {ratios['time']:.2f} (<= 0.75); "
-            f"subset/full optimizer state {ratios['opt_state']:.3f} (<= 0.15)"
-        )
-    ok = all(r["peak"] <= 0.60 and r["time"] <= 0.75 and r["opt_state"] <= 0.15 for r in summary.values())
-    parts = [
-        f"{m}: peak {r['peak']:.2f}x time {r['time']:.2f}x opt-state {r['opt_state']:.3f}x" for m, r in summary.items()
-    ]
-    print(f"summary (non_moe/all peak, step time; subset/full optimizer state): {' | '.join(parts)} -> {'PASS' if ok else 'FAIL'}")
-    return 0 if ok else 1
+    from hf_moe_tuning import apply_freezing
+
+    torch.set_num_threads(opts.threads)
+    batches = h.make_batches(opts.worker_model, opts.size, opts.memory_steps, opts.device)
+    if opts.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = psutil.Process().memory_info().rss
+    model = h.build(opts.worker_model, opts.size, opts.device)
+    report = apply_freezing(model, opts.strategy)
+    optimizer = _optimizer(model, report)
+    for batch in batches:
+        _train_step(model, optimizer, batch)
+    if opts.device == "cuda":
+        torch.cuda.synchronize()
+        raw = torch.cuda.max_memory_allocated()
+    else:
+        raw = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+    return {"strategy": opts.strategy, "raw": raw, "net": raw - before, "trainable_frac": report.plan.trainable_frac}
+
+
+def run_worker(opts: argparse.Namespace, model_name: str, strategy: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker-model", model_name, "--strategy", strategy,
+           "--size", opts.size, "--device", opts.device, "--threads", str(opts.threads),
+           "--memory-steps", str(opts.memory_steps)]
+    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise RuntimeError(f"memory worker {model_name}/{strategy} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------------------------- step time
+def step_times(model_name: str, opts: argparse.Namespace) -> dict[str, list[float]]:
+    from hf_moe_tuning import apply_freezing
+
+    base = h.build(model_name, opts.size, opts.device)
+    models = h.copies(base, ["all", "non_moe", "control"])
+    del base
+    optimizers = {}
+    for arm, model in models.items():
+        report = apply_freezing(model, "all" if arm == "control" else arm)
+        optimizers[arm] = _optimizer(model, report)
+    batches = h.make_batches(model_name, opts.size, opts.steps, opts.device)
+    steps = {arm: functools.partial(lambda arm, batch: _train_step(models[arm], optimizers[arm], batch), arm)
+             for arm in models}
+    return h.interleave(steps, batches, opts.repeats, opts.device, warmup=opts.warmup)
+
+
+def measure(model_name: str, opts: argparse.Namespace) -> tuple[h.Figure, h.Figure, h.Figure]:
+    model = h.build(model_name, opts.size)
+    h.check_expert_share(model, opts.size)
+    print(h.describe(model_name, model, opts.size))
+    del model
+    started = time.perf_counter()
+    runs: dict[str, list[dict]] = {s: [] for s in STRATEGIES}
+    for repeat in range(opts.repeats):
+        for strategy in STRATEGIES if repeat % 2 == 0 else reversed(STRATEGIES):
+            runs[strategy].append(run_worker(opts, model_name, strategy))
+    raw = h.Figure.of([n["raw"] / a["raw"] for n, a in zip(runs["non_moe"], runs["all"])])
+    net = h.Figure.of([n["net"] / a["net"] for n, a in zip(runs["non_moe"], runs["all"])])
+    times = step_times(model_name, opts)
+    step = h.ratio(times, "non_moe", "all")
+    unit = "peak allocated (CUDA)" if opts.device == "cuda" else "peak RSS"
+    for strategy in STRATEGIES:
+        r = runs[strategy]
+        print(f"  {strategy:<8} trainable {100 * r[0]['trainable_frac']:5.1f}%  raw {unit} "
+              f"{h.statistics.median(x['raw'] for x in r) / 2**20:8.1f} MiB  net "
+              f"{h.statistics.median(x['net'] for x in r) / 2**20:8.1f} MiB  step "
+              f"{1000 * sum(times[strategy]) / (opts.repeats * opts.steps):8.1f} ms")
+    print(f"  noise floor control/all step time: {h.ratio(times, 'control', 'all')}")
+    print(f"  non_moe/all: net {unit} {net} | raw {unit} {raw} | step time {step}  "
+          f"({opts.memory_steps} steps per memory run, {opts.steps} timed steps per repeat, "
+          f"{time.perf_counter() - started:.0f} s)")
+    return net, raw, step
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    h.add_common_args(parser)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per repeat and arm")
+    parser.add_argument("--memory-steps", type=int, default=3, help="training steps in each memory subprocess")
+    parser.add_argument("--worker-model", help=argparse.SUPPRESS)
+    parser.add_argument("--strategy", default="all", help=argparse.SUPPRESS)
+    opts = parser.parse_args(argv)
+    if opts.worker_model:
+        print(json.dumps(worker(opts)))
+        return
+    h.setup(opts)
+    h.header("freezing_memory", opts)
+    figures = {name: measure(name, opts) for name in h.models_of(opts)}
+    print("non_moe/all, median [range] over repeats: " + "; ".join(
+        f"{name}: net peak {net}, raw peak {raw}, step time {step}" for name, (net, raw, step) in figures.items()))
+    net, _, step = list(figures.values())[-1]
+    print(f"{net.median:.4f} {step.median:.4f}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

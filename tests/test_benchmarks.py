@@ -1,37 +1,104 @@
-"""The overhead benchmarks still run end to end (tiny settings) and end with their ratio, as documented.
+"""The benchmarks run end to end at ``--size tiny`` and end with their figures; the harness interleaves as documented.
 
-These are smoke runs, not measurements: the ratios are only checked to be positive numbers. The
-figures in the README come from the default settings (see the scripts' docstrings).
+These are smoke runs, not measurements: a tiny run's ratios are only checked to be positive numbers (the
+expert-subset ratio, which is not a timing, against the trainable share). The README's figures come from the
+``--size realistic`` commands it lists.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+FIGURE = re.compile(r"(\d+\.\d+) \[(\d+\.\d+), (\d+\.\d+)\]")
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+
+
+def _figures(line: str) -> list[tuple[float, float, float]]:
+    return [tuple(map(float, m)) for m in FIGURE.findall(line)]
 
 
 @pytest.mark.parametrize(
     "script, args",
     [
-        ("expert_load_overhead.py", ["--rounds", "1", "--logging-steps", "2", "--drift-every-steps", "4",
-                                     "--max-len", "16", "--expert-capacity", "4"]),
-        ("router_loss_overhead.py", ["--hidden", "64", "--seq", "32", "--layers", "2", "--rounds", "1",
-                                     "--logging-steps", "2"]),
+        ("monitoring_overhead.py", ["--model", "mixtral", "--logging-steps", "2", "--drift-every-steps", "4"]),
+        ("router_loss_overhead.py", ["--model", "switch", "--logging-steps", "3"]),
+        ("freezing_memory.py", ["--model", "switch", "--steps", "2", "--memory-steps", "2"]),
     ],
 )
-def test_overhead_benchmark_runs_and_prints_its_ratio_last(script, args):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), *args],
-        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+def test_timing_benchmarks_run_at_tiny_size_and_print_median_range_and_noise_floor(script, args):
+    done = _run(script, "--size", "tiny", "--repeats", "3", *args)
+    assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
-    assert float(lines[-1]) > 0
-    assert any(line.startswith("noise floor") for line in lines)
+    assert lines[0].startswith(script.removesuffix(".py")) and "size=tiny" in lines[0] and "repeats=3" in lines[0]
+    assert all(float(x) > 0 for x in lines[-1].split())
+    noise = next(line for line in lines if "noise floor" in line)
+    (median, low, high), = _figures(noise)
+    assert 0 < low <= median <= high
+    summary = _figures(lines[-2])
+    assert summary and all(0 < low <= median <= high for median, low, high in summary), lines[-2]
+
+
+def test_expert_subset_state_ratio_equals_the_trainable_share_once_every_expert_got_tokens():
+    done = _run("expert_subset_state.py", "--size", "tiny", "--repeats", "3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    results = [line for line in lines if "optimizer state subset/full" in line]
+    assert len(results) == 2  # mixtral (fused experts) and switch (per-expert modules)
+    for line in results:
+        (state, _, _), (trainable, _, _) = _figures(line)
+        assert 0 < state < 0.2
+        assert state == pytest.approx(trainable, abs=2e-3)  # at the physical limit, not below it
+    assert all("every expert reached after" in line for line in lines if line.startswith("  subset:"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where CUDA is absent")
+@pytest.mark.parametrize("script", ["monitoring_overhead.py", "router_loss_overhead.py", "freezing_memory.py",
+                                    "expert_subset_state.py"])
+def test_cuda_variant_fails_clearly_without_a_gpu(script):
+    done = _run(script, "--size", "tiny", "--device", "cuda")
+    assert done.returncode != 0
+    assert "CUDA is not available" in done.stderr
+
+
+def test_harness_interleaves_rotating_the_first_arm_and_reports_median_and_range():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import _harness as h
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    calls = []
+
+    def arm(name, work):
+        def step(batch):
+            calls.append((name, batch))
+            end = time.process_time() + work
+            while time.process_time() < end:
+                pass
+        return step
+
+    times = h.interleave({"a": arm("a", 0.002), "b": arm("b", 0.004)}, batches=[0, 1, 2], repeats=3, warmup=1)
+    assert calls[:2] == [("a", 0), ("b", 0)]  # warm-up
+    timed = calls[2:]
+    assert len(timed) == 3 * 3 * 2
+    assert [name for name, _ in timed[:6]] == ["a", "b", "b", "a", "a", "b"]  # the first arm rotates
+    assert [batch for _, batch in timed[:6]] == [0, 0, 1, 1, 2, 2]  # both arms see every batch in turn
+    assert len(times["a"]) == len(times["b"]) == 3
+    figure = h.ratio(times, "b", "a")
+    assert figure.low <= figure.median <= figure.high and 1.3 < figure.median < 3.0
+    assert str(h.Figure.of([1.0, 3.0, 2.0])) == "2.000 [1.000, 3.000]"
+    with pytest.raises(SystemExit, match="at least 3 repeats"):
+        h.setup(type("Opts", (), {"repeats": 2, "device": "cpu", "threads": 1})())

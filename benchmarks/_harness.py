@@ -1,0 +1,229 @@
+"""The one harness of the benchmarks: models and batches at two sizes, arms interleaved step by step, reporting.
+
+* **Sizes.** ``tiny`` (seconds; what ``tests/test_benchmarks.py`` runs) and ``realistic`` (hidden 256, sequence
+  256, batch 4, routed experts >= 80 % of the parameters): a Mixtral-style decoder (fused experts, 8 experts,
+  top-2) and a Switch-style encoder-decoder (per-expert modules, 8 experts, top-1, MoE every other layer).
+  Batches are right-padded (lengths 1, 7/8, 6/8, 5/8 of the sequence) with ``-100`` labels on the padding,
+  so the masks are exercised.
+* **Interleaving.** Every arm trains its own copy of one model on the same batches in the same process, one
+  step each in turn, the order rotating every step, so that machine noise (other jobs, frequency changes,
+  cache pressure) hits every arm alike. A *repeat* is one block of steps spanning whole logging / drift
+  intervals; the ratio of two arms is taken per repeat, and the report gives the median and the range
+  ``[min, max]`` over repeats. A ``control`` arm identical to the baseline prints the noise floor.
+* **Clocks.** On CPU: process CPU time (``time.process_time``, all threads of the process) with one torch
+  thread by default, robust on a machine shared with other jobs. On CUDA (``--device cuda``): CUDA events
+  around every step, summed per repeat after one synchronisation; memory from ``torch.cuda.max_memory_allocated``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import logging
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+VOCAB = 384
+
+#: model shapes per size; "realistic" keeps the routed experts >= 80 % of the parameters
+SHAPES: dict[str, dict[str, dict]] = {
+    "tiny": {
+        "mixtral": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                        num_key_value_heads=1, head_dim=32, num_local_experts=8, num_experts_per_tok=2),
+        "switch": dict(d_model=64, d_kv=16, d_ff=256, num_layers=2, num_decoder_layers=2, num_heads=4,
+                       num_experts=8, expert_capacity=64, num_sparse_encoder_layers=1, num_sparse_decoder_layers=1),
+    },
+    "realistic": {
+        "mixtral": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+                        num_key_value_heads=4, head_dim=32, num_local_experts=8, num_experts_per_tok=2),
+        "switch": dict(d_model=256, d_kv=32, d_ff=2048, num_layers=4, num_decoder_layers=4, num_heads=8,
+                       num_experts=8, expert_capacity=256, num_sparse_encoder_layers=2, num_sparse_decoder_layers=2),
+    },
+}
+#: batch size and (encoder / decoder-only) sequence length per size; Switch targets are half as long
+BATCH = {"tiny": dict(batch=4, seq=32), "realistic": dict(batch=4, seq=256)}
+MIN_EXPERT_SHARE = {"tiny": 0.0, "realistic": 0.80}
+
+
+# --------------------------------------------------------------------------------------------- options
+def add_common_args(parser: argparse.ArgumentParser, repeats: int = 3) -> None:
+    parser.add_argument("--size", choices=sorted(SHAPES), default="tiny", help="model and batch size (default tiny)")
+    parser.add_argument("--model", choices=["mixtral", "switch", "both"], default="both")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: CUDA events and torch.cuda.max_memory_allocated (fails clearly without a GPU)")
+    parser.add_argument("--repeats", type=int, default=repeats, help="repeats (>= 3: median and range)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 avoids oversubscription noise)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps of every arm before the first repeat")
+
+
+def setup(opts: argparse.Namespace) -> None:
+    """Check the options, the device and the thread count; quiet transformers."""
+    if opts.repeats < 3:
+        raise SystemExit(f"--repeats {opts.repeats}: at least 3 repeats are needed for a median and a range")
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(
+            "--device cuda: CUDA is not available on this machine (torch.cuda.is_available() is False); "
+            "run the CPU variant (--device cpu) or run on a machine with a GPU"
+        )
+    torch.set_num_threads(opts.threads)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def models_of(opts: argparse.Namespace) -> list[str]:
+    return ["mixtral", "switch"] if opts.model == "both" else [opts.model]
+
+
+# --------------------------------------------------------------------------------------------- models, batches
+def build(model: str, size: str, device: str = "cpu", seed: int = 0, **extra):
+    """The ``model`` ("mixtral" / "switch") at ``size``, in train mode on ``device``."""
+    from hf_moe_tuning.models import build_tiny_model
+
+    return build_tiny_model(model, seed=seed, vocab_size=VOCAB, **SHAPES[size][model], **extra).to(device).train()
+
+
+def expert_share(model) -> float:
+    """Share of the parameters in routed experts (the anatomy's ``experts`` group)."""
+    from hf_moe_tuning.anatomy import ParamGroup, describe_moe
+
+    anatomy = describe_moe(model)
+    return anatomy.group_counts()[ParamGroup.EXPERTS] / anatomy.total_params
+
+
+def check_expert_share(model, size: str) -> float:
+    share = expert_share(model)
+    if share < MIN_EXPERT_SHARE[size]:
+        raise SystemExit(f"routed experts hold {100 * share:.1f}% of the parameters, below {MIN_EXPERT_SHARE[size]:.0%}")
+    return share
+
+
+def make_batches(model: str, size: str, n: int, device: str = "cpu", seed: int = 0) -> list[dict]:
+    """``n`` right-padded batches (lengths seq, 7/8, 6/8, 5/8 of it), ``-100`` labels on padding."""
+    batch, seq = BATCH[size]["batch"], BATCH[size]["seq"]
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
+        lengths = torch.tensor([seq - (i % 4) * (seq // 8) for i in range(batch)])
+        mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
+        ids = ids * mask
+        if model == "switch":
+            target = seq // 2
+            labels = torch.randint(3, VOCAB, (batch, target), generator=g)
+            tmask = torch.arange(target)[None, :] < (lengths[:, None] // 2)
+            labels = labels.masked_fill(~tmask, -100)
+        else:
+            labels = ids.masked_fill(mask == 0, -100)
+        out.append({"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)})
+    return out
+
+
+def describe(model_name: str, model, size: str) -> str:
+    b = BATCH[size]
+    params = sum(p.numel() for p in model.parameters())
+    target = f", targets {b['seq'] // 2}" if model_name == "switch" else ""
+    return (f"{model_name} ({size}): {params / 1e6:.1f}M parameters, routed experts {100 * expert_share(model):.1f}%, "
+            f"batch {b['batch']} x sequence {b['seq']}{target}")
+
+
+def copies(model, names: Sequence[str]) -> dict:
+    """Independent deep copies of ``model`` (same weights), one per arm."""
+    return {name: copy.deepcopy(model) for name in names}
+
+
+# --------------------------------------------------------------------------------------------- timing
+class StepClock:
+    """Times one step: process CPU time on CPU, a pair of CUDA events on CUDA (read at :meth:`collect`)."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device == "cuda"
+        self._pending: list[tuple[str, object, object]] = []
+
+    def time(self, name: str, fn: Callable[[], None]) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            self._pending.append((name, start, end))
+            return 0.0
+        t0 = time.process_time()
+        fn()
+        return time.process_time() - t0
+
+    def collect(self) -> dict[str, float]:
+        """Seconds per arm of the CUDA steps since the last call (one synchronisation)."""
+        out: dict[str, float] = {}
+        if self._pending:
+            torch.cuda.synchronize()
+            for name, start, end in self._pending:
+                out[name] = out.get(name, 0.0) + start.elapsed_time(end) / 1000.0
+            self._pending = []
+        return out
+
+
+def interleave(
+    steps: dict[str, Callable[[object], None]],
+    batches: Sequence[object],
+    repeats: int,
+    device: str = "cpu",
+    warmup: int = 0,
+) -> dict[str, list[float]]:
+    """``{arm: [seconds of each repeat]}``: ``repeats`` blocks of ``len(batches)`` steps of every arm, interleaved.
+
+    Every arm sees the same batches; within a block the arm that goes first rotates every step.
+    """
+    names = list(steps)
+    for batch in list(batches)[:warmup]:
+        for name in names:
+            steps[name](batch)
+    clock = StepClock(device)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(repeats):
+        block = dict.fromkeys(names, 0.0)
+        for i, batch in enumerate(batches):
+            for j in range(len(names)):
+                name = names[(i + j) % len(names)]
+                block[name] += clock.time(name, functools.partial(steps[name], batch))
+        for name, value in clock.collect().items():
+            block[name] += value
+        for name, value in block.items():
+            times[name].append(value)
+    return times
+
+
+# --------------------------------------------------------------------------------------------- reporting
+@dataclass
+class Figure:
+    """Median and range over repeats of a ratio."""
+
+    median: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, ratios: Sequence[float]) -> Figure:
+        return cls(statistics.median(ratios), min(ratios), max(ratios))
+
+    def __str__(self) -> str:
+        return f"{self.median:.3f} [{self.low:.3f}, {self.high:.3f}]"
+
+
+def ratio(times: dict[str, list[float]], a: str, b: str) -> Figure:
+    """``times[a] / times[b]`` per repeat: median and range."""
+    return Figure.of([x / y for x, y in zip(times[a], times[b])])
+
+
+def clock_name(device: str) -> str:
+    return "CUDA events" if device == "cuda" else "process CPU time"
+
+
+def header(script: str, opts: argparse.Namespace, extra: str = "") -> None:
+    print(f"{script}: size={opts.size} device={opts.device} repeats={opts.repeats} threads={opts.threads} "
+          f"clock={clock_name(opts.device)} torch={torch.__version__} {extra}".rstrip())
+    sys.stdout.flush()

@@ -1,0 +1,140 @@
+"""Step-time cost of full MoE monitoring: router losses + expert-load logging with its defaults, vs a plain step.
+
+Arms (see ``benchmarks/_harness.py``: one process, interleaved step by step, median and range over repeats):
+
+* ``plain``: what a plain ``Trainer`` does in a step with the model as configured (no router loss, the model's
+  own ``output_router_logits`` off): forward, backward, AdamW step, ``zero_grad``;
+* ``monitored``: the same plus ``RouterLossCallback(aux 0.01, z 0.001)`` and ``ExpertLoadCallback`` with the
+  ``MoETrainingArguments`` defaults (JSONL, heatmap, drift probe of 8 examples every 50 steps), driven through
+  the events a ``Trainer`` fires (``on_train_begin`` builds the drift probe and its reference; every step
+  ``on_step_begin``, ``on_pre_optimizer_step``, ``on_step_end``; every ``--logging-steps`` the reductions, the
+  metrics, the JSONL line, the drift probe when due, and the log merge);
+* ``control``: ``plain`` again: ``control / plain`` is the noise floor.
+
+A repeat spans whole logging and drift intervals (``lcm(logging_steps, drift_every_steps)`` steps), so the
+amortised work lands in every repeat alike. One-off work at train start (the anatomy, the drift reference,
+matplotlib's import on the heatmap thread) and train end (the heatmap) is outside the timed steps. The last
+line is the median ratio monitored / plain [range] (issue 18's target at the realistic size: <= 1.03).
+
+    python benchmarks/monitoring_overhead.py --size tiny                   # seconds
+    python benchmarks/monitoring_overhead.py --size realistic --model mixtral
+    python benchmarks/monitoring_overhead.py --size realistic --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import os
+import tempfile
+
+import _harness as h
+import torch
+from torch.utils.data import DataLoader
+from transformers import TrainerControl, TrainerState, TrainingArguments
+
+from hf_moe_tuning import MoETrainingArguments
+from hf_moe_tuning.callbacks.expert_load import ExpertLoadCallback
+from hf_moe_tuning.callbacks.router_loss import RouterLossCallback
+
+DEFAULTS = {name: f.default for name, f in MoETrainingArguments.__dataclass_fields__.items()}
+
+
+def _collate(rows: list[dict]) -> dict:
+    return {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
+
+
+def measure(model_name: str, opts: argparse.Namespace) -> h.Figure:
+    base = h.build(model_name, opts.size, opts.device)
+    share = h.check_expert_share(base, opts.size)
+    print(h.describe(model_name, base, opts.size))
+    models = h.copies(base, ["plain", "monitored", "control"])
+    del base
+    optimizers = {arm: torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.01) for arm, m in models.items()}
+    block = math.lcm(opts.logging_steps, opts.drift_every_steps if opts.probe_size else 1)
+    batches = h.make_batches(model_name, opts.size, block, opts.device)
+    rows = [{k: v[i].cpu() for k, v in b.items()} for b in batches for i in range(b["input_ids"].shape[0])]
+    loader = DataLoader(rows, batch_size=h.BATCH[opts.size]["batch"], collate_fn=_collate)  # the probe's source
+
+    out = tempfile.mkdtemp(prefix="monitoring_bench_")
+    targs = TrainingArguments(out, report_to=[], use_cpu=opts.device == "cpu", logging_steps=opts.logging_steps)
+    state, control = TrainerState(), TrainerControl()
+    state.max_steps = 10**9
+    model = models["monitored"]
+    router = RouterLossCallback(aux_coef=opts.aux_coef, z_coef=opts.z_coef)
+    load = ExpertLoadCallback(
+        write_jsonl=DEFAULTS["moe_expert_load_jsonl"], write_heatmap=DEFAULTS["moe_expert_load_heatmap"],
+        probe_size=opts.probe_size, drift_every_steps=opts.drift_every_steps, tensorboard=False,
+    )
+    callbacks = [router, load]
+    for cb in callbacks:
+        cb.on_init_end(targs, state, control, model=model)
+    for cb in callbacks:
+        cb.on_train_begin(targs, state, control, model=model, train_dataloader=loader)
+    load.wait_for_heatmaps()  # one-off: matplotlib's import on the heatmap thread, not a per-step cost
+    logged: dict[str, float] = {}
+
+    def step(arm: str, batch: dict) -> None:
+        m, optimizer = models[arm], optimizers[arm]
+        if arm != "monitored":
+            m(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return
+        for cb in callbacks:
+            cb.on_step_begin(targs, state, control)
+        m(**batch).loss.backward()  # RouterLossCallback's forward hook added aux + z
+        for cb in callbacks:
+            cb.on_pre_optimizer_step(targs, state, control, model=m)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.global_step += 1
+        control.should_log = state.global_step % opts.logging_steps == 0
+        for cb in callbacks:
+            cb.on_step_end(targs, state, control)
+        if control.should_log:
+            for cb in callbacks:
+                logged.update(cb.pop_metrics("train"))  # what Trainer.log merges
+            control.should_log = False
+
+    times = h.interleave({arm: functools.partial(step, arm) for arm in models}, batches, opts.repeats,
+                         opts.device, warmup=opts.warmup)
+    for cb in callbacks:
+        cb.on_train_end(targs, state, control)
+    load.close()
+    missing = [k for k in ("router/aux_loss", "router/z_loss", "moe/load_cv_mean") if k not in logged]
+    if opts.probe_size and state.global_step >= opts.drift_every_steps:
+        missing += [k for k in ("moe/routing_drift",) if k not in logged]
+    if missing or not os.path.isfile(os.path.join(out, "expert_load.jsonl")):
+        raise RuntimeError(f"the monitored arm did not log {missing} (or wrote no expert_load.jsonl)")
+
+    steps = opts.repeats * block
+    print(f"  routed experts {100 * share:.1f}%; {block} steps per repeat, logging every {opts.logging_steps}, "
+          f"drift probe {opts.probe_size} every {opts.drift_every_steps}; {steps} timed steps per arm")
+    print("  step time: " + ", ".join(f"{arm} {1000 * sum(t) / steps:.1f} ms" for arm, t in times.items()))
+    print(f"  noise floor control/plain: {h.ratio(times, 'control', 'plain')}")
+    figure = h.ratio(times, "monitored", "plain")
+    print(f"  monitored/plain: {figure}")
+    return figure
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    h.add_common_args(parser)
+    parser.add_argument("--logging-steps", type=int, default=10)
+    parser.add_argument("--probe-size", type=int, default=DEFAULTS["moe_drift_probe_size"])
+    parser.add_argument("--drift-every-steps", type=int, default=DEFAULTS["moe_drift_every_steps"])
+    parser.add_argument("--aux-coef", type=float, default=0.01)
+    parser.add_argument("--z-coef", type=float, default=0.001)
+    opts = parser.parse_args(argv)
+    h.setup(opts)
+    h.header("monitoring_overhead", opts)
+    figures = {name: measure(name, opts) for name in h.models_of(opts)}
+    print("monitored/plain step time, median [range] over repeats: "
+          + "; ".join(f"{name} {figure}" for name, figure in figures.items()))
+    print(f"{max(f.median for f in figures.values()):.4f}")
+
+
+if __name__ == "__main__":
+    main()
