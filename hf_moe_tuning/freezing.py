@@ -316,10 +316,6 @@ class ExpertSliceFreezer:
         """Names of the trainable slice parameters (one per partially trainable fused tensor)."""
         return self.subsets.trainable_names
 
-    def restore(self, *_: Any, **__: Any) -> None:
-        """Write the trainable slices into the fused tensors (the frozen slices are never touched)."""
-        self.subsets.sync()
-
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Keep the fused tensors current after every ``optimizer.step()``."""
         self.subsets.attach(optimizer)

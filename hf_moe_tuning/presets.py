@@ -143,12 +143,6 @@ def apply_hparam_preset(
     return preset
 
 
-def tokens_per_step(args: Any, seq_len: int) -> int:
-    """Tokens one optimizer step sees with ``args`` at sequence length ``seq_len``."""
-    world = max(1, getattr(args, "world_size", 1))
-    return args.per_device_train_batch_size * args.gradient_accumulation_steps * world * seq_len
-
-
 __all__ = [
     "HPARAM_PRESETS",
     "HParamPreset",
@@ -156,5 +150,4 @@ __all__ = [
     "apply_hparam_preset",
     "get_preset",
     "set_model_dropout",
-    "tokens_per_step",
 ]

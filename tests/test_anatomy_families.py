@@ -108,6 +108,11 @@ def moe_model_types() -> dict[str, str]:
     return found
 
 
+#: config attribute holding the router's input width where it is not the hidden size (Zaya's router is an MLP
+#: on a router_hidden_size stream)
+ROUTER_INPUT_WIDTH = {"zaya": "router_hidden_size"}
+
+
 def _hidden_size(config: PretrainedConfig) -> int:
     for key in ("hidden_size", "d_model"):
         value = getattr(config, key, None)
@@ -203,7 +208,7 @@ def test_family_anatomy(model_type):
     assert not stray, f"router/expert parameters outside every MoE layer: {stray[:5]}"
 
     family = get_family(model_type)
-    router_in = getattr(config, family.router_in_key) if family.router_in_key else _hidden_size(config)
+    router_in = getattr(config, ROUTER_INPUT_WIDTH[model_type]) if model_type in ROUTER_INPUT_WIDTH else _hidden_size(config)
     for layer in anatomy.layers:
         assert layer.num_experts >= 2 and 1 <= layer.top_k <= layer.num_experts, layer
         weight = model.get_parameter(layer.router_weight)

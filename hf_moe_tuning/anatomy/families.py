@@ -14,9 +14,10 @@ MoE layers, or a family the anatomy refuses (``unsupported``). To add a family, 
 :data:`MOE_FAMILIES`; ``tests/test_anatomy_families.py`` checks every MoE family of the installed
 transformers.
 
-Fused 3-D expert tensors always carry the expert axis first (``[E, ...]``) in transformers 5.x;
-the ``layout`` column only documents the order of the remaining axes (GPT-OSS is transposed:
-``gate_up_proj`` is ``[E, hidden, 2*intermediate]`` and carries biases).
+Fused 3-D expert tensors always carry the expert axis first (``[E, ...]``) in transformers 5.x; the
+comments beside the rows note the remaining axes where they differ (GPT-OSS is transposed:
+``gate_up_proj`` is ``[E, hidden, 2*intermediate]`` and carries biases) and other traps of a family.
+The table has only columns the anatomy reads.
 """
 
 from __future__ import annotations
@@ -39,19 +40,14 @@ class MoEFamily:
         expert_names: attribute names of the routed-expert containers inside the block.
         shared_names: attribute names of always-on experts and their gates (group ``shared_experts``).
         top_k_keys: config attributes holding the number of experts each token is sent to.
-        num_experts_keys: config attributes holding the number of routed experts.
         scoring: how the router turns logits into routing scores (``sigmoid`` for DeepSeek-V3 style,
             ``product_key`` when the logits score key halves instead of experts, as in Doge).
         scoring_keys: config attributes that override ``scoring`` when they hold ``"softmax"`` or
             ``"sigmoid"`` (Cohere2-MoE's ``expert_selection_fn``, Inkling 2's ``scoring_func``).
         capacity: whether the family drops tokens beyond an expert capacity (Switch, NLLB-MoE).
-        layout: free-text description of fused expert tensors (documentation only).
-        builtin_aux_flag: config attribute that switches the model's own router loss on.
         router_extra_rows: router rows past the routed experts (they come last): a config attribute or
             a constant. Longcat-Flash's zero-computation experts, Inkling's shared-expert sink gates,
             Zaya's skip expert.
-        router_in_key: config attribute holding the router's input width when it is not ``hidden_size``
-            (Zaya's router is an MLP on a ``router_hidden_size`` stream).
         expert_blocks: fused expert tensors are 2-D with the experts as contiguous blocks along axis 0
             (``[E * intermediate, hidden]``, DBRX) instead of a leading ``E`` axis.
         router_raw_logits: the router module returns its raw logits ``x · Wᵀ (+ b)`` as its first output
@@ -64,7 +60,7 @@ class MoEFamily:
         skip_blocks: regexes of module paths that look like MoE blocks but are not MoE layers
             (JetMoE's mixture-of-attention heads; their parameters stay in ``attention``).
         unsupported: why the anatomy refuses this family (``describe_moe`` raises instead of guessing).
-        notes: traps worth knowing about this family.
+        extra: per-family constants the config does not hold (``top_k``, ``skip_blocks``).
     """
 
     model_type: str
@@ -80,118 +76,74 @@ class MoEFamily:
         "top_k_experts",
         "moe_top_k",
     )
-    num_experts_keys: tuple[str, ...] = (
-        "num_local_experts",
-        "num_experts",
-        "n_routed_experts",
-        "moe_num_experts",
-    )
     scoring: Scoring = "softmax"
     scoring_keys: tuple[str, ...] = ("scoring_func", "expert_selection_fn")
     capacity: bool = False
-    layout: str = "[E, out, in]"
-    builtin_aux_flag: str | None = "output_router_logits"
     router_extra_rows: str | int = 0
-    router_in_key: str | None = None
     expert_blocks: bool = False
     router_raw_logits: bool = False
     skip_blocks: tuple[str, ...] = ()
     unsupported: str = ""
-    notes: str = ""
     extra: dict = field(default_factory=dict, compare=False)
 
 
 DEFAULT_FAMILY = MoEFamily(model_type="<structural>")
 
-_SIGMOID_NOTE = "sigmoid router with an e_score_correction_bias buffer used only for selection"
-
 MOE_FAMILIES: dict[str, MoEFamily] = {
     f.model_type: f
     for f in [
-        MoEFamily(
-            "switch_transformers",
-            router_names=("router.classifier",),
-            top_k_keys=(),
-            capacity=True,
-            layout="per-expert modules experts.expert_j.{wi,wo}",
-            builtin_aux_flag="output_router_logits",
-            notes="router is mlp.router.classifier; aux loss is zero in transformers when sparse_step is 1",
-        ),
-        MoEFamily(
-            "nllb-moe",
-            router_names=("router.classifier",),
-            top_k_keys=(),
-            capacity=True,
-            layout="per-expert modules experts.expert_j.{fc1,fc2}",
-            extra={"top_k": 2},
-        ),
+        # router is mlp.router.classifier; experts are per-expert modules experts.expert_j.{wi,wo};
+        # transformers' aux loss is zero when sparse_step is 1
+        MoEFamily("switch_transformers", router_names=("router.classifier",), top_k_keys=(), capacity=True),
+        # per-expert modules experts.expert_j.{fc1,fc2}
+        MoEFamily("nllb-moe", router_names=("router.classifier",), top_k_keys=(), capacity=True, extra={"top_k": 2}),
         MoEFamily("mixtral"),
         MoEFamily("minimax"),
         MoEFamily("phimoe"),
-        MoEFamily("qwen2_moe", notes="shared_expert and shared_expert_gate form the shared_experts group"),
+        MoEFamily("qwen2_moe"),  # shared_expert and shared_expert_gate form the shared_experts group
         MoEFamily("qwen3_moe"),
         MoEFamily("qwen3_next"),
         MoEFamily("olmoe"),
         MoEFamily("granitemoe"),
         MoEFamily("granitemoeshared"),
         MoEFamily("granitemoehybrid"),
+        # the mixture-of-attention heads (self_attention.experts, with their own router) are not MoE layers:
+        # they are token mixers and stay in the attention group; mlp.bias is an expert-output bias
         MoEFamily(
             "jetmoe",
             router_names=("router.layer",),
             expert_names=("input_linear", "output_linear"),
             skip_blocks=(r"(^|\.)self_attention\.experts$",),
-            notes="the mixture-of-attention heads (self_attention.experts, with their own router) are not MoE "
-            "layers: they are token mixers and stay in the attention group; mlp.bias is an expert-output bias",
         ),
-        MoEFamily("deepseek_v2", notes="dense layers own mlp.gate_proj, which is not a router"),
-        MoEFamily("deepseek_v3", scoring="sigmoid", builtin_aux_flag=None, notes=_SIGMOID_NOTE),
-        MoEFamily("glm4_moe", scoring="sigmoid", builtin_aux_flag=None, notes=_SIGMOID_NOTE),
-        MoEFamily("dots1", scoring="sigmoid", builtin_aux_flag=None, notes=_SIGMOID_NOTE),
-        MoEFamily(
-            "gpt_oss",
-            layout="[E, in, out] (transposed) with *_bias tensors [E, out]",
-            notes="router has a bias; fused experts are transposed and carry biases",
-        ),
-        MoEFamily(
-            "llama4_text",
-            top_k_keys=("num_experts_per_tok",),
-            scoring="sigmoid",
-            notes="router output is the sigmoid of the top-k logits",
-        ),
+        MoEFamily("deepseek_v2"),  # dense layers own mlp.gate_proj, which is not a router
+        # sigmoid routers with an e_score_correction_bias buffer used only for selection
+        MoEFamily("deepseek_v3", scoring="sigmoid"),
+        MoEFamily("glm4_moe", scoring="sigmoid"),
+        MoEFamily("dots1", scoring="sigmoid"),
+        # router has a bias; fused experts are [E, in, out] (transposed) with *_bias tensors [E, out]
+        MoEFamily("gpt_oss"),
+        # the router's output is the sigmoid of the top-k logits
+        MoEFamily("llama4_text", top_k_keys=("num_experts_per_tok",), scoring="sigmoid"),
         MoEFamily("ernie4_5_moe"),
         MoEFamily("hunyuan_v1_moe"),
-        MoEFamily(
-            "dbrx",
-            router_names=("router.layer",),
-            expert_names=("experts",),
-            expert_blocks=True,
-            layout="2-D experts.mlp.{w1,v1,w2} [E * ffn_hidden_size, hidden]: expert j is rows j*I:(j+1)*I",
-            notes="expert_axis 0 holds E contiguous blocks; top_k is ffn_config.moe_top_k",
-        ),
+        # 2-D experts.mlp.{w1,v1,w2} [E * ffn_hidden_size, hidden]: expert j is rows j*I:(j+1)*I (expert_axis 0
+        # holds E contiguous blocks); top_k is ffn_config.moe_top_k
+        MoEFamily("dbrx", router_names=("router.layer",), expert_names=("experts",), expert_blocks=True),
+        # CDMoE (needs is_moe=True): experts are embedding rows down_embed/up_embed [E, hidden]; router_gate scores
+        # sqrt(E) row keys and sqrt(E) column keys ([2*sqrt(E), hidden]), so router logits are not one score per
+        # expert; the block's own gate/up/down_proj is its always-on shared expert
         MoEFamily(
             "doge",
             router_names=("router_gate",),
             expert_names=("down_embed", "up_embed"),
             shared_names=("gate_proj", "up_proj", "down_proj"),
             scoring="product_key",
-            layout="experts are embedding rows down_embed/up_embed [E, hidden]",
-            notes="CDMoE (needs is_moe=True): router_gate scores sqrt(E) row keys and sqrt(E) column keys "
-            "([2*sqrt(E), hidden]), so router logits are not one score per expert; the block's own "
-            "gate/up/down_proj is its always-on shared expert",
         ),
-        MoEFamily(
-            "gemma4_text",
-            router_names=("router.proj",),
-            shared_names=("mlp",),
-            notes="MoE block only with enable_moe_block=True; router and experts sit on the decoder layer "
-            "itself next to the dense mlp, which runs for every token (shared_experts)",
-        ),
-        MoEFamily(
-            "diffusion_gemma_text",
-            router_names=("router.proj",),
-            shared_names=("mlp",),
-            notes="Gemma 4 decoder layers: see gemma4_text",
-        ),
+        # MoE block only with enable_moe_block=True; router and experts sit on the decoder layer itself next to
+        # the dense mlp, which runs for every token (shared_experts)
+        MoEFamily("gemma4_text", router_names=("router.proj",), shared_names=("mlp",)),
+        MoEFamily("diffusion_gemma_text", router_names=("router.proj",), shared_names=("mlp",)),  # Gemma 4 layers
+        # router rows E + zero_expert_num: the last rows route to zero-computation (identity) experts
         MoEFamily(
             "longcat_flash",
             router_names=("router.classifier",),
@@ -200,28 +152,16 @@ MOE_FAMILIES: dict[str, MoEFamily] = {
             "but down_proj with n_routed_experts rows, so its fused tensors share no expert axis (expert "
             "subsets cannot be sliced), and its router applies classifier.weight with F.linear, so hooks on "
             "the router never fire",
-            notes="router rows E + zero_expert_num: the last rows route to zero-computation (identity) experts",
         ),
-        MoEFamily(
-            "inkling_text",
-            router_extra_rows="n_shared_experts",
-            scoring="sigmoid",
-            notes="router rows E + n_shared_experts: the last rows gate the shared experts (sink); "
-            "gate.global_scale scales the routing weights and is part of the router group",
-        ),
-        MoEFamily(
-            "zaya",
-            router_names=("gate.router_mlp.out_proj",),
-            router_extra_rows=1,
-            router_in_key="router_hidden_size",
-            notes="MLP router on a router_hidden_size stream (down_proj, router_mlp, router_states_scale: all "
-            "router group); out_proj has E + 1 rows, the last one a skip expert without compute",
-        ),
-        MoEFamily(
-            "muse_spark_text",
-            notes="experts run in a moe_hidden_size latent: pre/post_expert_proj belong to the experts group, "
-            "the norms (incl. experts.post_expert_norm) to norms",
-        ),
+        # router rows E + n_shared_experts: the last rows gate the shared experts (sink); gate.global_scale scales
+        # the routing weights and is part of the router group
+        MoEFamily("inkling_text", router_extra_rows="n_shared_experts", scoring="sigmoid"),
+        # MLP router on a router_hidden_size stream (down_proj, router_mlp, router_states_scale: all router group);
+        # out_proj has E + 1 rows, the last one a skip expert without compute
+        MoEFamily("zaya", router_names=("gate.router_mlp.out_proj",), router_extra_rows=1),
+        # experts run in a moe_hidden_size latent: pre/post_expert_proj belong to the experts group, the norms
+        # (incl. experts.post_expert_norm) to norms
+        MoEFamily("muse_spark_text"),
     ]
 }
 

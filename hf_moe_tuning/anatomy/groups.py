@@ -21,11 +21,9 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
-import torch
 from torch import nn
 
 from .families import DEFAULT_FAMILY, MoEFamily, get_family
@@ -34,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 
 class ParamGroup(str, Enum):
-    """The parameter groups of DESIGN.md; every parameter is in exactly one."""
+    """The parameter groups of a model (see the README's freezing section); every parameter is in exactly one."""
 
     EMBEDDINGS = "embeddings"
     ATTENTION = "attention"
@@ -117,12 +115,6 @@ class MoELayer:
             return self.router_path
         rel = self.router_path[len(self.path) + 1 :] if self.path else self.router_path
         return f"{self.path}.{rel.split('.')[0]}" if self.path else rel.split(".")[0]
-
-    @property
-    def expert_params(self) -> list[str]:
-        """All routed-expert parameter names of this layer (fused and per-expert)."""
-        return sorted(set(self.fused_experts) | set(self.per_expert))
-
 
 @dataclass
 class MoEAnatomy:
@@ -620,14 +612,3 @@ def require_moe(anatomy: MoEAnatomy, what: str) -> None:
             "If this is an MoE model, add a row for its model_type to "
             "hf_moe_tuning.anatomy.families.MOE_FAMILIES (router_names / expert_names)."
         )
-
-
-def iter_router_modules(model: nn.Module, anatomy: MoEAnatomy) -> Iterable[tuple[MoELayer, nn.Module]]:
-    """Yield ``(layer, module owning the router weight)`` for each MoE layer."""
-    for layer in anatomy.layers:
-        yield layer, model.get_submodule(layer.router_path)
-
-
-def expert_param(model: nn.Module, name: str) -> torch.Tensor:
-    """Return the parameter called ``name`` (helper for fused-expert slicing)."""
-    return model.get_parameter(name)

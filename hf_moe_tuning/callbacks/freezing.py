@@ -76,7 +76,6 @@ class MoEFreezingCallback(MoEMetricsCallback, ExportableState):
         self.expert_resolver = expert_resolver
         self.print_table = print_table
         self.report: FreezeReport | None = None
-        self._restored_state: dict[str, Any] | None = None
 
     @classmethod
     def from_args(

@@ -31,7 +31,8 @@ whole fused tensor; only a rewrite of each family's experts forward could avoid 
 selected rows at once.
 
 Limitations: parameters must be materialised on one process (plain / DDP training). With DeepSpeed
-ZeRO-3 or FSDP sharding use whole-tensor freezing or the gradient-mask fallback.
+ZeRO-3 or FSDP sharding, freeze whole expert tensors instead (``moe_freeze_strategy``, ``moe_experts="all"``);
+:func:`install_expert_subsets` refuses ZeRO-3-partitioned tensors.
 """
 
 from __future__ import annotations
