@@ -18,6 +18,8 @@ either backend. Every stage of :mod:`.stages` goes through :class:`Backend`'s me
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -33,7 +35,8 @@ from ..anatomy import ParamGroup, describe_moe
 from ..data import pretraining_corpus, span_corruption_dataset
 from ..data.corpus import BYT5_FIRST_SENTINEL
 from ..models import build_tiny_model, tiny_config
-from .config import ModelSpec, StudyConfig
+from .cache import is_main_process, num_processes
+from .config import ModelSpec, StudyConfig, resolve_batch
 from .evaluation import TaskEvaluation, evaluate_task
 
 logger = logging.getLogger(__name__)
@@ -65,6 +68,12 @@ class TrainOutcome:
     train_tokens: int = 0
     #: the trained model as the trainer holds it (with LoRA: the PEFT model carrying the adapters)
     model: Any = None
+    #: the trainer (saving a model sharded by FSDP / ZeRO-3 goes through it, on every rank)
+    trainer: Any = None
+
+
+def _sharded_by(trainer: Any) -> bool:
+    return bool(trainer is not None and (getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False)))
 
 
 #: Hub id prefixes of encoder-decoder families, to decide the backend offline when a config cannot be read.
@@ -113,13 +122,85 @@ def parameter_summary(model) -> dict[str, Any]:
     }
 
 
+class _LogLastStep(TrainerCallback):
+    """Log at the last optimizer step, so that ``train_loss`` is the mean over processes.
+
+    transformers adds the loss accumulated since the last log to ``train_loss`` from this process alone
+    (``Trainer._finalize_training``; the logged intervals are averaged over processes); logging at the last
+    step leaves nothing to add. With one process the value is the same either way.
+    """
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_training_stop or state.global_step >= state.max_steps:
+            control.should_log = True
+        return control
+
+
+def loss_uses_num_items(model) -> bool:
+    """Whether the model's loss divides by the ``num_items_in_batch`` the Trainer passes (``self.loss_function``).
+
+    T5, Switch and NLLB-MoE take ``**kwargs`` but compute a plain per-batch mean cross-entropy; transformers
+    still treats them as accepting loss kwargs and multiplies their loss by the number of processes
+    (``average_tokens_across_devices``) and skips the division by the accumulation steps: gradients N times
+    too large under DDP (the logged losses too). Such models train under :func:`global_token_mean_loss`.
+    """
+    import inspect
+
+    try:
+        source = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return True
+    return "loss_function" in source or "num_items_in_batch" in source
+
+
+@contextlib.contextmanager
+def global_token_mean_loss(model):
+    """While training, make a model whose loss is a per-batch mean (:func:`loss_uses_num_items`) divide the
+    summed token cross-entropy by the Trainer's ``num_items_in_batch`` instead, as causal LMs do.
+
+    With transformers' scaling by the number of processes the gradient is then the mean over every target
+    token of the global batch, for any number of processes and any gradient accumulation: the same as a
+    one-process run over the same batch. The model gets ``labels`` as before (it builds its decoder inputs and
+    the router losses mask padding from them); only ``outputs.loss`` is recomputed from the logits. Without
+    ``num_items_in_batch`` (evaluation by the pipeline, generation) the model is unchanged.
+    """
+    if loss_uses_num_items(model):
+        yield
+        return
+    original = model.forward
+
+    @functools.wraps(original)
+    def forward(*args, num_items_in_batch=None, **kwargs):
+        outputs = original(*args, **kwargs)
+        labels = kwargs.get("labels")
+        if num_items_in_batch is not None and labels is not None and getattr(outputs, "loss", None) is not None:
+            logits = outputs.logits
+            total = torch.nn.functional.cross_entropy(
+                logits.view(-1, logits.size(-1)), labels.to(logits.device).view(-1), ignore_index=-100, reduction="sum"
+            )
+            outputs.loss = total / num_items_in_batch
+        return outputs
+
+    model.forward = forward
+    try:
+        yield
+    finally:
+        if model.__dict__.get("forward") is forward:
+            del model.forward  # the class's forward again
+
+
 def _log_quietly(trainer) -> None:
     if not logger.isEnabledFor(logging.INFO):  # the driver shows progress bars; keep per-step log dicts off the console
         trainer.remove_callback(PrinterCallback)
 
 
 def _stage_args(args: dict[str, Any], progress: bool) -> dict[str, Any]:
-    return {**STAGE_DEFAULTS, "disable_tqdm": not progress, "include_num_input_tokens_seen": "non_padding", **args}
+    """Training arguments of a stage: defaults, then the recipe's, with its global batch split over the processes."""
+    processes = num_processes()
+    # several processes without a GPU: accelerate trains them together on gloo only with use_cpu=True
+    device = {"use_cpu": True} if processes > 1 and not torch.cuda.is_available() else {}
+    merged = {**STAGE_DEFAULTS, **device, "disable_tqdm": not progress, "include_num_input_tokens_seen": "non_padding", **args}
+    return resolve_batch(merged, processes)
 
 
 class Backend:
@@ -163,8 +244,12 @@ class Seq2SeqBackend(Backend):
 
         return AutoModelForSeq2SeqLM.from_pretrained(path)
 
-    def save(self, model, path: Path) -> None:
-        model.save_pretrained(path)
+    def save(self, model, path: Path, trainer: Any = None) -> None:
+        """Save ``model`` to ``path``: by rank 0; a model sharded by FSDP / ZeRO-3 through ``trainer`` on every rank."""
+        if _sharded_by(trainer):
+            trainer.save_model(str(path))  # gathers the shards (a collective); rank 0 writes
+        elif is_main_process():  # rank 0 owns the cache
+            model.save_pretrained(path)
 
     def pretraining_data(self, tokenizer) -> Dataset:
         data, extra = self.config.data, self.config.pretrain.extra
@@ -201,11 +286,12 @@ class Seq2SeqBackend(Backend):
         training_args = MoETrainingArguments(
             output_dir=str(output_dir), seed=seed, data_seed=seed, report_to="none", **_stage_args(args, progress)
         )
-        trainer = MoETrainer(
-            model=model, args=training_args, train_dataset=dataset, eval_dataset=eval_dataset,
-            data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100), callbacks=callbacks,
-        )
-        return _run(trainer, eval_dataset)
+        with global_token_mean_loss(model):
+            trainer = MoETrainer(
+                model=model, args=training_args, train_dataset=dataset, eval_dataset=eval_dataset,
+                data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100), callbacks=callbacks,
+            )
+            return _run(trainer, eval_dataset)
 
     def evaluate(self, model, tokenizer, dataset: Dataset, kind: str, metrics) -> TaskEvaluation:
         return evaluate_task(model, tokenizer, dataset, kind, metrics, max_source_length=self.max_source_length, **self.evaluate_settings())
@@ -254,7 +340,13 @@ class CausalBackend(Backend):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32)
         return align_special_tokens(model, tokenizer)
 
-    def save(self, model, path: Path) -> None:
+    def save(self, model, path: Path, trainer: Any = None) -> None:
+        """Save ``model`` (LoRA merged) to ``path``: by rank 0; a model sharded by FSDP / ZeRO-3 through ``trainer``."""
+        if _sharded_by(trainer) and not hasattr(model, "merge_and_unload"):
+            trainer.save_model(str(path))  # gathers the shards (a collective); rank 0 writes
+            return
+        if not is_main_process():  # rank 0 owns the cache
+            return
         if hasattr(model, "merge_and_unload"):  # LoRA: later stages start from the merged weights
             model = model.merge_and_unload()
         model.save_pretrained(path)
@@ -302,13 +394,15 @@ class CausalBackend(Backend):
 
 def _run(trainer, eval_dataset) -> TrainOutcome:
     _log_quietly(trainer)
+    trainer.add_callback(_LogLastStep())  # after the stage's own callbacks (early stopping decides first)
     start = time.perf_counter()
     result = trainer.train()
     metrics = dict(result.metrics)
     if eval_dataset is not None:
         metrics.update(trainer.evaluate())
     return TrainOutcome(
-        metrics, time.perf_counter() - start, trainer.state.global_step, int(trainer.state.num_input_tokens_seen), trainer.model
+        metrics, time.perf_counter() - start, trainer.state.global_step, int(trainer.state.num_input_tokens_seen), trainer.model,
+        trainer,
     )
 
 
@@ -327,6 +421,8 @@ __all__ = [
     "TrainOutcome",
     "backend_for",
     "backend_name",
+    "loss_uses_num_items",
     "model_kind",
     "parameter_summary",
+    "global_token_mean_loss",
 ]

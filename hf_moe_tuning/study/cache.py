@@ -4,9 +4,14 @@ A stage's key is the SHA-256 of the canonical JSON of everything that determines
 settings, the key of the stage it starts from, data settings and seeds (the *configuration key*,
 :func:`config_key`), plus the :func:`provenance` of the run: a hash of every source file of the
 package, the versions of the libraries that compute the numbers, the platform and the torch thread
-count (the thread count changes CPU float results). Finished stages live in
+count (the thread count changes CPU float results), and the number of processes when there are several
+(``accelerate launch -n N``: reductions run in another order). Finished stages live in
 ``<cache_dir>/<stage>/<name>-<key>/`` with ``stage.json`` (the hashed config and provenance) and a
 ``DONE`` marker written last, so an interrupted stage is simply redone.
+
+Under a multi-process launch rank 0 owns the cache: it alone decides whether a stage is done, writes
+the stage folder and its markers; the other ranks train with it and wait (:func:`process_state`; see
+:func:`hf_moe_tuning.study.stages.run_cached`). Several nodes need the cache on a shared filesystem.
 
 Shipped pretrained checkpoints (``pretrain.shipped_dir``) are inputs, like a Hub checkpoint: they are
 found by their configuration key alone, and the results record that a shipped checkpoint was used.
@@ -19,6 +24,7 @@ import functools
 import hashlib
 import importlib.metadata
 import json
+import os
 import platform
 import shutil
 from collections.abc import Iterator
@@ -59,11 +65,38 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def process_state():
+    """accelerate's ``PartialState`` when this process is one of several (``accelerate launch -n N``, torchrun), else ``None``."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not (dist.is_available() and dist.is_initialized()):
+        return None
+    import torch
+    from accelerate import PartialState
+
+    # without a GPU the processes train on gloo (MULTI_CPU); the stages' TrainingArguments get use_cpu=True too
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return state if state.num_processes > 1 else None
+
+
+def num_processes() -> int:
+    """Number of processes of this run (1 without a multi-process launch)."""
+    state = process_state()
+    return state.num_processes if state is not None else 1
+
+
+def is_main_process() -> bool:
+    """Whether this process owns the cache and the results (rank 0, or the only process)."""
+    state = process_state()
+    return state is None or state.is_main_process
+
+
 def provenance() -> dict[str, Any]:
-    """What besides the configuration determines a stage's output: code, libraries, platform, threads."""
+    """What besides the configuration determines a stage's output: code, libraries, platform, threads
+    (and the number of processes, when more than one)."""
     import torch
 
-    return {
+    record = {
         "source": source_hash(),
         "versions": library_versions(),
         "python": platform.python_version(),
@@ -71,6 +104,10 @@ def provenance() -> dict[str, Any]:
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "threads": torch.get_num_threads(),
     }
+    processes = num_processes()
+    if processes > 1:  # one-process keys stay as they were
+        record["processes"] = processes
+    return record
 
 
 def config_key(payload: Any, length: int = 12) -> str:

@@ -8,7 +8,11 @@ Examples::
     hf-moe-tuning compare --seeds 1                      # embedded four-arm comparison, one seed
     hf-moe-tuning ablate recipes/st_moe_freezing/tiny.yaml --seeds 3
     hf-moe-tuning train recipes/expert_count/tiny.yaml --set finetune.args.num_train_epochs=4
-    hf-moe-tuning validate recipes/*/*.yaml
+    hf-moe-tuning validate recipes/*/*.yaml --num-processes 8
+    accelerate launch --config_file recipes/accelerate/ddp.yaml --num_processes 2 -m hf_moe_tuning.cli compare recipes/flan_moe/smoke.yaml
+
+Under ``accelerate launch -n N`` every stage runs on the N processes (see :mod:`.runner`); ``--jobs`` is
+then refused.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ import shlex
 import sys
 from pathlib import Path
 
+from .cache import process_state
 from .config import ConfigError, load_study_config, parse_overrides, validate_training_args
-from .runner import DEFAULT_RECIPES, DRIVER_STUDIES, resolve_recipe, run_study
+from .runner import DEFAULT_RECIPES, DRIVER_STUDIES, check_jobs, resolve_recipe, run_study
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +49,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
     parser.add_argument(
         "--jobs", type=int, default=1,
-        help="fine-tuning jobs run in parallel worker processes, each with --threads threads (results are the same)",
+        help="fine-tuning jobs run in parallel worker processes, each with --threads threads (results are the same); "
+        "one-process runs only: under `accelerate launch -n N` every stage already uses the N processes",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -66,14 +72,20 @@ def run_from_args(args: argparse.Namespace, driver: str | None = None) -> int:
         raise ConfigError(path, "study", f"this command runs {allowed} recipes, the recipe is a '{config.study}' study")
     if args.jobs < 1:
         raise ConfigError(path, "--jobs", f"expected a positive number of worker processes, got {args.jobs}")
-    validate_training_args(config, check_lora_targets=False)
+    try:
+        check_jobs(args.jobs)
+    except ValueError as err:
+        raise ConfigError(path, "--jobs", str(err)) from None
+    state = process_state()  # under accelerate launch: joins the process group before any stage
+    validate_training_args(config, check_lora_targets=False, num_processes=state.num_processes if state else 1)
     seeds = list(range(args.seeds)) if args.seeds is not None else None
     command = " ".join(shlex.quote(a) for a in ["hf-moe-tuning" if Path(sys.argv[0]).name == "hf-moe-tuning" else sys.argv[0], *sys.argv[1:]])
     paths = run_study(
         config, seeds=seeds, output_dir=args.output_dir, cache_dir=args.cache_dir,
         progress=not args.no_progress, command=command, num_jobs=args.jobs,
     )
-    print(f"{config.study}: results in {paths['md']}")
+    if state is None or state.is_main_process:
+        print(f"{config.study}: results in {paths['md']}")
     return 0
 
 
@@ -82,7 +94,7 @@ def _validate(args: argparse.Namespace) -> int:
     for path in args.configs:
         try:
             config = load_study_config(path, parse_overrides(args.overrides))
-            checked = validate_training_args(config)
+            checked = validate_training_args(config, num_processes=args.num_processes)
         except (ConfigError, OSError) as err:
             failed += 1
             print(f"FAIL {err}")
@@ -115,4 +127,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("validate", help="check recipe YAMLs offline (keys, arms, model ids, strategies)")
     p.add_argument("configs", nargs="+", help="recipe YAML files")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--num-processes", type=int, default=1, metavar="N",
+        help="check that every global batch splits evenly over N processes (accelerate launch -n N)",
+    )
     p.set_defaults(func=_validate)

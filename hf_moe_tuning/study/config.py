@@ -40,6 +40,19 @@ order: stage ``args`` → stage ``sparse_args`` / ``dense_args`` (by the model's
 
 :func:`load_study_config` validates everything it can offline and raises :class:`ConfigError`
 naming the file and the dotted key (``arms.flan_moe.args.moe_freeze_strategy``).
+
+**Batch size.** A recipe states the *global* batch (examples per optimizer step, summed over processes
+and gradient-accumulation steps), as the papers do, and it is the same for any number of processes:
+
+* ``global_batch_size: 128`` (a pipeline key, allowed wherever ``args`` are) gives it explicitly; then
+  ``per_device_train_batch_size``, if given, is the largest micro-batch one process may hold (memory), and
+  ``gradient_accumulation_steps`` is derived (giving it too is an error);
+* without it, the recipe is read as written for one process: global batch =
+  ``per_device_train_batch_size × gradient_accumulation_steps``, and that micro-batch is the limit.
+
+:func:`resolve_batch` turns this into ``per_device_train_batch_size`` and ``gradient_accumulation_steps``
+for N processes (the fewest accumulation steps whose micro-batch fits the limit); a global batch that N
+processes cannot split evenly is an error naming the key (``hf-moe-tuning validate --num-processes N``).
 """
 
 from __future__ import annotations
@@ -69,6 +82,8 @@ DIRECTIONS: dict[str, str] = {"+": "positive", "-": "negative", "0": "no clear d
 
 #: Arguments the pipeline sets itself; a recipe may not override them.
 _MANAGED_ARGS = frozenset({"output_dir", "seed", "data_seed", "do_train", "do_eval", "report_to"})
+#: Pipeline keys allowed among training arguments (resolved by :func:`resolve_batch`, never passed to a trainer).
+GLOBAL_BATCH_KEY = "global_batch_size"
 _TRAINING_ARG_NAMES = frozenset(f.name for f in dataclasses.fields(MoETrainingArguments))
 
 _TOP_KEYS = {
@@ -207,6 +222,10 @@ def check_training_args(args: dict, path: Any, prefix: str) -> None:
     hints = field_types(MoETrainingArguments)
     for key, value in args.items():
         where = f"{prefix}.{key}"
+        if key == GLOBAL_BATCH_KEY:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(path, where, f"expected a positive int (examples per optimizer step), got {value!r}")
+            continue
         if key in _MANAGED_ARGS:
             raise ConfigError(path, where, "is set by the pipeline and cannot be given in a recipe")
         if key not in _TRAINING_ARG_NAMES:
@@ -218,6 +237,41 @@ def check_training_args(args: dict, path: Any, prefix: str) -> None:
                 raise ConfigError(path, where, str(err)) from None
         if key == "moe_freeze_strategy" and value not in FREEZE_STRATEGIES:
             raise ConfigError(path, where, f"unknown freezing strategy {value!r}; use one of {list(FREEZE_STRATEGIES)}")
+
+
+def global_batch(args: dict[str, Any]) -> int:
+    """The global batch ``args`` state: ``global_batch_size``, else per-device batch × accumulation (one process)."""
+    if args.get(GLOBAL_BATCH_KEY) is not None:
+        return int(args[GLOBAL_BATCH_KEY])
+    return int(args.get("per_device_train_batch_size", 8)) * int(args.get("gradient_accumulation_steps", 1))
+
+
+def resolve_batch(args: dict[str, Any], num_processes: int = 1) -> dict[str, Any]:
+    """``args`` for ``num_processes`` processes: the recipe's global batch split into per-device batch × accumulation.
+
+    See the module docstring. The result has no ``global_batch_size`` key and always has
+    ``per_device_train_batch_size`` and ``gradient_accumulation_steps``; with one process and no
+    ``global_batch_size`` it equals ``args`` (plus those two keys).
+
+    Raises:
+        ValueError: ``global_batch_size`` together with ``gradient_accumulation_steps``, or a global batch
+            that ``num_processes`` processes cannot split evenly within the micro-batch limit.
+    """
+    out = dict(args)
+    explicit = out.pop(GLOBAL_BATCH_KEY, None)
+    if explicit is not None and "gradient_accumulation_steps" in args:
+        raise ValueError(f"give {GLOBAL_BATCH_KEY} or gradient_accumulation_steps, not both (accumulation is derived)")
+    total = global_batch(args)
+    limit = int(args.get("per_device_train_batch_size", total if explicit is not None else 8))
+    for accumulation in range(1, total + 1):
+        per_step = num_processes * accumulation
+        if total % per_step == 0 and total // per_step <= limit:
+            out.update(per_device_train_batch_size=total // per_step, gradient_accumulation_steps=accumulation)
+            return out
+    raise ValueError(
+        f"global batch {total} cannot be split evenly over {num_processes} processes with at most {limit} examples "
+        f"per device and step; choose a global batch divisible by {num_processes}"
+    )
 
 
 def _stage(raw: Any, allowed: set[str], path: Any, key: str) -> StageConfig:
@@ -589,9 +643,10 @@ def _check_lora_targets(config: StudyConfig) -> list[str]:
     return checked
 
 
-def validate_training_args(config: StudyConfig, check_lora_targets: bool = True) -> list[str]:
+def validate_training_args(config: StudyConfig, check_lora_targets: bool = True, num_processes: int = 1) -> list[str]:
     """Build every stage's and arm's training config (``MoETrainingArguments`` for encoder-decoder models,
     ``MoESFTConfig`` for decoder-only ones) to catch value errors offline; with LoRA, check its targets.
+    Every global batch is split for ``num_processes`` processes (:func:`resolve_batch`) first.
 
     Returns what was checked; raises :class:`ConfigError` naming the stage or arm.
     """
@@ -599,7 +654,7 @@ def validate_training_args(config: StudyConfig, check_lora_targets: bool = True)
 
     from .backends import SEQ2SEQ, backend_name
 
-    checked = ["training arguments of every stage and arm"]
+    checked = [f"training arguments of every stage and arm, global batches split over {num_processes} process(es)"]
     with tempfile.TemporaryDirectory() as tmp:
         combos: list[tuple[str, str, dict]] = []
         for arm in config.arms.values():
@@ -614,6 +669,10 @@ def validate_training_args(config: StudyConfig, check_lora_targets: bool = True)
                         combos.append((backend, stage_name, {**stage.args_for(kind), **model.args}))
         for backend, where, args in combos:
             # use_cpu / no bf16: judge the values, not this machine's hardware (bf16 recipes validate on a laptop)
+            try:
+                args = resolve_batch(args, num_processes)
+            except ValueError as err:
+                raise ConfigError(config.path, where, f"batch size: {err}") from None
             try:
                 if backend == SEQ2SEQ:
                     MoETrainingArguments(output_dir=tmp, report_to="none", use_cpu=True, **args)

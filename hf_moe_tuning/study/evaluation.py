@@ -11,6 +11,13 @@ assistant turn (candidate + EOS). The protocol is the same:
 
 Metrics come from the evaluate modules shipped in :mod:`hf_moe_tuning.metrics_modules`, with the
 per-item scores the paired bootstrap resamples.
+
+Under a multi-process launch the batches are dealt out over the processes (batch ``k`` to rank
+``k mod N``) and the per-item results gathered (``accelerate.utils.gather_object``): every item is
+computed once, in the same batch (so with the same padding) as in a one-process run, and every rank
+ends with all of them. A sharded model (FSDP, DeepSpeed ZeRO-3) needs every rank in every forward: then
+each rank runs the same number of batches (a rank short of one repeats its first batch and discards the
+result), and ``generate`` keeps the ranks in step itself (transformers' ``synced_gpus``).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import torch
 from datasets import Dataset
 
 from ..data.heldout import CLASSIFICATION, GENERATION
+from .cache import process_state
 from .chat import render_prompt
 from .scoring import best_candidates, score_predictions
 
@@ -29,6 +37,53 @@ from .scoring import best_candidates, score_predictions
 def _batches(n: int, size: int):
     for start in range(0, n, size):
         yield range(start, min(start + size, n))
+
+
+def _is_sharded(model) -> bool:
+    """Whether every process must join each forward of ``model`` (FSDP-managed, or DeepSpeed ZeRO-3 partitioned)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+    from transformers.integrations.fsdp import is_fsdp_managed_module
+
+    return is_fsdp_managed_module(model) or is_deepspeed_zero3_enabled()
+
+
+def _my_batches(n: int, size: int, model=None) -> list[tuple[range, bool]]:
+    """The ``(batch, keep)`` pairs of ``n`` items this process computes: all of them, or every N-th under N
+    processes; for a sharded ``model`` padded to the same count on every rank (``keep=False``: discard)."""
+    state = process_state()
+    batches = list(_batches(n, size))
+    if state is None:
+        return [(b, True) for b in batches]
+    mine = [(b, True) for b in batches[state.process_index :: state.num_processes]]
+    if model is not None and batches and _is_sharded(model):
+        rounds = -(-len(batches) // state.num_processes)
+        mine += [(batches[0], False)] * (rounds - len(mine))
+    return mine
+
+
+def _gather_items(values: dict[int, object]) -> dict[int, object]:
+    """``{item index: value}`` of every process, merged (the identity with one process)."""
+    if process_state() is None:
+        return values
+    from accelerate.utils import gather_object
+
+    merged: dict[int, object] = {}
+    for index, value in gather_object(list(values.items())):
+        if index in merged:
+            raise RuntimeError(f"evaluation item {index} was computed by two processes")
+        merged[index] = value
+    return merged
+
+
+def _gather_logliks(logliks: torch.Tensor, lengths: torch.Tensor, mine: list[tuple[range, bool]]) -> None:
+    """Fill ``logliks`` / ``lengths`` with the entries the other processes computed."""
+    if process_state() is None:
+        return
+    merged = _gather_items({j: (float(logliks[j]), float(lengths[j])) for batch, keep in mine if keep for j in batch})
+    if len(merged) != len(logliks):
+        raise RuntimeError(f"gathered {len(merged)} of {len(logliks)} scored candidates")
+    for j, (loglik, length) in merged.items():
+        logliks[j], lengths[j] = loglik, length
 
 
 def _store_target_logliks(logliks, lengths, batch, logits, targets, mask) -> None:
@@ -54,7 +109,8 @@ def score_candidates(
     logliks, lengths = torch.empty(len(pairs)), torch.empty(len(pairs))
     model.eval()
     device = model.device
-    for batch in _batches(len(pairs), batch_size):
+    mine = _my_batches(len(pairs), batch_size, model)
+    for batch, keep in mine:
         sources = [inputs[pairs[j][0]] for j in batch]
         targets = [pairs[j][1] for j in batch]
         enc = tokenizer(sources, max_length=max_source_length, truncation=True, padding=True, return_tensors="pt").to(device)
@@ -62,7 +118,9 @@ def score_candidates(
         mask = labels != tokenizer.pad_token_id
         labels = labels.masked_fill(~mask, -100)
         logits = model(**enc, labels=labels).logits
-        _store_target_logliks(logliks, lengths, batch, logits, labels.clamp(min=0), mask)
+        if keep:
+            _store_target_logliks(logliks, lengths, batch, logits, labels.clamp(min=0), mask)
+    _gather_logliks(logliks, lengths, mine)
     return best_candidates(logliks, lengths, choices)
 
 
@@ -77,12 +135,19 @@ def generate_answers(
 ) -> list[str]:
     """Greedy generations for ``inputs``."""
     model.eval()
-    out: list[str] = []
-    for batch in _batches(len(inputs), batch_size):
+    out: dict[int, str] = {}
+    for batch, keep in _my_batches(len(inputs), batch_size, model):
         enc = tokenizer([inputs[j] for j in batch], max_length=max_source_length, truncation=True, padding=True, return_tensors="pt")
         generated = model.generate(**enc.to(model.device), max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
-        out.extend(tokenizer.batch_decode(generated, skip_special_tokens=True))
-    return out
+        if keep:
+            out.update(zip(batch, tokenizer.batch_decode(generated, skip_special_tokens=True)))
+    return _in_order(_gather_items(out), len(inputs))
+
+
+def _in_order(answers: dict[int, object], n: int) -> list:
+    if sorted(answers) != list(range(n)):
+        raise RuntimeError(f"gathered {len(answers)} of {n} generations")
+    return [answers[j] for j in range(n)]
 
 
 @dataclass
@@ -148,7 +213,8 @@ def score_chat_candidates(
     pad = tokenizer.pad_token_id
     logliks, lengths = torch.empty(len(pairs)), torch.empty(len(pairs))
     model.eval()
-    for batch in _batches(len(pairs), batch_size):
+    mine = _my_batches(len(pairs), batch_size, model)
+    for batch, keep in mine:
         sequences, starts = [], []
         for j in batch:
             i, candidate = pairs[j]
@@ -165,7 +231,9 @@ def score_chat_candidates(
             target_mask[row, start : len(seq)] = True
         input_ids, attention = input_ids.to(model.device), attention.to(model.device)
         logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]
-        _store_target_logliks(logliks, lengths, batch, logits, input_ids[:, 1:], target_mask[:, 1:].to(logits.device))
+        if keep:
+            _store_target_logliks(logliks, lengths, batch, logits, input_ids[:, 1:], target_mask[:, 1:].to(logits.device))
+    _gather_logliks(logliks, lengths, mine)
     return best_candidates(logliks, lengths, choices)
 
 
@@ -181,8 +249,8 @@ def generate_chat_answers(
     """Greedy completions (until EOS) of chat-formatted ``prompts``, left-padded in batches."""
     model.eval()
     pad = tokenizer.pad_token_id
-    out: list[str] = []
-    for batch in _batches(len(prompts), batch_size):
+    out: dict[int, str] = {}
+    for batch, keep in _my_batches(len(prompts), batch_size, model):
         encoded = [_encode(tokenizer, prompts[j], max_prompt_length) for j in batch]
         width = max(len(e) for e in encoded)
         input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
@@ -199,8 +267,9 @@ def generate_chat_answers(
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=pad,
         )
-        out.extend(t.strip() for t in tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True))
-    return out
+        if keep:
+            out.update(zip(batch, (t.strip() for t in tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True))))
+    return _in_order(_gather_items(out), len(prompts))
 
 
 def evaluate_chat_task(

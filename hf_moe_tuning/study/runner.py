@@ -3,6 +3,10 @@
 ``run_study`` is the engine; :func:`compare`, :func:`ablate` and :func:`sweep_experts` are the three
 studies of the papers (Flan-MoE's four arms, ST-MoE's five freezing arms, Switch's expert count),
 each checking that the recipe is of the right study.
+
+Under ``accelerate launch -n N`` (``recipes/train.py`` or the ``hf-moe-tuning`` drivers) every rank runs
+:func:`run_study`: each stage trains with all N processes, rank 0 owns the cache and writes the results
+and plots, the other ranks wait for it. The ``--jobs`` worker pool is for one process only.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .backends import backend_for, backend_name, parameter_summary
-from .cache import StageCache, library_versions, source_hash
+from .cache import StageCache, library_versions, process_state, source_hash
 from .config import StudyConfig, delta_arms, evaluate_delta, load_study_config
 from .report import AVERAGE, render, write_deltas_csv, write_items, write_results_csv, write_run_info
 from .scoring import BASELINE_PREFIX, baseline_predictions, baselines_for, score_predictions
@@ -95,6 +99,17 @@ def _worker_job(config: StudyConfig, job: tuple[int, str, str], start: tuple[str
     seed, arm, task = job
     splits, kind, metrics = load_task_splits(config, task)
     return finetune_and_evaluate(config, arm, task, seed, *start, splits, kind, metrics, StageCache(cache_root))
+
+
+def check_jobs(num_jobs: int) -> None:
+    """Refuse the ``--jobs`` worker pool under a multi-process launch (each stage already uses every process)."""
+    state = process_state()
+    if num_jobs > 1 and state is not None:
+        raise ValueError(
+            f"--jobs {num_jobs} runs fine-tuning jobs in worker processes of one process; this run was launched with "
+            f"{state.num_processes} processes (accelerate launch), which already train every stage together. "
+            "Use --jobs 1 with a multi-process launch, or launch one process to use --jobs."
+        )
 
 
 def _run_jobs(config, jobs, starts, tasks, cache: StageCache, progress: bool, num_jobs: int) -> list[dict[str, Any]]:
@@ -199,7 +214,15 @@ def run_study(
     what changed (configuration, code, library versions, platform or thread count). ``num_jobs > 1`` runs
     the fine-tuning jobs in that many worker processes, each with this process's torch thread count
     (so the results and cache keys equal a one-process run's).
+
+    Under a multi-process launch every rank must call this: the stages train with all processes, rank 0
+    writes the cache, the results and the plots (the paths returned exist once every rank has returned),
+    and ``num_jobs > 1`` is refused.
     """
+    check_jobs(num_jobs)
+    state = process_state()
+    main = state is None or state.is_main_process
+    progress = progress and main
     seeds = list(config.seeds if seeds is None else seeds)
     output_dir = Path(output_dir or config.output_dir)
     datasets.disable_progress_bars()  # per-map bars of every stage drown the stage bars
@@ -259,17 +282,21 @@ def run_study(
         "machine": _machine(),
         "threads": torch.get_num_threads(),
         "jobs": num_jobs,
+        **({"processes": state.num_processes} if state is not None else {}),
         "versions": {"python": platform.python_version(), **library_versions()},
         "source_hash": source_hash(),
         "shipped": sorted(set(shipped)),
         "models": models_info,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
-    output_dir.mkdir(parents=True, exist_ok=True)
     paths = {
         "csv": output_dir / "results.csv", "deltas": output_dir / "deltas.csv",
         "items": output_dir / "items.csv.gz", "run": output_dir / "run.json",
     }
+    if not main:  # rank 0 writes the results and plots; wait until they exist
+        state.wait_for_everyone()
+        return {**paths, "md": output_dir / "results.md", "plot": output_dir / "plot.png"}
+    output_dir.mkdir(parents=True, exist_ok=True)
     write_results_csv(_result_rows(config, records, task_kinds), paths["csv"])
     write_deltas_csv(_delta_rows(config, records, seeds, list(tasks)), paths["deltas"])
     write_items(
@@ -280,6 +307,8 @@ def run_study(
     write_run_info(info, paths["run"])
     paths.update(render(output_dir))
     logger.info("wrote %s", ", ".join(str(p) for p in paths.values()))
+    if state is not None:
+        state.wait_for_everyone()
     return paths
 
 

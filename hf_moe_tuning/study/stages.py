@@ -10,10 +10,16 @@ steps the model is scored on the validation split (with the same scoring as the 
 weights are kept, and training stops after ``patience`` evaluations without improvement or at
 ``max_steps``. The test split is scored once, with the best weights. Zero-shot arms (``finetune:
 false``) are scored as they start.
+
+Under ``accelerate launch -n N`` every stage trains with all N processes (DDP): rank 0 decides from the
+cache whether a stage is done and writes it; the others train alongside and wait at the barriers of
+:func:`run_cached`. Evaluation is sharded over the processes (:mod:`.evaluation`), so every rank gets
+the same scores and the early-stopping decisions agree.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import time
@@ -25,8 +31,8 @@ from transformers import TrainerCallback
 
 from ..data import get_task, heldout_task, instruction_mixture
 from .backends import SEQ2SEQ, STAGE_DEFAULTS, Backend, backend_for, model_kind, parameter_summary
-from .cache import StageCache, config_hash, config_key
-from .config import ModelSpec, StudyConfig
+from .cache import StageCache, config_hash, config_key, process_state
+from .config import ModelSpec, StudyConfig, global_batch
 
 logger = logging.getLogger(__name__)
 
@@ -112,13 +118,38 @@ def instruction_mixture_for(data: dict[str, Any]) -> Dataset:
 
 
 def run_cached(cache: StageCache, path: Path, payload: dict, compute) -> dict[str, Any]:
-    """Return the cached result of stage ``path`` or run ``compute(path) -> result`` under the stage lock."""
-    with cache.lock(path):
-        if cache.is_done(path):
-            return {**cache.result(path), "cached": True}
-        cache.prepare(path)
+    """Return the cached result of stage ``path`` or run ``compute(path) -> result`` under the stage lock.
+
+    With several processes every rank runs ``compute`` (it trains collectively), but only rank 0 takes
+    the lock, decides whether the stage is done, empties the folder and marks it done; the others wait
+    for it at barriers and return rank 0's result.
+    """
+    state = process_state()
+    if state is None:
+        with cache.lock(path):
+            if cache.is_done(path):
+                return {**cache.result(path), "cached": True}
+            cache.prepare(path)
+            result = compute(path)
+            cache.finish(path, payload, result)
+        return {**result, "cached": False}
+
+    from accelerate.utils import broadcast_object_list
+
+    main = state.is_main_process
+    with cache.lock(path) if main else contextlib.nullcontext():
+        done = broadcast_object_list([cache.is_done(path) if main else None])[0]
+        if done:
+            result = broadcast_object_list([cache.result(path) if main else None])[0]
+            return {**result, "cached": True}
+        if main:
+            cache.prepare(path)
+        state.wait_for_everyone()  # the folder exists (and is empty) before any rank writes into it
         result = compute(path)
-        cache.finish(path, payload, result)
+        if main:
+            cache.finish(path, payload, result)
+        result = broadcast_object_list([result if main else None])[0]
+    state.wait_for_everyone()  # rank 0 released the lock; the stage's model is on disk for every rank
     return {**result, "cached": False}
 
 
@@ -180,7 +211,9 @@ def ensure_pretrained(config: StudyConfig, spec: ModelSpec, cache: StageCache, p
             outcome = backend.train(model, tokenizer, backend.pretraining_data(tokenizer), args, path / "trainer",
                                     seed=config.pretrain.seed, progress=progress)
             result.update(seconds=outcome.seconds, train_loss=outcome.metrics.get("train_loss"))
-        backend.save(model, path / "model")
+            backend.save(outcome.model, path / "model", trainer=outcome.trainer)
+        else:
+            backend.save(model, path / "model")
         return result
 
     return str(path / "model"), key, run_cached(cache, path, payload, pretrain)
@@ -223,7 +256,7 @@ def ensure_instructed(
         args = {**stage.args_for(kind), **spec.args}
         outcome = backend.train(model, tokenizer, train, args, path / "trainer", seed=stage.seed, progress=progress,
                                 eval_dataset=evaluation)
-        backend.save(outcome.model, path / "model")
+        backend.save(outcome.model, path / "model", trainer=outcome.trainer)
         return {
             "seconds": outcome.seconds, "train_loss": outcome.metrics.get("train_loss"), "kind": kind,
             "mixture_eval_loss": outcome.metrics.get("eval_lm_loss", outcome.metrics.get("eval_loss")),
@@ -322,7 +355,7 @@ def finetune_and_evaluate(
                 optimizer_steps=outcome.optimizer_steps, train_tokens=outcome.train_tokens, best_step=stopper.best_step,
                 validation_score=100.0 * stopper.best_score, validation_history=stopper.history,
                 train_loss=outcome.metrics.get("train_loss"), train_seconds=outcome.seconds,
-                learning_rate=args.get("learning_rate"), batch_size=args.get("per_device_train_batch_size"),
+                learning_rate=args.get("learning_rate"), batch_size=global_batch(args),
             )
         start_eval = time.perf_counter()
         result = backend.evaluate(model, tokenizer, splits[split], kind, metrics)
