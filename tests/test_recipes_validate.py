@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,123 @@ def test_cli_validate(tmp_path, capsys):
     assert f"OK   {TINY}" in out and "arms.moe.args.moe_freeze_strategy" in out
     args = parser.parse_args(["validate", *map(str, YAMLS)])
     assert args.func(args) == 0
+
+
+# ------------------------------------------------------------------------------------------ global batch
+def test_global_batch_splits_over_processes():
+    from hf_moe_tuning.study.config import resolve_batch
+
+    # written for one process: per-device 32 x 1 is the global batch, and 32 the micro-batch limit
+    assert resolve_batch({"per_device_train_batch_size": 32}, 1) == {"per_device_train_batch_size": 32, "gradient_accumulation_steps": 1}
+    assert resolve_batch({"per_device_train_batch_size": 32}, 8) == {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1}
+    assert resolve_batch({"per_device_train_batch_size": 8, "gradient_accumulation_steps": 4}, 2) == {
+        "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2}
+    # explicit: per-device batch is the limit, accumulation derived (fewest steps that fit)
+    args = {"global_batch_size": 128, "per_device_train_batch_size": 8, "learning_rate": 1e-3}
+    assert resolve_batch(args, 1) == {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 16, "learning_rate": 1e-3}
+    assert resolve_batch(args, 8) == {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 2, "learning_rate": 1e-3}
+    assert resolve_batch(args, 16)["gradient_accumulation_steps"] == 1
+    assert resolve_batch({"global_batch_size": 12}, 2) == {"per_device_train_batch_size": 6, "gradient_accumulation_steps": 1}
+    for n in (1, 2, 4, 8, 16):  # the same global batch for any number of processes
+        r = resolve_batch(args, n)
+        assert r["per_device_train_batch_size"] * r["gradient_accumulation_steps"] * n == 128
+    with pytest.raises(ValueError, match="cannot be split evenly over 3 processes"):
+        resolve_batch({"global_batch_size": 128}, 3)
+    with pytest.raises(ValueError, match="not both"):
+        resolve_batch({"global_batch_size": 128, "gradient_accumulation_steps": 2}, 1)
+
+
+def test_validate_checks_the_global_batch_for_n_processes(tmp_path, capsys):
+    path = _write(tmp_path, lambda r: r["finetune"]["sparse_args"].update(global_batch_size=12, per_device_train_batch_size=4))
+    config = load_study_config(path)
+    validate_training_args(config, num_processes=2)
+    with pytest.raises(ConfigError, match=r"bad.yaml: arms\.\w+: batch size: global batch 12 cannot be split evenly over 8"):
+        validate_training_args(config, num_processes=8)
+    (tmp_path / "other").mkdir()
+    bad = _write(tmp_path / "other", lambda r: r["finetune"]["args"].update(global_batch_size="many"))
+    with pytest.raises(ConfigError, match="finetune.args.global_batch_size: expected a positive int"):
+        load_study_config(bad)
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["validate", "--num-processes", "8", str(path)])
+    assert args.func(args) == 1 and "cannot be split evenly over 8" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("path", [p for p in YAMLS if p.stem == "real"], ids=lambda p: p.parent.name)
+def test_real_recipes_state_the_papers_global_batch(path):
+    config = load_study_config(path)
+    assert config.finetune.sparse_args["global_batch_size"] == 128  # ST-MoE: 65,536 tokens of 512-token inputs
+    for n in (1, 8, 16):  # 1 GPU, 1 node x 8, 2 nodes x 8
+        validate_training_args(config, num_processes=n)
+
+
+# ------------------------------------------------------------------------------------------ launch configs and README
+ACCELERATE = RECIPES / "accelerate"
+README = RECIPES.parent / "README.md"
+STUDIES = ("flan_moe", "st_moe_freezing", "expert_count", "instruct_moe")
+
+
+def _launch_env(config: Path, *extra: str) -> dict[str, str]:
+    """The environment ``accelerate launch --config_file config [extra] recipes/train.py`` gives each process."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser, prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(config), *extra, "recipes/train.py"])
+    args, _, _ = _validate_launch_command(args)
+    return prepare_multi_gpu_env(args)
+
+
+@pytest.mark.parametrize("config", sorted(ACCELERATE.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_accelerate_config_loads_and_launches(config):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    loaded = load_config_from_file(str(config))
+    text = config.read_text()
+    assert text.startswith("#") and "accelerate launch" in text  # each says how to launch it
+    if loaded.distributed_type in ("NO",):
+        assert loaded.num_processes == 1
+        return
+    nodes = ["--machine_rank", "0", "--main_process_ip", "10.0.0.1"] if loaded.num_machines > 1 else []
+    env = _launch_env(config, *nodes)
+    if loaded.distributed_type == "FSDP":
+        assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
+        assert env["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP"
+    if loaded.distributed_type == "DEEPSPEED":
+        assert loaded.deepspeed_config["zero_stage"] == 3
+        # the Trainer fills gradient accumulation from the recipe's global batch ("auto")
+        assert "gradient_accumulation_steps" not in loaded.deepspeed_config
+    if "2nodes" in config.stem:
+        assert (loaded.num_machines, loaded.num_processes) == (2, 16) and loaded.main_process_port
+    elif loaded.distributed_type in ("FSDP", "DEEPSPEED"):
+        assert (loaded.num_machines, loaded.num_processes) == (1, 8)
+
+
+def _readme_launch_lines() -> list[str]:
+    return [line.strip() for line in README.read_text().splitlines() if line.strip().startswith("accelerate launch")]
+
+
+def test_readme_launch_lines_name_existing_files():
+    lines = _readme_launch_lines()
+    assert lines
+    for line in lines:
+        for ref in re.findall(r"(?:recipes|scripts|tests)/[\w./-]+\.(?:ya?ml|py)", line):
+            assert (RECIPES.parent / ref).is_file(), (ref, line)
+    assert not list((RECIPES / "instruct_moe").glob("accelerate_*.yaml"))  # merged into recipes/accelerate
+
+
+@pytest.mark.parametrize("study", STUDIES)
+def test_readme_has_a_launch_line_per_study_and_machine(study):
+    lines = [line for line in _readme_launch_lines() if f"recipes/{study}/" in line]
+    kinds = {
+        "1 CPU": lambda line: "single_cpu.yaml" in line,
+        "1 GPU": lambda line: "--num_processes 1 " in line and "real.yaml" in line,
+        "8 GPUs": lambda line: re.search(r"(fsdp|deepspeed_zero3)\.yaml", line) and "real.yaml" in line,
+        "2 nodes": lambda line: "2nodes.yaml" in line and "--machine_rank" in line and "real.yaml" in line,
+    }
+    for kind, matches in kinds.items():
+        assert any(matches(line) for line in lines), (study, kind)
+
+
+def test_readme_two_process_line_is_the_one_the_tests_run():
+    from test_study_distributed import LAUNCH
+
+    assert " ".join([*LAUNCH, "recipes/train.py", "recipes/flan_moe/smoke.yaml"]) in _readme_launch_lines()
