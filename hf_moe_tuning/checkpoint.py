@@ -17,12 +17,10 @@ conversion machinery (the same :class:`~transformers.core_model_loading.WeightCo
 ``save_pretrained`` reversed), copying values *in place* so parameter identity, ``requires_grad`` flags
 and hooks (freezing) survive, and raises when any model weight is left unloaded.
 
-Three ways to use it:
-
-* :class:`hf_moe_tuning.MoETrainer` (through :class:`FusedResumeMixin`, gated by
-  ``MoETrainingArguments.moe_fix_fused_resume``, default on);
-* a plain ``Trainer``/``SFTTrainer``: add :class:`hf_moe_tuning.callbacks.resume.FusedResumeCallback`;
-* directly: ``load_checkpoint_exact(model, "out/checkpoint-500")``.
+One trainer route, :class:`hf_moe_tuning.callbacks.resume.FusedResumeCallback` (it reloads the resumed – and,
+with ``load_best_model_at_end``, the best – checkpoint exactly): ``MoETrainer`` / ``MoESFTTrainer`` add it
+themselves (``moe_fix_fused_resume``, default on) and tell it the checkpoint; a plain ``Trainer`` / ``SFTTrainer``
+gets it with ``callbacks=[FusedResumeCallback()]``. Or directly: ``load_checkpoint_exact(model, "out/checkpoint-500")``.
 """
 
 from __future__ import annotations
@@ -36,13 +34,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+
+from .adapters import is_peft_model
 
 logger = logging.getLogger(__name__)
 
-SAFE_WEIGHTS_NAME = "model.safetensors"
-SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-WEIGHTS_NAME = "pytorch_model.bin"
-WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
 
 
 class CheckpointLoadError(RuntimeError):
@@ -267,10 +264,6 @@ def is_sharded_model(model: nn.Module) -> bool:
     return any(type(m).__name__ in ("FullyShardedDataParallel", "FSDPModule") for m in model.modules())
 
 
-def _is_peft(model: nn.Module) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "active_adapters")
-
-
 def needs_exact_load(model: nn.Module, checkpoint_dir: str | None) -> bool:
     """Whether the plain Trainer would load ``checkpoint_dir`` into ``model`` incorrectly.
 
@@ -281,40 +274,7 @@ def needs_exact_load(model: nn.Module, checkpoint_dir: str | None) -> bool:
     return (
         checkpoint_dir is not None
         and has_checkpoint_layout_conversion(model)
-        and not _is_peft(model)
+        and not is_peft_model(model)
         and not is_sharded_model(model)
         and has_full_model_weights(checkpoint_dir)
     )
-
-
-class FusedResumeMixin:
-    """``Trainer`` mixin: resume from (and load the best) checkpoints of fused-expert models exactly.
-
-    Overrides ``_load_from_checkpoint`` and ``_load_best_model`` for the non-sharded path when
-    ``args.moe_fix_fused_resume`` (default ``True``; plain ``TrainingArguments`` count as ``True``) and the
-    model needs a layout conversion; everything else (FSDP, DeepSpeed, PEFT adapters, models without
-    conversions) is left to ``Trainer``.
-
-    Example:
-        >>> class MyTrainer(FusedResumeMixin, Trainer): ...
-    """
-
-    def _fix_fused_resume(self) -> bool:
-        if not getattr(self.args, "moe_fix_fused_resume", True):
-            return False
-        return not (getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False))
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        target = self.model if model is None else model
-        if self._fix_fused_resume() and needs_exact_load(target, resume_from_checkpoint):
-            load_checkpoint_exact(target, resume_from_checkpoint)
-            return
-        super()._load_from_checkpoint(resume_from_checkpoint, model)  # type: ignore[misc]
-
-    def _load_best_model(self) -> None:
-        best = self.state.best_model_checkpoint
-        if self._fix_fused_resume() and needs_exact_load(self.model, best):
-            logger.info("Loading best model from %s (score: %s).", best, self.state.best_metric)
-            load_checkpoint_exact(self.model, best)
-            return
-        super()._load_best_model()  # type: ignore[misc]

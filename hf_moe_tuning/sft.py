@@ -45,7 +45,6 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     ) from err
 
 from .anatomy import describe_moe
-from .checkpoint import FusedResumeMixin
 from .configuration import MoEArguments
 from .hub.mixin import AllowListPushMixin
 from .presets import apply_hparam_preset
@@ -54,6 +53,7 @@ from .trainer import (
     _bind_callbacks,
     _first_missing_dir,
     _remove_empty_dirs,
+    _without_second_resume,
     build_moe_callbacks,
 )
 
@@ -98,7 +98,7 @@ def resolve_trl_aux_loss(args: MoESFTConfig) -> None:
         )
 
 
-class MoESFTTrainer(MoETrainerMixin, FusedResumeMixin, AllowListPushMixin, SFTTrainer):
+class MoESFTTrainer(MoETrainerMixin, AllowListPushMixin, SFTTrainer):
     """TRL's ``SFTTrainer`` with the MoE callbacks of :class:`MoESFTConfig`, like :class:`~hf_moe_tuning.MoETrainer`.
 
     The MoE callbacks are built after ``SFTTrainer.__init__`` (TRL may load the model from a name and wrap it in
@@ -142,6 +142,7 @@ class MoESFTTrainer(MoETrainerMixin, FusedResumeMixin, AllowListPushMixin, SFTTr
             moe_callbacks = build_moe_callbacks(
                 args, self.model, anatomy, train_dataset=self.train_dataset, data_collator=self.data_collator
             )
+            moe_callbacks = _without_second_resume(moe_callbacks, list(callbacks or []))
             for callback in moe_callbacks:
                 self.add_callback(callback)
             for callback in moe_callbacks:  # the event Trainer.__init__ sent before these callbacks existed

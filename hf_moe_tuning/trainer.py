@@ -4,11 +4,13 @@
 * :func:`build_moe_callbacks` builds the MoE callbacks (freezing, router losses, expert-load logging,
   expert-level controls, NaN guard) from the MoE options and the model's anatomy, computed once per trainer;
   :class:`MoETrainer` and :class:`~hf_moe_tuning.sft.MoESFTTrainer` both use it;
-* the trainers merge the callbacks' metrics into ``Trainer.log`` so every reporter (console, TensorBoard,
-  W&B, ...) sees them.
-
-Plain ``Trainer`` / TRL ``SFTTrainer`` users pass the callbacks themselves and call
-:func:`enable_moe_logging` once to get the same merged logging.
+* one route to the logs, :class:`MoELoggingMixin`: its ``log`` merges the callbacks' pending metrics into the
+  dict every reporter (console, TensorBoard, W&B, ``trainer_state.json``) receives, and its ``evaluate`` attaches
+  the router-loss hooks for an evaluation outside ``train``. ``MoETrainer`` and ``MoESFTTrainer`` inherit it;
+  a plain ``Trainer`` / TRL ``SFTTrainer`` gets the same class mixed in by :func:`enable_moe_logging`.
+* one route to exact resume of fused-expert models, :class:`~hf_moe_tuning.callbacks.resume.FusedResumeCallback`:
+  :func:`build_moe_callbacks` adds it (``moe_fix_fused_resume``) and ``train`` tells it the checkpoint; plain
+  trainers add it themselves.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import contextlib
 import functools
 import logging
 import os
-import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -33,9 +34,10 @@ from .callbacks.expert_dropout import ExpertDropoutCallback
 from .callbacks.expert_load import ExpertLoadCallback
 from .callbacks.freezing import MoEFreezingCallback
 from .callbacks.nan_guard import NaNGuardCallback
+from .callbacks.resume import FusedResumeCallback
 from .callbacks.router_jitter import RouterJitterCallback
 from .callbacks.router_loss import RouterLossCallback
-from .checkpoint import FusedResumeMixin
+from .checkpoint import has_checkpoint_layout_conversion
 from .configuration import MoEArguments
 from .crash_safety import CrashSafeCheckpointMixin, resolve_resume_checkpoint, run_training
 from .distributed import configure_distributed
@@ -113,7 +115,16 @@ def build_moe_callbacks(
     callbacks.append(RouterJitterCallback.from_args(args, anatomy=anatomy))
     callbacks.append(BiasBalancingCallback.from_args(args, anatomy=anatomy))
     callbacks.append(NaNGuardCallback.from_args(args, anatomy=anatomy))
+    if getattr(args, "moe_fix_fused_resume", True) and has_checkpoint_layout_conversion(model):
+        callbacks.append(FusedResumeCallback())  # the trainer's train() tells it the checkpoint it resumes from
     return [cb for cb in callbacks if cb is not None]
+
+
+def _without_second_resume(moe_callbacks: list[TrainerCallback], given: list) -> list[TrainerCallback]:
+    """``moe_callbacks`` without the ``FusedResumeCallback`` when the user passed one (one reload, not two)."""
+    if not any(isinstance(cb, FusedResumeCallback) for cb in given):
+        return moe_callbacks
+    return [cb for cb in moe_callbacks if not isinstance(cb, FusedResumeCallback)]
 
 
 def _bind_callbacks(trainer: Trainer) -> None:
@@ -169,11 +180,34 @@ def _remove_empty_dirs(path: str | None, top: str | None) -> None:
         path = os.path.dirname(path)
 
 
-class MoETrainerMixin(CrashSafeCheckpointMixin):
+class MoELoggingMixin:
+    """The one route of the MoE callbacks' metrics to the logs, mixed into a ``Trainer`` class.
+
+    Callbacks compute their metrics before the Trainer logs and queue them
+    (:meth:`~hf_moe_tuning.callbacks.base.MoEMetricsCallback.push_metrics`); ``log`` merges them into the dict it
+    hands to every reporter and to ``state.log_history``, in place, so the dict ``evaluate`` returns (and
+    ``eval_results.json``, ``metric_for_best_model``) holds them too. ``evaluate`` attaches the router-loss hooks
+    for an evaluation outside ``train`` (before it, after it, or eval-only). :class:`MoETrainer` and
+    :class:`~hf_moe_tuning.sft.MoESFTTrainer` inherit it; :func:`enable_moe_logging` mixes it into a plain trainer.
+    """
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """``Trainer.evaluate``; also outside ``train``, the returned metrics hold ``eval_router/*``,
+        ``eval_lm_loss`` and ``eval_moe/*`` (those are logged too)."""
+        with _evaluation_hooks(self):
+            return super().evaluate(*args, **kwargs)  # type: ignore[misc]
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """``Trainer.log`` with the pending MoE metrics merged into ``logs`` first."""
+        super().log(_merge_into(self.callback_handler.callbacks, logs), *args, **kwargs)  # type: ignore[misc]
+
+
+class MoETrainerMixin(MoELoggingMixin, CrashSafeCheckpointMixin):
     """What :class:`MoETrainer` and :class:`~hf_moe_tuning.sft.MoESFTTrainer` share on top of their ``Trainer``.
 
-    Metrics of the MoE callbacks merged into ``log``; ``train`` prepares FSDP / ZeRO-3 and checks a resumed
-    checkpoint; the anatomy computed once at construction is kept in ``moe_anatomy``.
+    Metrics of the MoE callbacks merged into ``log`` (:class:`MoELoggingMixin`); ``train`` prepares FSDP / ZeRO-3,
+    checks a resumed checkpoint and points the checkpoint-aware callbacks at it; the anatomy computed once at
+    construction is kept in ``moe_anatomy``.
     """
 
     #: ``describe_moe`` of the trained model, computed once when the trainer was built.
@@ -187,27 +221,22 @@ class MoETrainerMixin(CrashSafeCheckpointMixin):
         """``Trainer.train``, after preparing FSDP / ZeRO-3 for the MoE blocks (:func:`configure_distributed`);
         when resuming, first resolves the checkpoint (``True``: the newest *complete* one; a path: checked, a
         broken one raises naming the file – see :mod:`~hf_moe_tuning.crash_safety`), checks it was made with the
-        same freezing plan, and points the expert-load callback at it (for its saved drift reference)."""
+        same freezing plan, and points the expert-load callback (for its saved drift reference) and the fused-resume
+        callback (to reload fused expert weights exactly) at it."""
         checkpoint = resolve_resume_checkpoint(self, resume_from_checkpoint)  # True: the newest *complete* one
+        path = checkpoint if isinstance(checkpoint, str) else None
         for cb in self.callback_handler.callbacks:
-            if isinstance(cb, MoEFreezingCallback) and isinstance(checkpoint, str):
-                cb.check_checkpoint(checkpoint)
+            if isinstance(cb, MoEFreezingCallback) and path:
+                cb.check_checkpoint(path)
             if isinstance(cb, ExpertLoadCallback):
-                cb.resume_checkpoint = checkpoint if isinstance(checkpoint, str) else None
+                cb.resume_checkpoint = path
+            if isinstance(cb, FusedResumeCallback) and path:
+                cb.checkpoint_dir = path
         configure_distributed(self)  # FSDP wrap units / ZeRO-3 leaf modules from the anatomy; no-op for DDP/CPU
         return run_training(self, functools.partial(super().train, checkpoint, *args, **kwargs))
 
-    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
-        """``Trainer.evaluate``; also outside ``train``, the returned metrics hold ``eval_router/*``,
-        ``eval_lm_loss`` and ``eval_moe/*`` (those are logged too)."""
-        with _evaluation_hooks(self):
-            return super().evaluate(*args, **kwargs)
 
-    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        super().log(_merge_into(self.callback_handler.callbacks, logs), *args, **kwargs)
-
-
-class MoETrainer(MoETrainerMixin, FusedResumeMixin, MoECardMixin, Trainer):
+class MoETrainer(MoETrainerMixin, MoECardMixin, Trainer):
     """``Trainer`` with MoE freezing, router losses and expert-load logging from :class:`MoETrainingArguments`.
 
     The model's anatomy is computed once (``moe_anatomy``) and shared by every MoE callback, which
@@ -231,6 +260,7 @@ class MoETrainer(MoETrainerMixin, FusedResumeMixin, MoECardMixin, Trainer):
         moe_callbacks = build_moe_callbacks(
             args, model, anatomy, train_dataset=kwargs.get("train_dataset"), data_collator=kwargs.get("data_collator")
         )
+        moe_callbacks = _without_second_resume(moe_callbacks, list(callbacks or []))
         missing = _first_missing_dir(args.output_dir)
         try:
             super().__init__(model=model, args=args, callbacks=list(callbacks or []) + moe_callbacks, **kwargs)
@@ -243,25 +273,24 @@ class MoETrainer(MoETrainerMixin, FusedResumeMixin, MoECardMixin, Trainer):
         _bind_callbacks(self)
 
 
+@functools.cache
+def _with_moe_logging(trainer_class: type) -> type:
+    """``trainer_class`` with :class:`MoELoggingMixin` in front (one class per trainer class, same name)."""
+    return type(trainer_class.__name__, (MoELoggingMixin, trainer_class), {"__module__": trainer_class.__module__,
+                                                                          "__doc__": trainer_class.__doc__})
+
+
 def enable_moe_logging(trainer: Trainer) -> Trainer:
-    """Make a plain ``Trainer`` (or TRL ``SFTTrainer``) merge MoE callback metrics into ``log``.
+    """Give a plain ``Trainer`` (or TRL ``SFTTrainer``, ``Seq2SeqTrainer`` ...) the logging route of ``MoETrainer``.
 
-    Also binds callbacks that need the trainer (``RouterLossCallback`` must be bound under ``SFTTrainer``,
-    which computes its own loss). ``MoETrainer`` and ``MoESFTTrainer`` do all this already. Returns ``trainer`` for chaining.
+    Mixes :class:`MoELoggingMixin` into the trainer's class (the MoE metrics are merged into ``log``; an
+    ``evaluate`` outside ``train`` reports ``eval_router/*``) and binds the callbacks that need the trainer
+    (``RouterLossCallback`` must be bound under ``SFTTrainer``, which computes its own loss; ``ExpertLoadCallback``
+    finds the TensorBoard writer). Without it the MoE callbacks' metrics reach no log: the callbacks warn once.
+    ``MoETrainer`` and ``MoESFTTrainer`` need nothing. Returns ``trainer`` for chaining.
     """
-    if isinstance(trainer, MoETrainerMixin) or getattr(trainer, "_moe_logging_enabled", False):
+    if isinstance(trainer, MoELoggingMixin):
         return trainer
+    trainer.__class__ = _with_moe_logging(type(trainer))
     _bind_callbacks(trainer)
-    original_log, original_evaluate = trainer.log, trainer.evaluate
-
-    def log(self: Trainer, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        original_log(_merge_into(self.callback_handler.callbacks, logs), *args, **kwargs)
-
-    def evaluate(self: Trainer, *args: Any, **kwargs: Any) -> dict[str, float]:
-        with _evaluation_hooks(self):
-            return original_evaluate(*args, **kwargs)
-
-    trainer.log = types.MethodType(log, trainer)
-    trainer.evaluate = types.MethodType(evaluate, trainer)
-    trainer._moe_logging_enabled = True
     return trainer

@@ -1,8 +1,8 @@
 """Stop at step k, resume from the checkpoint: final weights and every logged metric equal the uninterrupted run.
 
 Covers the fused-expert trap of transformers 5 (a plain ``Trainer`` resumes Mixtral/Qwen2-MoE with the
-fresh model's router and expert weights), its two fixes (``FusedResumeCallback`` for plain trainers,
-``FusedResumeMixin`` in ``MoETrainer``), and a full MoE run – router aux + z losses with scheduled
+fresh model's router and expert weights), its one fix (``FusedResumeCallback``: passed to a plain ``Trainer``,
+added by ``MoETrainer`` itself), and a full MoE run – router aux + z losses with scheduled
 coefficients, expert-load logging, each freezing strategy, expert subsets inside fused tensors and ESFT
 selection – on a Qwen2-MoE with a dense first layer (fused experts, a shared expert and a dense FFN, so
 every strategy applies). Routing drift is off here; its reference across a resume is tested in
@@ -23,7 +23,7 @@ from hf_moe_tuning.callbacks.expert_load import ExpertLoadCallback
 from hf_moe_tuning.callbacks.nan_guard import NaNGuardCallback
 from hf_moe_tuning.callbacks.resume import FusedResumeCallback
 from hf_moe_tuning.callbacks.router_loss import RouterLossCallback
-from hf_moe_tuning.checkpoint import CheckpointLoadError, FusedResumeMixin, load_checkpoint_exact
+from hf_moe_tuning.checkpoint import CheckpointLoadError, load_checkpoint_exact
 from hf_moe_tuning.models import build_tiny_model
 from hf_moe_tuning.trainer import build_moe_callbacks
 
@@ -31,8 +31,6 @@ MAX_STEPS, STOP_AT = 2, 1
 #: log keys that measure wall time, not training
 TIMING = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos", "train_loss")
 
-# MoETrainer with the exact-resume override (a no-op wrapper once MoETrainer inherits FusedResumeMixin)
-ResumeTrainer = MoETrainer if issubclass(MoETrainer, FusedResumeMixin) else type("ResumeTrainer", (FusedResumeMixin, MoETrainer), {})
 
 
 
@@ -122,7 +120,7 @@ def _moe_run(out, name: str, resume: str | None = None, model_kwargs: dict | Non
     wanted = [RouterLossCallback.from_args(args), ExpertLoadCallback.from_args(args), NaNGuardCallback.from_args(args)]
     present = {type(cb) for cb in build_moe_callbacks(args, model, train_dataset=dataset)}
     extra = [cb for cb in wanted if cb is not None and type(cb) not in present]
-    trainer = ResumeTrainer(model=model, args=args, train_dataset=dataset, callbacks=extra)
+    trainer = MoETrainer(model=model, args=args, train_dataset=dataset, callbacks=extra)
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
@@ -177,7 +175,7 @@ def test_load_best_model_at_end_is_exact(tmp_path):
         load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True,  # best: the first
         moe_drift_probe_size=0, moe_expert_load_heatmap=False,
     )
-    trainer = ResumeTrainer(model=model, args=args, train_dataset=random_lm_dataset(), eval_dataset=random_lm_dataset(8))
+    trainer = MoETrainer(model=model, args=args, train_dataset=random_lm_dataset(), eval_dataset=random_lm_dataset(8))
     trainer.train()
     best = trainer.state.best_model_checkpoint
     assert best == _checkpoint(tmp_path)

@@ -5,13 +5,13 @@ A callback computes its metrics *before* the Trainer logs (e.g. in ``on_step_end
 :meth:`MoEMetricsCallback.push_metrics`. The trainer then merges them into the ``logs`` dict it is about
 to hand to every reporter:
 
-* :class:`hf_moe_tuning.MoETrainer` does it in its ``log`` override;
-* a plain ``transformers.Trainer`` or TRL ``SFTTrainer`` gets the same with
-  :func:`hf_moe_tuning.trainer.enable_moe_logging` (``MoETrainer`` needs nothing).
+this is the one route of the metrics to the logs (:class:`hf_moe_tuning.trainer.MoELoggingMixin`), which
+``MoETrainer`` and ``MoESFTTrainer`` inherit and :func:`hf_moe_tuning.enable_moe_logging` mixes into a plain
+``transformers.Trainer`` or TRL ``SFTTrainer``.
 
 Callbacks never mutate ``logs`` inside ``on_log`` (reporters such as TensorBoard have already run by
-then). If nothing merged the metrics, the callback keeps them in ``state.log_history`` (so they reach
-``trainer_state.json``) and warns once that reporters did not see them.
+then). If nothing merged the metrics (a plain trainer without ``enable_moe_logging``), the callback drops them at
+that log and warns once, naming the fix.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ class MoEMetricsCallback(TrainerCallback):
 
     def __init__(self) -> None:
         self._pending: dict[str, dict[str, float]] = {TRAIN: {}, EVAL: {}}
-        self._merged_by_trainer = False
         self._warned_unmerged = False
 
     # -- producer side ------------------------------------------------------------------------
@@ -52,24 +51,21 @@ class MoEMetricsCallback(TrainerCallback):
         """Return and clear the queued metrics of ``kind`` (eval keys prefixed with ``eval_``)."""
         metrics = self._pending[kind]
         self._pending[kind] = {}
-        self._merged_by_trainer = True
         if kind == EVAL:
             return {f"eval_{k}": v for k, v in metrics.items()}
         return metrics
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        """Metrics still queued at a log were merged by nothing: drop them (warn once, naming the fix)."""
         kind = log_kind(logs or {})
         if not self._pending[kind]:
             return
         metrics = self.pop_metrics(kind)
-        self._merged_by_trainer = False
-        if state.log_history:
-            state.log_history[-1].update(metrics)
         if not self._warned_unmerged:
             self._warned_unmerged = True
             logger.warning(
-                "%s: metrics %s were kept in trainer_state.json but not sent to reporters (TensorBoard, W&B). "
-                "Use hf_moe_tuning.MoETrainer or call hf_moe_tuning.enable_moe_logging(trainer).",
+                "%s: metrics %s reach no log: the trainer does not merge them. Use hf_moe_tuning.MoETrainer / "
+                "MoESFTTrainer, or call hf_moe_tuning.enable_moe_logging(trainer) once after building it.",
                 type(self).__name__,
                 sorted(metrics)[:4],
             )
