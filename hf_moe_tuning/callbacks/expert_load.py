@@ -77,6 +77,7 @@ import importlib
 import json
 import logging
 import os
+import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from itertools import islice
@@ -253,7 +254,9 @@ def _import_matplotlib() -> None:
 def _render_heatmap(loads: list[LayerLoad], path: str, title: str) -> None:
     """Render to a hidden temporary file in the same folder, then rename it to ``path`` (atomic)."""
     folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+    # a unique name: the background thread and the train-end render may write the same file at once
+    handle, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder or ".")
+    os.close(handle)
     try:
         save_load_heatmap(loads, tmp, title)
         os.replace(tmp, path)
