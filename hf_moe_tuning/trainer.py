@@ -42,6 +42,7 @@ from .configuration import MoEArguments
 from .crash_safety import CrashSafeCheckpointMixin, resolve_resume_checkpoint, run_training
 from .distributed import configure_distributed
 from .hub.mixin import MoECardMixin
+from .loss_scaling import global_token_mean_loss, loss_uses_num_items
 from .presets import apply_hparam_preset
 
 logger = logging.getLogger(__name__)
@@ -270,7 +271,20 @@ class MoETrainer(MoETrainerMixin, MoECardMixin, Trainer):
             raise
         self.moe_anatomy = anatomy
         self._moe_created_output_dir = missing  # removed again if training fails before writing anything
+        self._moe_mean_loss_model = not loss_uses_num_items(self.model)
         _bind_callbacks(self)
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        """``Trainer.compute_loss``; a model whose loss is a per-batch mean (T5, Switch, NLLB-MoE) is trained on the
+        global token mean instead, which transformers' scaling for DDP and gradient accumulation assumes
+        (:mod:`~hf_moe_tuning.loss_scaling`): the same gradient for any number of processes and accumulation."""
+        if not self._moe_mean_loss_model or num_items_in_batch is None:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        with global_token_mean_loss(self.model):
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
 
 
 @functools.cache

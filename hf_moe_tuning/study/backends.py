@@ -18,8 +18,6 @@ either backend. Every stage of :mod:`.stages` goes through :class:`Backend`'s me
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -136,59 +134,6 @@ class _LogLastStep(TrainerCallback):
         return control
 
 
-def loss_uses_num_items(model) -> bool:
-    """Whether the model's loss divides by the ``num_items_in_batch`` the Trainer passes (``self.loss_function``).
-
-    T5, Switch and NLLB-MoE take ``**kwargs`` but compute a plain per-batch mean cross-entropy; transformers
-    still treats them as accepting loss kwargs and multiplies their loss by the number of processes
-    (``average_tokens_across_devices``) and skips the division by the accumulation steps: gradients N times
-    too large under DDP (the logged losses too). Such models train under :func:`global_token_mean_loss`.
-    """
-    import inspect
-
-    try:
-        source = inspect.getsource(type(model).forward)
-    except (OSError, TypeError):
-        return True
-    return "loss_function" in source or "num_items_in_batch" in source
-
-
-@contextlib.contextmanager
-def global_token_mean_loss(model):
-    """While training, make a model whose loss is a per-batch mean (:func:`loss_uses_num_items`) divide the
-    summed token cross-entropy by the Trainer's ``num_items_in_batch`` instead, as causal LMs do.
-
-    With transformers' scaling by the number of processes the gradient is then the mean over every target
-    token of the global batch, for any number of processes and any gradient accumulation: the same as a
-    one-process run over the same batch. The model gets ``labels`` as before (it builds its decoder inputs and
-    the router losses mask padding from them); only ``outputs.loss`` is recomputed from the logits. Without
-    ``num_items_in_batch`` (evaluation by the pipeline, generation) the model is unchanged.
-    """
-    if loss_uses_num_items(model):
-        yield
-        return
-    original = model.forward
-
-    @functools.wraps(original)
-    def forward(*args, num_items_in_batch=None, **kwargs):
-        outputs = original(*args, **kwargs)
-        labels = kwargs.get("labels")
-        if num_items_in_batch is not None and labels is not None and getattr(outputs, "loss", None) is not None:
-            logits = outputs.logits
-            total = torch.nn.functional.cross_entropy(
-                logits.view(-1, logits.size(-1)), labels.to(logits.device).view(-1), ignore_index=-100, reduction="sum"
-            )
-            outputs.loss = total / num_items_in_batch
-        return outputs
-
-    model.forward = forward
-    try:
-        yield
-    finally:
-        if model.__dict__.get("forward") is forward:
-            del model.forward  # the class's forward again
-
-
 def _log_quietly(trainer) -> None:
     if not logger.isEnabledFor(logging.INFO):  # the driver shows progress bars; keep per-step log dicts off the console
         trainer.remove_callback(PrinterCallback)
@@ -286,12 +231,11 @@ class Seq2SeqBackend(Backend):
         training_args = MoETrainingArguments(
             output_dir=str(output_dir), seed=seed, data_seed=seed, report_to="none", **_stage_args(args, progress)
         )
-        with global_token_mean_loss(model):
-            trainer = MoETrainer(
-                model=model, args=training_args, train_dataset=dataset, eval_dataset=eval_dataset,
-                data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100), callbacks=callbacks,
-            )
-            return _run(trainer, eval_dataset)
+        trainer = MoETrainer(  # trains per-batch-mean losses (T5, Switch) as a global token mean: loss_scaling
+            model=model, args=training_args, train_dataset=dataset, eval_dataset=eval_dataset,
+            data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100), callbacks=callbacks,
+        )
+        return _run(trainer, eval_dataset)
 
     def evaluate(self, model, tokenizer, dataset: Dataset, kind: str, metrics) -> TaskEvaluation:
         return evaluate_task(model, tokenizer, dataset, kind, metrics, max_source_length=self.max_source_length, **self.evaluate_settings())
@@ -421,8 +365,6 @@ __all__ = [
     "TrainOutcome",
     "backend_for",
     "backend_name",
-    "loss_uses_num_items",
     "model_kind",
     "parameter_summary",
-    "global_token_mean_loss",
 ]
