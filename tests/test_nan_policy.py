@@ -143,3 +143,27 @@ def test_all_labels_ignored(tmp_path):
         row["labels"] = [-100] * len(row["labels"])
     with pytest.raises(FloatingPointError, match="no labelled token \\(every label is -100\\)"):
         _run(tmp_path / "run", dataset=Dataset.from_list(rows))
+
+
+def test_unbound_guard_reads_the_local_shard_of_dtensor_gradients(tmp_path):
+    """Without a bound trainer the guard takes the norm of the gradients itself; FSDP2 gradients are DTensors,
+    whose local shard it checks (the flag is reduced over the processes afterwards)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DeviceMesh, Shard, distribute_tensor
+
+    from hf_moe_tuning.callbacks.nan_guard import NaNGuardCallback
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = DeviceMesh("cpu", [0])
+        layer = torch.nn.Linear(4, 4)
+        layer.weight = torch.nn.Parameter(distribute_tensor(layer.weight.detach(), mesh, [Shard(0)]))
+        layer.weight.grad = distribute_tensor(torch.ones(4, 4), mesh, [Shard(0)])
+        guard = NaNGuardCallback()
+        flag = guard._grad_norm_flag(layer, torch.device("cpu"))
+        assert type(flag) is torch.Tensor  # a plain tensor: it is stacked with the loss flags and reduced
+        assert not flag.item()
+        layer.weight.grad = distribute_tensor(torch.full((4, 4), float("nan")), mesh, [Shard(0)])
+        assert guard._grad_norm_flag(layer, torch.device("cpu")).item()
+    finally:
+        dist.destroy_process_group()

@@ -88,6 +88,12 @@ def any_process_flagged(flag: torch.Tensor) -> bool:
     return bool(reduce_max(flag.detach().float().reshape(())).item() > 0)
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2 gradients), the tensor itself otherwise."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
+
+
 class NaNGuardCallback(MoEMetricsCallback, ExportableState):
     """Raise on, or skip, optimizer steps whose training loss or gradient norm is NaN or infinite.
 
@@ -289,12 +295,11 @@ class NaNGuardCallback(MoEMetricsCallback, ExportableState):
     def _grad_norm_flag(self, model: nn.Module | None, device: torch.device) -> torch.Tensor:
         norm, self._grad_norm = self._grad_norm, None
         if norm is None and model is not None and not self._bound:
-            grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
+            # this process's shard of each gradient (FSDP2 / DTensor grads hold a shard; the flags are reduced over
+            # the processes below, so a non-finite element in any shard counts)
+            grads = [_local(p.grad.detach()) for p in model.parameters() if p.grad is not None]
             if grads:
-                try:
-                    norm = torch.nn.utils.get_total_norm(grads)
-                except Exception:
-                    norm = None
+                norm = torch.nn.utils.get_total_norm(grads)
         if norm is None:
             return torch.zeros((), device=device)
         norm = torch.as_tensor(norm, device=device, dtype=torch.float32) if not isinstance(norm, torch.Tensor) else norm
