@@ -53,3 +53,11 @@ def test_demo_trains_and_reports(tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     assert "MoE freezing strategy: attention" in out
     assert "final train loss:" in out
+
+
+def test_recorded_command_names_the_entry_point_for_python_dash_m() -> None:
+    from hf_moe_tuning.study.cli import _program
+
+    assert _program("/usr/local/bin/hf-moe-tuning") == "hf-moe-tuning"
+    assert _program("/work/run/hf_moe_tuning/cli.py") == "hf-moe-tuning"  # python -m hf_moe_tuning.cli
+    assert _program("recipes/train.py") == "recipes/train.py"

@@ -29,6 +29,15 @@ from .runner import DEFAULT_RECIPES, DRIVER_STUDIES, check_jobs, resolve_recipe,
 
 logger = logging.getLogger(__name__)
 
+def _program(argv0: str) -> str:
+    """How the recorded command names the program: ``hf-moe-tuning`` for the entry point and for
+    ``python -m hf_moe_tuning.cli`` (whose ``argv[0]`` is the module's file path), the script path otherwise."""
+    path = Path(argv0)
+    if path.name == "hf-moe-tuning" or path.parts[-2:] == ("hf_moe_tuning", "cli.py"):
+        return "hf-moe-tuning"
+    return argv0
+
+
 #: subcommand -> (driver of :data:`~.runner.DRIVER_STUDIES`, help)
 DRIVERS: dict[str, tuple[str, str]] = {
     "compare": ("compare", "Flan-MoE: fine-tune T5, Flan-T5, MoE and Flan-MoE (or dense/MoE decoders) on held-out tasks"),
@@ -79,7 +88,7 @@ def run_from_args(args: argparse.Namespace, driver: str | None = None) -> int:
     state = process_state()  # under accelerate launch: joins the process group before any stage
     validate_training_args(config, check_lora_targets=False, num_processes=state.num_processes if state else 1)
     seeds = list(range(args.seeds)) if args.seeds is not None else None
-    command = " ".join(shlex.quote(a) for a in ["hf-moe-tuning" if Path(sys.argv[0]).name == "hf-moe-tuning" else sys.argv[0], *sys.argv[1:]])
+    command = " ".join(shlex.quote(a) for a in [_program(sys.argv[0]), *sys.argv[1:]])
     paths = run_study(
         config, seeds=seeds, output_dir=args.output_dir, cache_dir=args.cache_dir,
         progress=not args.no_progress, command=command, num_jobs=args.jobs,
