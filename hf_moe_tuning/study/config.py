@@ -30,9 +30,10 @@ A recipe describes one study (``flan_moe``, ``st_moe_freezing``, ``expert_count`
 Encoder-decoder models train with ``MoETrainer``, decoder-only ones with ``MoESFTTrainer`` in chat
 format (:mod:`hf_moe_tuning.study.backends`); everything else is the same for both.
 
-``pretrain.shipped_dir`` (relative to the recipe file) holds pretrain stages shipped with the
-repository (``pretrain/<model>-<key>/`` as the cache writes them); one is used instead of training only
-when its key, the hash of the exact pretraining configuration, matches.
+``pretrain.shipped_dir`` and ``instruct.shipped_dir`` (relative to the recipe file) hold stages shipped with
+the repository (``pretrain/<model>-<key>/``, ``instruct/<model>-<key>/`` as the cache writes them); one is used
+instead of training only when its key, the hash of the exact configuration of the stage (and, for instruct,
+of the pretraining it starts from), matches.
 
 Training arguments (``args``) are :class:`hf_moe_tuning.MoETrainingArguments` fields, merged in this
 order: stage ``args`` → stage ``sparse_args`` / ``dense_args`` (by the model's kind, when
@@ -99,7 +100,7 @@ _MODEL_KEYS = {"init", "overrides", "kind", "args"}
 _PRETRAIN_KEYS = {
     "enabled", "seed", "noise_density", "mean_span", "args", "sparse_args", "dense_args", "family_args", "shipped_dir",
 }
-_INSTRUCT_KEYS = {"enabled", "seed", "args", "sparse_args", "dense_args", "family_args"}
+_INSTRUCT_KEYS = {"enabled", "seed", "args", "sparse_args", "dense_args", "family_args", "shipped_dir"}
 _FINETUNE_KEYS = {"args", "sparse_args", "dense_args", "family_args", "early_stopping"}
 _EARLY_STOPPING_KEYS = {"eval_every", "patience", "min_delta"}
 _EVALUATE_KEYS = {"split", "batch_size", "max_new_tokens"}
@@ -409,14 +410,15 @@ def parse_study_config(raw: dict[str, Any], path: str | Path | None = None) -> S
         raise ConfigError(path, "models", "at least one model is required")
 
     pretrain = _stage(raw.get("pretrain"), _PRETRAIN_KEYS, path, "pretrain")
-    if pretrain.extra.get("shipped_dir"):
-        shipped = Path(pretrain.extra["shipped_dir"])
-        if not shipped.is_absolute() and path is not None:
-            shipped = Path(path).parent / shipped
-        if not shipped.is_dir():
-            raise ConfigError(path, "pretrain.shipped_dir", f"no such directory: {shipped}")
-        pretrain.extra["shipped_dir"] = str(shipped)
     instruct = _stage(raw.get("instruct"), _INSTRUCT_KEYS, path, "instruct")
+    for name, stage in (("pretrain", pretrain), ("instruct", instruct)):
+        if stage.extra.get("shipped_dir"):
+            shipped = Path(stage.extra["shipped_dir"])
+            if not shipped.is_absolute() and path is not None:
+                shipped = Path(path).parent / shipped
+            if not shipped.is_dir():
+                raise ConfigError(path, f"{name}.shipped_dir", f"no such directory: {shipped}")
+            stage.extra["shipped_dir"] = str(shipped)
     finetune = _stage(raw.get("finetune"), _FINETUNE_KEYS, path, "finetune")
     stopping = _expect_mapping(finetune.extra.get("early_stopping"), path, "finetune.early_stopping")
     _check_keys(stopping, _EARLY_STOPPING_KEYS, path, "finetune.early_stopping")

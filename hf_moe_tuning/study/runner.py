@@ -250,6 +250,8 @@ def run_study(
     stage_start = time.perf_counter()
     for name in tqdm(instruct_models, desc="instruct", disable=not progress or not instruct_models):
         path, key, info = ensure_instructed(config, config.models[name], *pretrained[name], cache, progress=progress)
+        if info.get("shipped"):
+            shipped.append(os.path.relpath(info["shipped"]))
         instructed[name] = (path, key)
         models_info[name].update(mixture_eval_loss=info.get("mixture_eval_loss"), mixture_train_loss=info.get("train_loss"))
     stage_seconds["instruct"] = time.perf_counter() - stage_start

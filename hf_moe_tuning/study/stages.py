@@ -180,6 +180,25 @@ def pretrain_key(config: StudyConfig, spec: ModelSpec) -> dict[str, Any]:
     return {**payload, **_backend_payload(backend_for(config, spec))}
 
 
+def _shipped(shipped_dir: str | None, stage: str, spec: ModelSpec, payload: dict[str, Any]) -> Path | None:
+    """The shipped, finished ``stage`` of ``spec`` under ``shipped_dir`` whose configuration key is that of
+    ``payload`` (configuration only: shipped stages are inputs, like a Hub checkpoint), else ``None``."""
+    if not shipped_dir:
+        return None
+    found = StageCache(shipped_dir).path(stage, spec.name, config_key(payload))
+    if StageCache.is_done(found):
+        logger.info("using the shipped %s stage of %s (%s)", stage, spec.name, found)
+        return found
+    logger.info("no shipped %s stage for %s with configuration key %s: training it", stage, spec.name, config_key(payload))
+    return None
+
+
+def instruct_shipped_key(config: StudyConfig, spec: ModelSpec, payload: dict[str, Any]) -> dict[str, Any]:
+    """The payload a shipped instruct stage is keyed by: ``payload`` with the upstream pretrain stage named by
+    its configuration key (the cache's ``upstream`` also holds the code and platform of the run)."""
+    return {**payload, "upstream": config_key(pretrain_key(config, spec))}
+
+
 def ensure_pretrained(config: StudyConfig, spec: ModelSpec, cache: StageCache, progress: bool = False) -> tuple[str, str, dict]:
     """Path (or Hub id) of the pretrained model for ``spec`` and its stage key; trains it if not cached.
 
@@ -191,13 +210,8 @@ def ensure_pretrained(config: StudyConfig, spec: ModelSpec, cache: StageCache, p
     key = config_hash(payload)
     if not spec.is_tiny:
         return spec.init, key, {"seconds": 0.0, "cached": True}
-    shipped_dir = config.pretrain.extra.get("shipped_dir")
-    if shipped_dir and config.pretrain.enabled:
-        shipped = StageCache(shipped_dir).path("pretrain", spec.name, config_key(payload))
-        if StageCache.is_done(shipped):
-            logger.info("using the shipped pretrained %s (%s)", spec.name, shipped)
-            return str(shipped / "model"), key, {**StageCache.result(shipped), "cached": True, "shipped": str(shipped)}
-        logger.info("no shipped checkpoint for %s with configuration key %s: pretraining", spec.name, config_key(payload))
+    if config.pretrain.enabled and (found := _shipped(config.pretrain.extra.get("shipped_dir"), "pretrain", spec, payload)):
+        return str(found / "model"), key, {**StageCache.result(found), "cached": True, "shipped": str(found)}
     path = cache.path("pretrain" if config.pretrain.enabled else "init", spec.name, key)
 
     def pretrain(path: Path) -> dict:
@@ -223,7 +237,8 @@ def ensure_instructed(
     config: StudyConfig, spec: ModelSpec, start: str, start_key: str, cache: StageCache, progress: bool = False
 ) -> tuple[str, str, dict]:
     """Instruction-tune the model at ``start`` on the mixture; cached. ``info["mixture_eval_loss"]`` is its
-    loss on :data:`MIXTURE_EVAL_SIZE` held-out mixture examples."""
+    loss on :data:`MIXTURE_EVAL_SIZE` held-out mixture examples. A shipped stage (``instruct.shipped_dir``)
+    with the same configuration is used instead of training, as for pretraining; ``info["shipped"]`` names it."""
     backend = backend_for(config, spec)
     stage, data = config.instruct, config.data
     payload = {
@@ -242,6 +257,9 @@ def ensure_instructed(
         **_backend_payload(backend),
     }
     key = config_hash(payload)
+    if spec.is_tiny and (found := _shipped(stage.extra.get("shipped_dir"), "instruct", spec,
+                                           instruct_shipped_key(config, spec, payload))):
+        return str(found / "model"), key, {**StageCache.result(found), "cached": True, "shipped": str(found)}
     path = cache.path("instruct", spec.name, key)
 
     def instruct(path: Path) -> dict:
