@@ -193,6 +193,26 @@ def _shipped(shipped_dir: str | None, stage: str, spec: ModelSpec, payload: dict
     return None
 
 
+def instruct_key(config: StudyConfig, spec: ModelSpec, start_key: str) -> dict[str, Any]:
+    """The configuration payload of the instruct stage of ``spec`` starting from the stage keyed ``start_key``."""
+    stage, data = config.instruct, config.data
+    return {
+        "stage": "instruct",
+        "upstream": start_key,
+        "seed": stage.seed,
+        "data": {k: data.get(k) for k in ("source", "mixture_size", "few_shot_fraction", "max_shots", "instruction_dataset",
+                                          "instruction_config", "instruction_split", "seed")},
+        "mixture_eval_size": MIXTURE_EVAL_SIZE,
+        "args": stage.args,
+        "sparse_args": stage.sparse_args if stage.family_args else {},
+        "dense_args": stage.dense_args if stage.family_args else {},
+        "model_args": spec.args,
+        "max_source_length": int(data.get("max_source_length", 192)),
+        "max_target_length": int(data.get("max_target_length", 48)),
+        **_backend_payload(backend_for(config, spec)),
+    }
+
+
 def instruct_shipped_key(config: StudyConfig, spec: ModelSpec, payload: dict[str, Any]) -> dict[str, Any]:
     """The payload a shipped instruct stage is keyed by: ``payload`` with the upstream pretrain stage named by
     its configuration key (the cache's ``upstream`` also holds the code and platform of the run)."""
@@ -241,21 +261,7 @@ def ensure_instructed(
     with the same configuration is used instead of training, as for pretraining; ``info["shipped"]`` names it."""
     backend = backend_for(config, spec)
     stage, data = config.instruct, config.data
-    payload = {
-        "stage": "instruct",
-        "upstream": start_key,
-        "seed": stage.seed,
-        "data": {k: data.get(k) for k in ("source", "mixture_size", "few_shot_fraction", "max_shots", "instruction_dataset",
-                                          "instruction_config", "instruction_split", "seed")},
-        "mixture_eval_size": MIXTURE_EVAL_SIZE,
-        "args": stage.args,
-        "sparse_args": stage.sparse_args if stage.family_args else {},
-        "dense_args": stage.dense_args if stage.family_args else {},
-        "model_args": spec.args,
-        "max_source_length": int(data.get("max_source_length", 192)),
-        "max_target_length": int(data.get("max_target_length", 48)),
-        **_backend_payload(backend),
-    }
+    payload = instruct_key(config, spec, start_key)
     key = config_hash(payload)
     if spec.is_tiny and (found := _shipped(stage.extra.get("shipped_dir"), "instruct", spec,
                                            instruct_shipped_key(config, spec, payload))):
