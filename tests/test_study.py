@@ -137,9 +137,10 @@ def test_ablate_runs_freezing_arms(tmp_path, one_thread):
     assert "all − moe" in paths["md"].read_text()
 
 
-def test_shipped_pretrained_models_match_the_recipes(tmp_path):
-    """The checkpoints shipped for the quick start are found by configuration key: no pretraining on a fresh clone."""
-    from hf_moe_tuning.study.stages import ensure_pretrained, pretrain_key
+def test_shipped_pretrained_models_match_the_recipes(tmp_path, monkeypatch):
+    """The checkpoints shipped for the quick start are found by configuration key: no pretraining (and for
+    flan_moe no instruction tuning) on a fresh clone; another configuration of either stage trains again."""
+    from hf_moe_tuning.study.stages import ensure_instructed, ensure_pretrained, pretrain_key
 
     for recipe in ("flan_moe", "st_moe_freezing"):
         config = load_study_config(RECIPES / recipe / "tiny.yaml")
@@ -148,10 +149,28 @@ def test_shipped_pretrained_models_match_the_recipes(tmp_path):
             assert info.get("shipped") and Path(path, "model.safetensors").is_file()
     assert not any(tmp_path.iterdir())  # nothing trained or written
     changed = load_study_config(RECIPES / "flan_moe" / "tiny.yaml", {"pretrain.args.max_steps": 1})
+    changed_instruct = load_study_config(RECIPES / "flan_moe" / "tiny.yaml", {"instruct.args.max_steps": 1})
     # another pretraining config has another key, so the shipped stage would not be used
     assert config_key(pretrain_key(changed, changed.models["t5"])) not in {
         p.name.split("-")[-1] for p in (RECIPES / "flan_moe" / "checkpoints" / "pretrain").iterdir()
     }
+    config = load_study_config(RECIPES / "flan_moe" / "tiny.yaml")
+    for name in config.models:
+        start, key, _ = ensure_pretrained(config, config.models[name], StageCache(tmp_path))
+        path, _, info = ensure_instructed(config, config.models[name], start, key, StageCache(tmp_path))
+        assert info.get("shipped") and Path(path, "model.safetensors").is_file()
+        assert info["mixture_eval_loss"] > 0
+    assert not any(tmp_path.iterdir())
+    # the key of a shipped instruct stage covers its own configuration and that of the pretraining under it
+    from hf_moe_tuning.study import stages
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("would train")
+
+    monkeypatch.setattr(stages, "run_cached", refuse)
+    for other in (changed, changed_instruct):
+        with pytest.raises(RuntimeError, match="would train"):
+            ensure_instructed(other, other.models["t5"], "unused", "unused", StageCache(tmp_path))
 
 
 def test_stage_cache_keys_cover_code_versions_and_threads(tmp_path, monkeypatch):
