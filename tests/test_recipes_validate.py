@@ -48,6 +48,7 @@ def test_real_recipes_name_the_papers_models():
 def _write(tmp_path, mutate) -> Path:
     raw = yaml.safe_load(TINY.read_text())
     raw["pretrain"].pop("shipped_dir")  # relative to the recipe file; the copy lives elsewhere
+    raw["instruct"].pop("shipped_dir")
     mutate(raw)
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -80,9 +81,10 @@ def test_bad_recipe_names_file_and_key(tmp_path, mutate, key):
     assert info.value.key == key
 
 
-def test_missing_shipped_dir_is_an_error(tmp_path):
-    path = _write(tmp_path, lambda r: r["pretrain"].update(shipped_dir="nowhere"))
-    with pytest.raises(ConfigError, match="pretrain.shipped_dir: no such directory"):
+@pytest.mark.parametrize("stage", ["pretrain", "instruct"])
+def test_missing_shipped_dir_is_an_error(tmp_path, stage):
+    path = _write(tmp_path, lambda r: r[stage].update(shipped_dir="nowhere"))
+    with pytest.raises(ConfigError, match=f"{stage}.shipped_dir: no such directory"):
         load_study_config(path)
 
 
