@@ -22,7 +22,7 @@ result), and ``generate`` keeps the ranks in step itself (transformers' ``synced
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -93,6 +93,33 @@ def _store_target_logliks(logliks, lengths, batch, logits, targets, mask) -> Non
     lengths[list(batch)] = mask.sum(-1).float().cpu()
 
 
+def _rank_candidates(
+    model,
+    choices: Sequence[Sequence[str]],
+    batch_size: int,
+    forward: Callable[[list[tuple[int, str]]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+) -> list[int]:
+    """Index of the most likely candidate of each input (mean log-likelihood per target token), both backends.
+
+    The ``(input index, candidate)`` pairs are dealt out in batches over the processes (:func:`_my_batches`);
+    ``forward(pairs)`` runs ``model`` on one batch and returns ``(logits, targets, mask)`` aligned token by
+    token. The summed log-likelihoods of the batches this process keeps are gathered from every process
+    before the candidates are compared.
+    """
+    pairs = [(i, c) for i, options in enumerate(choices) for c in options]
+    if not pairs:
+        return []
+    logliks, lengths = torch.empty(len(pairs)), torch.empty(len(pairs))
+    model.eval()
+    mine = _my_batches(len(pairs), batch_size, model)
+    for batch, keep in mine:
+        logits, targets, mask = forward([pairs[j] for j in batch])
+        if keep:
+            _store_target_logliks(logliks, lengths, batch, logits, targets, mask)
+    _gather_logliks(logliks, lengths, mine)
+    return best_candidates(logliks, lengths, choices)
+
+
 @torch.no_grad()
 def score_candidates(
     model,
@@ -103,25 +130,18 @@ def score_candidates(
     max_source_length: int = 192,
 ) -> list[int]:
     """Index of the most likely candidate (mean log-likelihood per target token) for each input."""
-    pairs = [(i, c) for i, options in enumerate(choices) for c in options]
-    if not pairs:
-        return []
-    logliks, lengths = torch.empty(len(pairs)), torch.empty(len(pairs))
-    model.eval()
-    device = model.device
-    mine = _my_batches(len(pairs), batch_size, model)
-    for batch, keep in mine:
-        sources = [inputs[pairs[j][0]] for j in batch]
-        targets = [pairs[j][1] for j in batch]
+
+    def forward(pairs: list[tuple[int, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        device = model.device
+        sources = [inputs[i] for i, _ in pairs]
+        targets = [candidate for _, candidate in pairs]
         enc = tokenizer(sources, max_length=max_source_length, truncation=True, padding=True, return_tensors="pt").to(device)
         labels = tokenizer(text_target=targets, padding=True, return_tensors="pt")["input_ids"].to(device)
         mask = labels != tokenizer.pad_token_id
         labels = labels.masked_fill(~mask, -100)
-        logits = model(**enc, labels=labels).logits
-        if keep:
-            _store_target_logliks(logliks, lengths, batch, logits, labels.clamp(min=0), mask)
-    _gather_logliks(logliks, lengths, mine)
-    return best_candidates(logliks, lengths, choices)
+        return model(**enc, labels=labels).logits, labels.clamp(min=0), mask
+
+    return _rank_candidates(model, choices, batch_size, forward)
 
 
 @torch.no_grad()
@@ -206,18 +226,13 @@ def score_chat_candidates(
     max_prompt_length: int = 192,
 ) -> list[int]:
     """Index of the most likely candidate (mean log-likelihood per token of ``candidate + EOS`` after the prompt)."""
-    pairs = [(i, c) for i, options in enumerate(choices) for c in options]
-    if not pairs:
-        return []
-    prompt_ids = [_encode(tokenizer, p, max_prompt_length) for p in prompts]
-    pad = tokenizer.pad_token_id
-    logliks, lengths = torch.empty(len(pairs)), torch.empty(len(pairs))
-    model.eval()
-    mine = _my_batches(len(pairs), batch_size, model)
-    for batch, keep in mine:
+    # encoded once per prompt, and only when there is a candidate to score
+    prompt_ids = [_encode(tokenizer, p, max_prompt_length) for p in prompts] if any(map(len, choices)) else []
+
+    def forward(pairs: list[tuple[int, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pad = tokenizer.pad_token_id
         sequences, starts = [], []
-        for j in batch:
-            i, candidate = pairs[j]
+        for i, candidate in pairs:
             completion = _encode(tokenizer, candidate) + [tokenizer.eos_token_id]
             starts.append(len(prompt_ids[i]))
             sequences.append(prompt_ids[i] + completion)
@@ -231,10 +246,9 @@ def score_chat_candidates(
             target_mask[row, start : len(seq)] = True
         input_ids, attention = input_ids.to(model.device), attention.to(model.device)
         logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]
-        if keep:
-            _store_target_logliks(logliks, lengths, batch, logits, input_ids[:, 1:], target_mask[:, 1:].to(logits.device))
-    _gather_logliks(logliks, lengths, mine)
-    return best_candidates(logliks, lengths, choices)
+        return logits, input_ids[:, 1:], target_mask[:, 1:].to(logits.device)
+
+    return _rank_candidates(model, choices, batch_size, forward)
 
 
 @torch.no_grad()
