@@ -26,10 +26,12 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 VOCAB = 384
+T = TypeVar("T")
 
 #: model shapes per size; "realistic" keeps the routed experts >= 80 % of the parameters
 SHAPES: dict[str, dict[str, dict]] = {
@@ -227,3 +229,37 @@ def header(script: str, opts: argparse.Namespace, extra: str = "") -> None:
     print(f"{script}: size={opts.size} device={opts.device} repeats={opts.repeats} threads={opts.threads} "
           f"clock={clock_name(opts.device)} torch={torch.__version__} {extra}".rstrip())
     sys.stdout.flush()
+
+
+def report_arms(times: dict[str, list[float]], steps: int, arm: str, baseline: str) -> Figure:
+    """Print the mean step time of every arm over ``steps`` timed steps, the noise floor ``control / baseline``
+    and ``arm / baseline``; return the latter."""
+    print("  step time: " + ", ".join(f"{name} {1000 * sum(t) / steps:.1f} ms" for name, t in times.items()))
+    print(f"  noise floor control/{baseline}: {ratio(times, 'control', baseline)}")
+    figure = ratio(times, arm, baseline)
+    print(f"  {arm}/{baseline}: {figure}")
+    return figure
+
+
+# --------------------------------------------------------------------------------------------- driving a script
+def measure_models(script: str, opts: argparse.Namespace, measure: Callable[[str, argparse.Namespace], T]) -> dict[str, T]:
+    """Check the options (:func:`setup`), print the header and ``{model: measure(model, opts)}`` of every model asked for."""
+    setup(opts)
+    header(script, opts)
+    return {name: measure(name, opts) for name in models_of(opts)}
+
+
+def run(
+    script: str,
+    opts: argparse.Namespace,
+    measure: Callable[[str, argparse.Namespace], Figure],
+    label: str,
+    digits: int = 4,
+) -> dict[str, Figure]:
+    """A benchmark whose figure per model is one :class:`Figure`: measure every model (:func:`measure_models`),
+    then print the line ``<label>, median [range] over repeats: <model> <figure>; ...`` and, last, the largest
+    median with ``digits`` decimals."""
+    figures = measure_models(script, opts, measure)
+    print(f"{label}, median [range] over repeats: " + "; ".join(f"{name} {figure}" for name, figure in figures.items()))
+    print(f"{max(f.median for f in figures.values()):.{digits}f}")
+    return figures

@@ -100,13 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     h.add_common_args(parser)
     parser.add_argument("--subset-share", type=float, default=0.10, help="trainable experts per layer (at least 1)")
     parser.add_argument("--max-steps", type=int, default=50, help="give up when an expert is still unreached")
-    opts = parser.parse_args(argv)
-    h.setup(opts)
-    h.header("expert_subset_state", opts)
-    figures = {name: measure(name, opts) for name in h.models_of(opts)}
-    print("subset/full optimizer state, median [range] over repeats: "
-          + "; ".join(f"{name} {figure}" for name, figure in figures.items()))
-    print(f"{max(f.median for f in figures.values()):.5f}")
+    h.run("expert_subset_state", parser.parse_args(argv), measure, "subset/full optimizer state", digits=5)
 
 
 if __name__ == "__main__":

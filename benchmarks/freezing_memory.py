@@ -143,9 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     if opts.worker_model:
         print(json.dumps(worker(opts)))
         return
-    h.setup(opts)
-    h.header("freezing_memory", opts)
-    figures = {name: measure(name, opts) for name in h.models_of(opts)}
+    figures = h.measure_models("freezing_memory", opts, measure)
     print("non_moe/all, median [range] over repeats: " + "; ".join(
         f"{name}: net peak {net}, raw peak {raw}, step time {step}" for name, (net, raw, step) in figures.items()))
     net, _, step = list(figures.values())[-1]

@@ -112,11 +112,7 @@ def measure(model_name: str, opts: argparse.Namespace) -> h.Figure:
     steps = opts.repeats * block
     print(f"  routed experts {100 * share:.1f}%; {block} steps per repeat, logging every {opts.logging_steps}, "
           f"drift probe {opts.probe_size} every {opts.drift_every_steps}; {steps} timed steps per arm")
-    print("  step time: " + ", ".join(f"{arm} {1000 * sum(t) / steps:.1f} ms" for arm, t in times.items()))
-    print(f"  noise floor control/plain: {h.ratio(times, 'control', 'plain')}")
-    figure = h.ratio(times, "monitored", "plain")
-    print(f"  monitored/plain: {figure}")
-    return figure
+    return h.report_arms(times, steps, "monitored", "plain")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -127,13 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--drift-every-steps", type=int, default=DEFAULTS["moe_drift_every_steps"])
     parser.add_argument("--aux-coef", type=float, default=0.01)
     parser.add_argument("--z-coef", type=float, default=0.001)
-    opts = parser.parse_args(argv)
-    h.setup(opts)
-    h.header("monitoring_overhead", opts)
-    figures = {name: measure(name, opts) for name in h.models_of(opts)}
-    print("monitored/plain step time, median [range] over repeats: "
-          + "; ".join(f"{name} {figure}" for name, figure in figures.items()))
-    print(f"{max(f.median for f in figures.values()):.4f}")
+    h.run("monitoring_overhead", parser.parse_args(argv), measure, "monitored/plain step time")
 
 
 if __name__ == "__main__":

@@ -76,11 +76,7 @@ def measure(model_name: str, opts: argparse.Namespace) -> h.Figure:
     steps = opts.repeats * opts.logging_steps
     print(f"  {opts.logging_steps} steps per repeat; callback's last log: router/aux_loss="
           f"{logged['router/aux_loss']:.4f} router/z_loss={logged['router/z_loss']:.4f}")
-    print("  step time: " + ", ".join(f"{arm} {1000 * sum(t) / steps:.1f} ms" for arm, t in times.items()))
-    print(f"  noise floor control/builtin: {h.ratio(times, 'control', 'builtin')}")
-    figure = h.ratio(times, "callback", "builtin")
-    print(f"  callback/builtin: {figure}")
-    return figure
+    return h.report_arms(times, steps, "callback", "builtin")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -89,13 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--logging-steps", type=int, default=10, help="steps per repeat; metrics logged once a repeat")
     parser.add_argument("--aux-coef", type=float, default=0.01)
     parser.add_argument("--z-coef", type=float, default=0.001)
-    opts = parser.parse_args(argv)
-    h.setup(opts)
-    h.header("router_loss_overhead", opts)
-    figures = {name: measure(name, opts) for name in h.models_of(opts)}
-    print("callback/builtin step time, median [range] over repeats: "
-          + "; ".join(f"{name} {figure}" for name, figure in figures.items()))
-    print(f"{max(f.median for f in figures.values()):.4f}")
+    h.run("router_loss_overhead", parser.parse_args(argv), measure, "callback/builtin step time")
 
 
 if __name__ == "__main__":
