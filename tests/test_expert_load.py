@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 from datasets import Dataset
+from helpers import variable_length_rows
 from transformers import ByT5Tokenizer, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
 from hf_moe_tuning import MoETrainingArguments
@@ -36,22 +37,6 @@ from hf_moe_tuning.trainer import enable_moe_logging
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def make_rows(model_name: str, n: int = 16, seed: int = 0, ignore_all: bool = False) -> list[dict]:
-    """Variable-length examples (so batches carry padding); decoder rows ignore a prompt prefix."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        length = int(torch.randint(3, 13, (1,), generator=g))
-        ids = torch.randint(3, 300, (length,), generator=g).tolist()
-        if model_name == "switch":
-            rows.append({"input_ids": ids, "attention_mask": [1] * length, "labels": ids[: max(2, length // 2)]})
-        else:
-            prompt = 0 if length < 4 else 2
-            labels = [-100] * length if ignore_all else [-100] * prompt + ids[prompt:]
-            rows.append({"input_ids": ids, "attention_mask": [1] * length, "labels": labels})
-    return rows
-
-
 def make_trainer(model, model_name, out, callbacks, *, rows=None, eval_rows=None, **overrides) -> Trainer:
     kwargs = dict(
         per_device_train_batch_size=4,
@@ -71,7 +56,7 @@ def make_trainer(model, model_name, out, callbacks, *, rows=None, eval_rows=None
     trainer = Trainer(
         model=model,
         args=TrainingArguments(str(out), **kwargs),
-        train_dataset=Dataset.from_list(rows or make_rows(model_name)),
+        train_dataset=Dataset.from_list(rows or variable_length_rows(model_name)),
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         data_collator=collator,
         callbacks=callbacks,
@@ -308,7 +293,7 @@ def test_counts_match_hand_counts_with_padding(model_name, capacity, tmp_path):
     model = build_tiny_model(model_name, **overrides)
     hand = HandCounter(model, capacity)
     callback = ExpertLoadCallback(probe_size=4, drift_every_steps=1)
-    trainer = make_trainer(model, model_name, tmp_path, [hand, callback], eval_rows=make_rows(model_name, 6, seed=1))
+    trainer = make_trainer(model, model_name, tmp_path, [hand, callback], eval_rows=variable_length_rows(model_name, 6, seed=1))
     trainer.train()
     trainer.evaluate()
 
@@ -349,7 +334,7 @@ def test_router_biased_to_one_expert(tmp_path):
         for router in routers:
             router.weight.zero_()
             router.bias.copy_(torch.tensor([10.0] + [0.0] * 7))
-    rows = make_rows("switch", 8)
+    rows = variable_length_rows("switch", 8)
     callback = ExpertLoadCallback(probe_size=0)
     trainer = make_trainer(model, "switch", tmp_path, [callback], rows=rows, max_steps=1, logging_steps=1,
                            gradient_accumulation_steps=1, per_device_train_batch_size=8, learning_rate=0.0)
@@ -382,7 +367,7 @@ class SwapExperts(TrainerCallback):
 def test_routing_drift_zero_for_unchanged_model_and_exact_after_swap(tmp_path):
     model = build_tiny_model("mixtral")
     router = model.model.layers[0].mlp.gate
-    rows = make_rows("mixtral", 8)
+    rows = variable_length_rows("mixtral", 8)
     callback = ExpertLoadCallback(probe_size=6, drift_every_steps=1)
     trainer = make_trainer(model, "mixtral", tmp_path, [SwapExperts(router, at_step=2), callback], rows=rows,
                            max_steps=2, logging_steps=1, gradient_accumulation_steps=1, learning_rate=0.0)
@@ -454,7 +439,7 @@ def test_dense_model_is_a_clear_error(tmp_path):
 def test_interval_without_tokens_omits_metrics_and_warns_once(tmp_path, caplog):
     model = build_tiny_model("mixtral")
     callback = ExpertLoadCallback(probe_size=0)
-    trainer = make_trainer(model, "mixtral", tmp_path, [callback], rows=make_rows("mixtral", 8, ignore_all=True),
+    trainer = make_trainer(model, "mixtral", tmp_path, [callback], rows=variable_length_rows("mixtral", 8, ignore_all=True),
                            max_steps=2, logging_steps=1, gradient_accumulation_steps=1)
     with caplog.at_level(logging.WARNING, logger="hf_moe_tuning.callbacks.expert_load"):
         trainer.train()
@@ -527,7 +512,7 @@ def test_drift_after_resume_is_against_the_runs_start(runner, tmp_path, caplog):
     """
     from hf_moe_tuning import MoETrainer
 
-    rows = make_rows("switch", 16)
+    rows = variable_length_rows("switch", 16)
     common = dict(max_steps=4, logging_steps=1, gradient_accumulation_steps=1, learning_rate=5e-2,
                   save_strategy="steps", save_steps=2)
 

@@ -24,6 +24,7 @@ GLOBAL_BATCH = 4
 def run_training(out: str) -> None:
     import torch
     from datasets import Dataset
+    from helpers import variable_length_rows
     from torch.utils.data import SequentialSampler
     from transformers import ByT5Tokenizer, DataCollatorForSeq2Seq, Trainer
 
@@ -39,12 +40,7 @@ def run_training(out: str) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.manual_seed(0)
     model = build_tiny_model("switch", expert_capacity=3)
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for _ in range(12):
-        length = int(torch.randint(3, 13, (1,), generator=g))
-        ids = torch.randint(3, 300, (length,), generator=g).tolist()
-        rows.append({"input_ids": ids, "attention_mask": [1] * length, "labels": ids[: max(2, length // 2)]})
+    rows = variable_length_rows("switch", 12)
     args = MoETrainingArguments(
         out,
         per_device_train_batch_size=GLOBAL_BATCH // world,

@@ -29,6 +29,7 @@ def run_training(out: str) -> None:
     """Train a tiny Switch 3 steps with router losses and expert-load logging; dump the log history."""
     import torch
     from datasets import Dataset
+    from helpers import variable_length_rows
     from transformers import ByT5Tokenizer, DataCollatorForSeq2Seq
 
     from hf_moe_tuning import MoETrainer, MoETrainingArguments
@@ -36,12 +37,7 @@ def run_training(out: str) -> None:
 
     torch.manual_seed(0)
     model = build_tiny_model("switch", expert_capacity=3)
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for _ in range(12):
-        length = int(torch.randint(3, 13, (1,), generator=g))
-        ids = torch.randint(3, 300, (length,), generator=g).tolist()
-        rows.append({"input_ids": ids, "attention_mask": [1] * length, "labels": ids[: max(2, length // 2)]})
+    rows = variable_length_rows("switch", 12)
     args = MoETrainingArguments(
         out,
         per_device_train_batch_size=4,
