@@ -1,24 +1,30 @@
 #!/usr/bin/env python
-"""DeepSpeed ZeRO-3 checks for MoE training, on a machine with >= 2 GPUs; prints PASS/FAIL per check.
+"""DeepSpeed ZeRO-3 checks for MoE training against DDP on 2 processes (GPUs, or CPU with gloo); prints PASS/FAIL per check.
 
-The CPU test suite checks ZeRO-3 for configuration only (MoE blocks found and registered as leaf modules); this
-script runs the same checks as the FSDP2 test (``tests/test_fsdp2.py``) with ``MoETrainer`` under ZeRO-3 for real::
+Runs the same checks as the FSDP2 test (``tests/test_fsdp2.py``) with ``MoETrainer`` under ZeRO-3 for real. The
+same commands run on 2 GPUs and on a CPU-only machine, where DeepSpeed picks its CPU accelerator and gloo (on first
+use it JIT-compiles its shared-memory collective op with the C++ compiler, then reuses it from
+``~/.cache/torch_extensions``); ``tests/test_zero3.py`` runs them on 2 CPU processes when deepspeed is installed
+(``pip install 'hf-moe-tuning[deepspeed]'``)::
 
-    pip install deepspeed
     OUT=/tmp/zero3_check
-    accelerate launch --config_file recipes/accelerate/ddp.yaml --num_processes 2 scripts/zero3_gpu_check.py $OUT --mode ddp
+    accelerate launch --config_file recipes/accelerate/ddp.yaml --num_processes 2 scripts/zero3_check.py $OUT --mode ddp
     accelerate launch --config_file recipes/accelerate/deepspeed_zero3.yaml --num_processes 2 --mixed_precision no \\
-        scripts/zero3_gpu_check.py $OUT --mode zero3
-    python scripts/zero3_gpu_check.py $OUT --compare          # PASS/FAIL per check; exit status 1 on any FAIL
+        scripts/zero3_check.py $OUT --mode zero3
+    python scripts/zero3_check.py $OUT --compare          # PASS/FAIL per check; exit status 1 on any FAIL
 
 Each mode trains a tiny Mixtral (fp32, router aux + z loss, expert-load logging, weight decay 0.1, global batch 4 =
-2 per GPU, sequences in order) from the same initial weights:
+2 per process, sequences in order) from the same initial weights:
 
 * ``non_moe``: 4 steps with ``moe_freeze_strategy="non_moe"``;
 * ``all``: 4 steps, everything trains, a Trainer checkpoint at step 2 (ZeRO-3: DeepSpeed's partitioned checkpoint);
 * ``resumed`` (ZeRO-3 only): a new trainer resumed from that checkpoint to step 4;
 * ``subset`` (ZeRO-3 only): ``moe_experts="0,2"`` (expert subsets inside fused tensors), which must be refused
   with a clear error (supported with DDP and with the package's FSDP2 helper, not with ZeRO-3).
+
+The models are built before any ``TrainingArguments``: under ZeRO-3 with ``zero3_init_flag`` a model built while
+transformers' DeepSpeed config is alive is partitioned at construction (``deepspeed.zero.Init``: empty local
+tensors), and the MoE anatomy, which reads parameter shapes, finds no MoE layers in it.
 
 Checks (``--compare``): ZeRO-3 really partitioned the parameters (``ds_id``, local partitions smaller than the
 tensors) and registered the MoE blocks as leaf modules; ``non_moe`` left experts and routers bitwise unchanged;
@@ -32,11 +38,12 @@ import argparse
 import json
 import os
 import sys
+from typing import Any
 
 GLOBAL_BATCH, SEQ_LEN, STEPS = 4, 12, 4
 
 
-def _full_weights(trainer) -> dict:
+def _full_weights(trainer: Any) -> dict[str, Any]:
     """Full fp32 weights of the trained model on CPU (ZeRO-3: gathered partition by partition, on every rank)."""
 
     model = trainer.model_wrapped if trainer.is_deepspeed_enabled else trainer.model
@@ -54,6 +61,7 @@ def _full_weights(trainer) -> dict:
 
 
 def run(out: str, mode: str) -> None:
+    """Train every phase of ``mode`` (``ddp`` or ``zero3``); rank 0 writes ``OUT/<mode>/`` and ``OUT/initial.pt``."""
     import torch
     from accelerate import PartialState
     from datasets import Dataset
@@ -64,10 +72,16 @@ def run(out: str, mode: str) -> None:
     from hf_moe_tuning.models import build_tiny_model
 
     class InOrderTrainer(MoETrainer):
+        """``MoETrainer`` taking the sequences in order (the same batches in every mode)."""
+
         def _get_train_sampler(self, train_dataset=None):
             return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    # Without GPUs: DDP trains the processes together only with use_cpu=True (else they are independent runs);
+    # DeepSpeed needs use_cpu=False, and accelerate, finding no accelerator backend, takes each process for
+    # process 0 of 1 (while DeepSpeed's gloo group has all of them) unless gloo is named as ddp_backend
+    backend = {} if torch.cuda.is_available() else {"ddp_backend": "gloo", "use_cpu": mode == "ddp"}
     g = torch.Generator().manual_seed(0)
     rows = [{"input_ids": torch.randint(3, 300, (SEQ_LEN,), generator=g).tolist()} for _ in range(GLOBAL_BATCH * STEPS)]
     for row in rows:
@@ -77,6 +91,9 @@ def run(out: str, mode: str) -> None:
     phases = {"non_moe": {"moe_freeze_strategy": "non_moe"}, "all": {"save_strategy": "steps", "save_steps": 2}}
     if mode == "zero3":
         phases.update(resumed={}, subset={"moe_freeze_strategy": "moe", "moe_experts": "0,2"})
+    # every model before any TrainingArguments: none built under deepspeed.zero.Init (see the module docstring)
+    initial = _initial()
+    models = {phase: build_tiny_model("mixtral", seed=0) for phase in phases}
     report = {}
     for phase, extra in phases.items():
         args = MoETrainingArguments(
@@ -84,9 +101,9 @@ def run(out: str, mode: str) -> None:
             max_steps=STEPS, logging_steps=1, learning_rate=1e-2, weight_decay=0.1, lr_scheduler_type="constant",
             report_to=[], disable_tqdm=True, seed=0, moe_aux_loss_coef=0.01, moe_z_loss_coef=0.001,
             moe_drift_probe_size=0, moe_expert_load_heatmap=False, moe_model_card=False,
-            **{"save_strategy": "no", **extra},
+            **{"save_strategy": "no", **backend, **extra},
         )
-        trainer = InOrderTrainer(model=build_tiny_model("mixtral", seed=0), args=args, train_dataset=Dataset.from_list(rows))
+        trainer = InOrderTrainer(model=models.pop(phase), args=args, train_dataset=Dataset.from_list(rows))
         entry: dict = {}
         try:
             setup = configure_distributed(trainer)
@@ -109,18 +126,20 @@ def run(out: str, mode: str) -> None:
         report[phase] = entry
         PartialState().wait_for_everyone()
     if PartialState().is_main_process:
-        torch.save(_initial(), os.path.join(out, "initial.pt"))
+        torch.save(initial, os.path.join(out, "initial.pt"))
         with open(os.path.join(folder, "report.json"), "w", encoding="utf-8") as f:
             json.dump(report, f, default=str)
 
 
-def _initial() -> dict:
+def _initial() -> dict[str, Any]:
+    """The full initial weights of the tiny Mixtral every mode starts from."""
     from hf_moe_tuning.models import build_tiny_model
 
     return {n: p.detach().float().clone() for n, p in build_tiny_model("mixtral", seed=0).named_parameters()}
 
 
 def compare(out: str) -> int:
+    """Print PASS/FAIL per check from the two modes' reports and weights; 0 when all pass, else 1."""
     import torch
 
     from hf_moe_tuning.anatomy import ParamGroup, describe_moe
@@ -130,7 +149,7 @@ def compare(out: str) -> int:
     z3 = json.load(open(os.path.join(out, "zero3", "report.json")))
     initial = torch.load(os.path.join(out, "initial.pt"))
 
-    def weights(mode, phase):
+    def weights(mode: str, phase: str) -> dict[str, Any]:
         return torch.load(os.path.join(out, mode, f"{phase}.pt"))
 
     anatomy = describe_moe(build_tiny_model("mixtral", seed=0))
