@@ -4,10 +4,11 @@
   ``tests/scripts/distributed_train.py`` (tiny Mixtral, router aux + z loss, expert-load logging): it
   finishes, its router-loss and expert-load metrics equal a 1-process run over the same global batch,
   and only rank 0 writes files (other ranks: their own RNG state in checkpoints, nothing else).
-* ``fsdp.yaml`` / ``deepspeed_zero3.yaml`` need GPUs (accelerate falls back to MULTI_CPU without them),
-  so here the launcher environment they produce is turned into accelerate's plugins and
-  :func:`configure_distributed` is checked on them: MoE blocks become FSDP wrap units / ZeRO-3 leaf
-  modules, units mixing frozen and trainable parameters are found.
+* ``fsdp.yaml`` needs GPUs (accelerate falls back to MULTI_CPU without them) and ``deepspeed_zero3.yaml``
+  the optional deepspeed (with it, ``tests/test_zero3.py`` runs ZeRO-3 for real on CPU), so here the
+  launcher environment they produce is turned into accelerate's plugins and :func:`configure_distributed`
+  is checked on them: MoE blocks become FSDP wrap units / ZeRO-3 leaf modules, units mixing frozen and
+  trainable parameters are found.
 """
 
 from __future__ import annotations
