@@ -175,6 +175,14 @@ README = RECIPES.parent / "README.md"
 STUDIES = ("flan_moe", "st_moe_freezing", "expert_count", "instruct_moe")
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _launch_env(config: Path, *extra: str) -> dict[str, str]:
     """The environment ``accelerate launch --config_file config [extra] recipes/train.py`` gives each process."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser, prepare_multi_gpu_env
@@ -194,7 +202,10 @@ def test_every_accelerate_config_loads_and_launches(config):
     if loaded.distributed_type in ("NO",):
         assert loaded.num_processes == 1
         return
-    nodes = ["--machine_rank", "0", "--main_process_ip", "10.0.0.1"] if loaded.num_machines > 1 else []
+    # accelerate refuses a main process port that something else on this machine holds (another test's launch):
+    # the rank-0 node checks it, so give it a free one
+    nodes = (["--machine_rank", "0", "--main_process_ip", "10.0.0.1", "--main_process_port", str(_free_port())]
+             if loaded.num_machines > 1 else [])
     env = _launch_env(config, *nodes)
     if loaded.distributed_type == "FSDP":
         assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
