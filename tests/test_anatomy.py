@@ -332,3 +332,17 @@ def test_unclassifiable_parameter_names_model_type_and_fix():
     message = str(err.value)
     assert "mystery.blob" in message and "model_type='toy_moe_not_in_table'" in message
     assert "MoEFamily('toy_moe_not_in_table', router_names=" in message and "MOE_FAMILIES" in message
+
+
+@pytest.mark.parametrize("name", ["mixtral", "switch", "qwen2_moe", "gpt_oss", "dbrx"])
+def test_zero3_partitioned_parameters_give_the_same_anatomy(name):
+    """A model built under an active DeepSpeed ZeRO-3 config (``zero3_init_flag``) holds empty tensors whose full
+    shape is in ``ds_shape`` / ``ds_numel``; the anatomy reads those, so it finds the same layers and groups."""
+    model = build_tiny_model(name)
+    expected = describe_moe(model)
+    for param in model.parameters():  # what deepspeed.zero.Init leaves on a process
+        param.ds_shape, param.ds_numel = param.shape, param.numel()
+        param.data = torch.empty(0, dtype=param.dtype)
+    partitioned = describe_moe(model)
+    assert partitioned.layers == expected.layers
+    assert partitioned.groups == expected.groups and partitioned.numels == expected.numels

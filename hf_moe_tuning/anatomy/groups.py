@@ -182,6 +182,19 @@ def _unwrap(module: nn.Module) -> nn.Module:
     return get_base_layer() if callable(get_base_layer) else module
 
 
+def _shape(param: nn.Parameter) -> tuple[int, ...]:
+    """The full shape of ``param``, also when DeepSpeed ZeRO-3 has partitioned it: a model built while a ZeRO-3
+    config is active (``zero3_init_flag``, ``HfDeepSpeedConfig``) holds empty tensors and the shape in ``ds_shape``."""
+    shape = getattr(param, "ds_shape", None)
+    return tuple(shape if shape is not None else param.shape)
+
+
+def _numel(param: nn.Parameter) -> int:
+    """The full number of elements of ``param`` (``ds_numel`` of a ZeRO-3-partitioned parameter)."""
+    numel = getattr(param, "ds_numel", None)
+    return int(numel) if numel is not None else param.numel()
+
+
 def _direct_params(module: nn.Module) -> dict[str, nn.Parameter]:
     return dict(module.named_parameters(recurse=False))
 
@@ -191,7 +204,7 @@ def _is_norm(module: nn.Module) -> bool:
 
 
 def _param_signature(module: nn.Module) -> tuple:
-    return (type(module).__name__, tuple((n, tuple(p.shape)) for n, p in module.named_parameters()))
+    return (type(module).__name__, tuple((n, _shape(p)) for n, p in module.named_parameters()))
 
 
 def _fused_params(container: nn.Module) -> dict[str, nn.Parameter]:
@@ -216,10 +229,10 @@ def _expert_count_of_container(module: nn.Module) -> tuple[int, str] | None:
         return None
     if not direct or with_params:
         return None
-    multi = [p for p in direct.values() if p.ndim >= 2]
-    if not any(p.ndim >= 3 for p in multi):
+    multi = [_shape(p) for p in direct.values() if len(_shape(p)) >= 2]
+    if not any(len(shape) >= 3 for shape in multi):
         return None
-    leading = {p.shape[0] for p in multi}
+    leading = {shape[0] for shape in multi}
     if len(leading) == 1 and next(iter(leading)) >= 2:
         return next(iter(leading)), "fused"
     return None
@@ -232,9 +245,9 @@ def _named_container(module: nn.Module, family: MoEFamily) -> tuple[int, str] | 
     (``[E * intermediate, hidden]``, kind ``blocks``: the count is a multiple of ``E`` fixed by the router).
     """
     params = list(_fused_params(module).values())
-    if not params or any(p.ndim < 2 for p in params):
+    if not params or any(len(_shape(p)) < 2 for p in params):
         return None
-    leading = {p.shape[0] for p in params}
+    leading = {_shape(p)[0] for p in params}
     if len(leading) != 1 or next(iter(leading)) < 2:
         return None
     return next(iter(leading)), "blocks" if family.expert_blocks else "fused"
@@ -346,9 +359,9 @@ def _find_block(module: nn.Module, family: MoEFamily, config) -> _Block | None:
         if sub is None:
             continue
         weight = _direct_params(sub).get("weight")
-        if weight is None or weight.ndim != 2:
+        if weight is None or len(_shape(weight)) != 2:
             continue
-        rows = weight.shape[0]
+        rows = _shape(weight)[0]
         if blocks:  # DBRX: the router fixes E, the 2-D expert tensors hold E blocks of rows
             if rows < 2 or count % rows:
                 continue
@@ -358,7 +371,7 @@ def _find_block(module: nn.Module, family: MoEFamily, config) -> _Block | None:
         if rows != _router_rows(num_experts, family, config):
             continue
         bias = _direct_params(sub).get("bias")
-        has_bias = bias is not None and tuple(bias.shape) == (rows,)
+        has_bias = bias is not None and _shape(bias) == (rows,)
         return _Block(num_experts, [(c, kind) for c, _, kind in containers], name, sub, rows, has_bias, shared)
     return None
 
@@ -515,7 +528,7 @@ def _classify_in_block(model: nn.Module, layer: MoELayer, name: str) -> ParamGro
     if name.startswith(layer.router_group_path + "."):
         return ParamGroup.ROUTER
     param = model.get_parameter(name)
-    if name.rsplit(".", 1)[0] == layer.path and param.ndim == 1 and param.shape[0] in (
+    if name.rsplit(".", 1)[0] == layer.path and len(_shape(param)) == 1 and _shape(param)[0] in (
         layer.num_experts,
         layer.router_outputs,
     ):
@@ -583,7 +596,7 @@ def describe_moe(model: nn.Module) -> MoEAnatomy:
     config = getattr(model, "config", None)
     layers = find_moe_layers(model)
     groups = classify_parameters(model, layers)
-    numels = {n: p.numel() for n, p in model.named_parameters()}
+    numels = {n: _numel(p) for n, p in model.named_parameters()}
     model_type = getattr(config, "model_type", None)
     return MoEAnatomy(model_type=model_type, family=_family_of(config), layers=layers, groups=groups, numels=numels)
 
