@@ -63,7 +63,7 @@ def global_token_mean_loss(model: Any) -> Iterator[None]:
         if num_items_in_batch is not None and labels is not None and getattr(outputs, "loss", None) is not None:
             logits = outputs.logits
             total = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.size(-1)).float(), labels.to(logits.device).reshape(-1),
+                logits.reshape(-1, logits.size(-1)), labels.to(logits.device).reshape(-1),
                 ignore_index=-100, reduction="sum",
             )
             outputs.loss = total / num_items_in_batch
