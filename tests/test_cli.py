@@ -61,3 +61,12 @@ def test_recorded_command_names_the_entry_point_for_python_dash_m() -> None:
     assert _program("/usr/local/bin/hf-moe-tuning") == "hf-moe-tuning"
     assert _program("/work/run/hf_moe_tuning/cli.py") == "hf-moe-tuning"  # python -m hf_moe_tuning.cli
     assert _program("recipes/train.py") == "recipes/train.py"
+
+
+def test_parallel_jobs_share_the_cores_by_default(monkeypatch) -> None:
+    from hf_moe_tuning.study import cli as study_cli
+
+    monkeypatch.setattr(study_cli.os, "cpu_count", lambda: 8)
+    assert study_cli._threads_per_job(1) is None  # one job: torch's own default
+    assert study_cli._threads_per_job(2) == 4
+    assert study_cli._threads_per_job(16) == 1

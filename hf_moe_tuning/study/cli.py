@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -55,7 +56,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a recipe value by dotted key, e.g. --set finetune.args.num_train_epochs=4 (repeatable)",
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine; default with --jobs N: the cores divided by N)")
     parser.add_argument(
         "--jobs", type=int, default=1,
         help="fine-tuning jobs run in parallel worker processes, each with --threads threads (results are the same); "
@@ -64,12 +65,21 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _threads_per_job(jobs: int | None) -> int | None:
+    """Default torch threads of each of ``jobs`` parallel fine-tuning workers: the CPU cores shared out (each worker
+    would otherwise take every core, ``jobs`` times oversubscribing the machine); ``None`` for one job."""
+    if not jobs or jobs <= 1:
+        return None
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
 def run_from_args(args: argparse.Namespace, driver: str | None = None) -> int:
     """Load (and check) the recipe named by ``args`` and run it; ``driver`` restricts the studies it accepts."""
-    if args.threads:
+    threads = args.threads or _threads_per_job(args.jobs)
+    if threads:
         import torch
 
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(threads)
     if driver is None:
         path = Path(args.config)
     else:
