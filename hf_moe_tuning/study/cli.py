@@ -30,6 +30,7 @@ from .runner import DEFAULT_RECIPES, DRIVER_STUDIES, check_jobs, resolve_recipe,
 
 logger = logging.getLogger(__name__)
 
+
 def _program(argv0: str) -> str:
     """How the recorded command names the program: ``hf-moe-tuning`` for the entry point and for
     ``python -m hf_moe_tuning.cli`` (whose ``argv[0]`` is the module's file path), the script path otherwise."""

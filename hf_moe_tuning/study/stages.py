@@ -180,15 +180,15 @@ def pretrain_key(config: StudyConfig, spec: ModelSpec) -> dict[str, Any]:
     return {**payload, **_backend_payload(backend_for(config, spec))}
 
 
-def _shipped(shipped_dir: str | None, stage: str, spec: ModelSpec, payload: dict[str, Any]) -> Path | None:
-    """The shipped, finished ``stage`` of ``spec`` under ``shipped_dir`` whose configuration key is that of
-    ``payload`` (configuration only: shipped stages are inputs, like a Hub checkpoint), else ``None``."""
+def _shipped(shipped_dir: str | None, stage: str, spec: ModelSpec, payload: dict[str, Any]) -> tuple[str, dict] | None:
+    """``(model path, info)`` of the shipped, finished ``stage`` of ``spec`` under ``shipped_dir`` whose configuration
+    key is that of ``payload`` (configuration only: shipped stages are inputs, like a Hub checkpoint), else ``None``."""
     if not shipped_dir:
         return None
     found = StageCache(shipped_dir).path(stage, spec.name, config_key(payload))
     if StageCache.is_done(found):
         logger.info("using the shipped %s stage of %s (%s)", stage, spec.name, found)
-        return found
+        return str(found / "model"), {**StageCache.result(found), "cached": True, "shipped": str(found)}
     logger.info("no shipped %s stage for %s with configuration key %s: training it", stage, spec.name, config_key(payload))
     return None
 
@@ -231,7 +231,7 @@ def ensure_pretrained(config: StudyConfig, spec: ModelSpec, cache: StageCache, p
     if not spec.is_tiny:
         return spec.init, key, {"seconds": 0.0, "cached": True}
     if config.pretrain.enabled and (found := _shipped(config.pretrain.extra.get("shipped_dir"), "pretrain", spec, payload)):
-        return str(found / "model"), key, {**StageCache.result(found), "cached": True, "shipped": str(found)}
+        return found[0], key, found[1]
     path = cache.path("pretrain" if config.pretrain.enabled else "init", spec.name, key)
 
     def pretrain(path: Path) -> dict:
@@ -265,7 +265,7 @@ def ensure_instructed(
     key = config_hash(payload)
     if spec.is_tiny and (found := _shipped(stage.extra.get("shipped_dir"), "instruct", spec,
                                            instruct_shipped_key(config, spec, payload))):
-        return str(found / "model"), key, {**StageCache.result(found), "cached": True, "shipped": str(found)}
+        return found[0], key, found[1]
     path = cache.path("instruct", spec.name, key)
 
     def instruct(path: Path) -> dict:
