@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import torch
@@ -70,3 +71,25 @@ def test_parallel_jobs_share_the_cores_by_default(monkeypatch) -> None:
     assert study_cli._threads_per_job(1) is None  # one job: torch's own default
     assert study_cli._threads_per_job(2) == 4
     assert study_cli._threads_per_job(16) == 1
+
+
+def test_jobs_without_threads_share_the_cores_among_workers_only(monkeypatch, tmp_path) -> None:
+    """``--jobs 2`` without ``--threads``: each worker gets the cores halved; the stages in the main process keep
+    every core (they run while the workers are idle)."""
+    from hf_moe_tuning.study import cli as study_cli
+
+    seen = {}
+
+    def fake_run_study(config, **kwargs):
+        seen.update(kwargs, main_threads=torch.get_num_threads())
+        return {"md": tmp_path / "results.md"}
+
+    monkeypatch.setattr(study_cli, "run_study", fake_run_study)
+    monkeypatch.setattr(study_cli.os, "cpu_count", lambda: 8)
+    before = torch.get_num_threads()
+    parser = argparse.ArgumentParser()
+    study_cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["compare", "recipes/flan_moe/smoke.yaml", "--seeds", "1", "--jobs", "2", "--no-progress"])
+    assert study_cli.run_from_args(args, "compare") == 0
+    assert seen["num_jobs"] == 2 and seen["job_threads"] == 4
+    assert seen["main_threads"] == before == torch.get_num_threads()

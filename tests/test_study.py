@@ -249,3 +249,25 @@ def test_early_stopping_keeps_the_best_weights_and_stops_on_a_plateau():
         ValidationEarlyStopping(lambda m: 0.0, eval_every=10, patience=0)
     with pytest.raises(RuntimeError, match="0 steps"):
         ValidationEarlyStopping(lambda m: 0.0, eval_every=10, patience=1).restore_best(model)
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_one_process_results(tmp_path, one_thread):
+    """``num_jobs=2`` runs the fine-tuning jobs in spawned workers with ``job_threads`` threads: the same scores (and
+    the same cache keys) as one process with that thread count."""
+    from hf_moe_tuning.study.config import parse_overrides
+
+    overrides = parse_overrides([*MINIATURE, "data.tasks=[multiple_choice]"])
+    overrides = {k: v for k, v in overrides.items() if not k.startswith("instruct.")}
+    config = load_study_config(RECIPES / "st_moe_freezing" / "tiny.yaml", overrides)
+    cache = tmp_path / "cache"
+    one = run_study(config, seeds=[0], output_dir=tmp_path / "one", cache_dir=cache, progress=False)
+    two = run_study(config, seeds=[0], output_dir=tmp_path / "two", cache_dir=tmp_path / "cache2", progress=False,
+                    num_jobs=2, job_threads=1)
+    scores = [[(r["arm"], r["task"], r["metric"], r["score"]) for r in csv.DictReader(p["csv"].open())] for p in (one, two)]
+    assert scores[0] == scores[1]
+    assert json.loads(two["run"].read_text())["threads"] == 1
+    # the workers' cache keys are the one-process keys: a second pool run over the first cache is all cache hits
+    again = run_study(config, seeds=[0], output_dir=tmp_path / "again", cache_dir=cache, progress=False,
+                      num_jobs=2, job_threads=1)
+    assert json.loads(again["run"].read_text())["cached_runs"] == len(config.arms)

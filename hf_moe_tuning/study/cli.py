@@ -76,11 +76,10 @@ def _threads_per_job(jobs: int | None) -> int | None:
 
 def run_from_args(args: argparse.Namespace, driver: str | None = None) -> int:
     """Load (and check) the recipe named by ``args`` and run it; ``driver`` restricts the studies it accepts."""
-    threads = args.threads or _threads_per_job(args.jobs)
-    if threads:
+    if args.threads:
         import torch
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(args.threads)  # every stage; without it the stages in this process take every core
     if driver is None:
         path = Path(args.config)
     else:
@@ -103,6 +102,7 @@ def run_from_args(args: argparse.Namespace, driver: str | None = None) -> int:
     paths = run_study(
         config, seeds=seeds, output_dir=args.output_dir, cache_dir=args.cache_dir,
         progress=not args.no_progress, command=command, num_jobs=args.jobs,
+        job_threads=args.threads or _threads_per_job(args.jobs),
     )
     if state is None or state.is_main_process:
         print(f"{config.study}: results in {paths['md']}")

@@ -93,7 +93,7 @@ def _check_record(record: dict[str, Any], metrics, cache: StageCache) -> dict[st
 
 
 def _worker_job(config: StudyConfig, job: tuple[int, str, str], start: tuple[str, str], cache_root: str, threads: int):
-    """One fine-tuning job in a worker process (same thread count as the parent, so the same cache keys)."""
+    """One fine-tuning job in a worker process with ``threads`` torch threads (part of its cache key)."""
     torch.set_num_threads(threads)
     datasets.disable_progress_bars()
     seed, arm, task = job
@@ -112,8 +112,10 @@ def check_jobs(num_jobs: int) -> None:
         )
 
 
-def _run_jobs(config, jobs, starts, tasks, cache: StageCache, progress: bool, num_jobs: int) -> list[dict[str, Any]]:
-    """Fine-tune and evaluate every ``(seed, arm, task)`` job, in order; in ``num_jobs`` processes if > 1."""
+def _run_jobs(config, jobs, starts, tasks, cache: StageCache, progress: bool, num_jobs: int,
+              job_threads: int) -> list[dict[str, Any]]:
+    """Fine-tune and evaluate every ``(seed, arm, task)`` job, in order; in ``num_jobs`` processes (each with
+    ``job_threads`` torch threads) if > 1."""
     bar = tqdm(total=len(jobs), desc=f"{config.study}: fine-tune + evaluate", disable=not progress)
     if num_jobs <= 1:
         records = []
@@ -132,7 +134,7 @@ def _run_jobs(config, jobs, starts, tasks, cache: StageCache, progress: bool, nu
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=num_jobs, mp_context=context) as pool:
         futures = {
-            pool.submit(_worker_job, config, job, starts[job[1]], str(cache.root), torch.get_num_threads()): i
+            pool.submit(_worker_job, config, job, starts[job[1]], str(cache.root), job_threads): i
             for i, job in enumerate(jobs)
         }
         for future in concurrent.futures.as_completed(futures):
@@ -207,19 +209,24 @@ def run_study(
     progress: bool = True,
     command: str | None = None,
     num_jobs: int = 1,
+    job_threads: int | None = None,
 ) -> dict[str, Path]:
     """Run every arm of ``config`` on every task for every seed; write the study's files; return their paths.
 
     Stages are cached under ``cache_dir`` (default: the recipe's ``cache_dir``): rerunning only redoes
     what changed (configuration, code, library versions, platform or thread count). ``num_jobs > 1`` runs
-    the fine-tuning jobs in that many worker processes, each with this process's torch thread count
-    (so the results and cache keys equal a one-process run's).
+    the fine-tuning jobs in that many worker processes, each with ``job_threads`` torch threads (default: this
+    process's count, so the results and cache keys equal a one-process run's); the pretraining and
+    instruction-tuning stages run in this process with its own thread count.
 
     Under a multi-process launch every rank must call this: the stages train with all processes, rank 0
     writes the cache, the results and the plots (the paths returned exist once every rank has returned),
     and ``num_jobs > 1`` is refused.
     """
     check_jobs(num_jobs)
+    if job_threads is not None and job_threads < 1:
+        raise ValueError(f"job_threads must be >= 1, got {job_threads}")
+    job_threads = job_threads if num_jobs > 1 and job_threads else torch.get_num_threads()
     state = process_state()
     main = state is None or state.is_main_process
     progress = progress and main
@@ -261,7 +268,7 @@ def run_study(
     tasks = {task: load_task_splits(config, task) for task in config.data["tasks"]}
     jobs = [(seed, arm, task) for seed in seeds for arm in config.arms for task in tasks]
     stage_start = time.perf_counter()
-    records = _run_jobs(config, jobs, starts, tasks, cache, progress, num_jobs)
+    records = _run_jobs(config, jobs, starts, tasks, cache, progress, num_jobs, job_threads)
     stage_seconds["finetune+eval"] = time.perf_counter() - stage_start
     trained_records = records
     records = _baseline_records(config, tasks, seeds) + trained_records
@@ -282,7 +289,8 @@ def run_study(
         "runs": len(trained_records),
         "cached_runs": sum(bool(r.get("cached")) for r in trained_records),
         "machine": _machine(),
-        "threads": torch.get_num_threads(),
+        "threads": job_threads,  # of every fine-tuning job
+        **({"stage_threads": torch.get_num_threads()} if torch.get_num_threads() != job_threads else {}),
         "jobs": num_jobs,
         **({"processes": state.num_processes} if state is not None else {}),
         "versions": {"python": platform.python_version(), **library_versions()},
