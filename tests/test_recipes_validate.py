@@ -69,9 +69,11 @@ def _write(tmp_path, mutate) -> Path:
         (lambda r: r["finetune"]["args"].update(output_dir="x"), "finetune.args.output_dir"),
         (lambda r: r["data"].update(tasks=["boolq"]), "data.tasks[0]"),
         (lambda r: r.update(study="flan"), "study"),
+        (lambda r: r["finetune"].update(early_stopping={"min_steps": -100}), "finetune.early_stopping.min_steps"),
     ],
     ids=["unknown-arg", "unknown-top-key", "unknown-arm-key", "unknown-model", "unknown-arm-in-delta",
-         "missing-model-id", "unknown-tiny-model", "strategy-typo", "managed-arg", "unknown-task", "unknown-study"],
+         "missing-model-id", "unknown-tiny-model", "strategy-typo", "managed-arg", "unknown-task", "unknown-study",
+         "negative-min-steps"],
 )
 def test_bad_recipe_names_file_and_key(tmp_path, mutate, key):
     path = _write(tmp_path, mutate)

@@ -251,6 +251,32 @@ def test_early_stopping_keeps_the_best_weights_and_stops_on_a_plateau():
         ValidationEarlyStopping(lambda m: 0.0, eval_every=10, patience=1).restore_best(model)
 
 
+def test_early_stopping_waits_for_min_steps_through_a_plateau():
+    """A plateau at chance before the model learns (the binary tasks) does not count against the patience until
+    ``min_steps``."""
+    from transformers import TrainerControl, TrainerState
+
+    from hf_moe_tuning.study.stages import ValidationEarlyStopping
+
+    curve = [0.5] * 8 + [0.7, 0.9, 0.9, 0.9, 0.9, 0.9]  # chance until step 80, then learnt
+    model = torch.nn.Linear(2, 1)
+    stopped = {}
+    for min_steps in (0, 60):
+        scores = iter(curve)
+        stopper = ValidationEarlyStopping(lambda m, scores=scores: next(scores), eval_every=10, patience=3, min_steps=min_steps)
+        state, control = TrainerState(max_steps=140), TrainerControl()
+        for step in range(1, 141):
+            state.global_step = step
+            stopper.on_step_end(None, state, control, model=model)
+            if control.should_training_stop:
+                break
+        stopped[min_steps] = (state.global_step, stopper.best_score)
+    assert stopped[0] == (40, 0.5)  # three evaluations without improvement after step 10
+    assert stopped[60] == (130, 0.9)  # evaluations up to step 60 do not count; three without improvement after 100
+    with pytest.raises(ValueError, match="min_steps"):
+        ValidationEarlyStopping(lambda m: 0.0, eval_every=10, patience=1, min_steps=-1)
+
+
 @pytest.mark.slow
 def test_worker_processes_give_the_one_process_results(tmp_path, one_thread):
     """``num_jobs=2`` runs the fine-tuning jobs in spawned workers with ``job_threads`` threads: the same scores (and

@@ -12,7 +12,7 @@ A recipe describes one study (``flan_moe``, ``st_moe_freezing``, ``expert_count`
     pretrain: {enabled: true, args: {...}, sparse_args: {...}, dense_args: {...}, shipped_dir: checkpoints}
     instruct: {args: {...}}
     finetune: {args: {...}, sparse_args: {...}, dense_args: {...}, family_args: true,
-               early_stopping: {eval_every: 50, patience: 4, min_delta: 0.0}}
+               early_stopping: {eval_every: 50, patience: 4, min_delta: 0.0, min_steps: 0}}
     evaluate: {split: test, batch_size: 64, max_new_tokens: 48}
     arms:                              # per-arm deltas over the defaults
       t5: {model: t5}
@@ -102,7 +102,7 @@ _PRETRAIN_KEYS = {
 }
 _INSTRUCT_KEYS = {"enabled", "seed", "args", "sparse_args", "dense_args", "family_args", "shipped_dir"}
 _FINETUNE_KEYS = {"args", "sparse_args", "dense_args", "family_args", "early_stopping"}
-_EARLY_STOPPING_KEYS = {"eval_every", "patience", "min_delta"}
+_EARLY_STOPPING_KEYS = {"eval_every", "patience", "min_delta", "min_steps"}
 _EVALUATE_KEYS = {"split", "batch_size", "max_new_tokens"}
 _ARM_KEYS = {"model", "instruct", "finetune", "args", "label"}
 _DELTA_KEYS = {"name", "expr", "paper", "paper_value", "source"}
@@ -425,6 +425,9 @@ def parse_study_config(raw: dict[str, Any], path: str | Path | None = None) -> S
     for key in ("eval_every", "patience"):
         if key in stopping and (isinstance(stopping[key], bool) or not isinstance(stopping[key], int) or stopping[key] < 1):
             raise ConfigError(path, f"finetune.early_stopping.{key}", f"expected a positive int, got {stopping[key]!r}")
+    if "min_steps" in stopping and (isinstance(stopping["min_steps"], bool) or not isinstance(stopping["min_steps"], int)
+                                    or stopping["min_steps"] < 0):
+        raise ConfigError(path, "finetune.early_stopping.min_steps", f"expected an int >= 0, got {stopping['min_steps']!r}")
     if "min_delta" in stopping and (isinstance(stopping["min_delta"], bool) or not isinstance(stopping["min_delta"], (int, float))):
         raise ConfigError(path, "finetune.early_stopping.min_delta", f"expected a number, got {stopping['min_delta']!r}")
     if variant == "real" and pretrain.enabled and "pretrain" in raw:

@@ -7,7 +7,8 @@ code, the library versions, the platform and the thread count.
 
 Fine-tuning runs until the validation primary metric stops improving: every ``eval_every`` optimizer
 steps the model is scored on the validation split (with the same scoring as the test split), the best
-weights are kept, and training stops after ``patience`` evaluations without improvement or at
+weights are kept, and training stops after ``patience`` evaluations without improvement (counted after
+``min_steps``: binary tasks sit at chance for hundreds of steps before the tiny models learn them) or at
 ``max_steps``. The test split is scored once, with the best weights. Zero-shot arms (``finetune:
 false``) are scored as they start.
 
@@ -37,7 +38,7 @@ from .config import ModelSpec, StudyConfig, global_batch
 logger = logging.getLogger(__name__)
 
 #: Early-stopping defaults of the fine-tuning stage (``finetune.early_stopping`` in a recipe overrides them).
-EARLY_STOPPING_DEFAULTS: dict[str, Any] = {"eval_every": 50, "patience": 4, "min_delta": 0.0}
+EARLY_STOPPING_DEFAULTS: dict[str, Any] = {"eval_every": 50, "patience": 4, "min_delta": 0.0, "min_steps": 0}
 #: Instruction-mixture examples held out to report each model's mixture loss after instruction tuning.
 MIXTURE_EVAL_SIZE = 256
 
@@ -58,14 +59,18 @@ class ValidationEarlyStopping(TrainerCallback):
     """Score the validation split every ``eval_every`` optimizer steps; keep the best weights; stop on a plateau.
 
     ``score_fn(model) -> float`` is the validation primary metric (higher is better). Training stops
-    after ``patience`` evaluations that do not beat the best by more than ``min_delta``; the last step is
+    after ``patience`` evaluations that do not beat the best by more than ``min_delta``, counted after step
+    ``min_steps`` only (a plateau at chance that precedes learning does not end the run); the last step is
     always evaluated. :meth:`restore_best` loads the best weights back.
     """
 
-    def __init__(self, score_fn, eval_every: int, patience: int, min_delta: float = 0.0):
+    def __init__(self, score_fn, eval_every: int, patience: int, min_delta: float = 0.0, min_steps: int = 0):
         if eval_every < 1 or patience < 1:
             raise ValueError(f"eval_every and patience must be >= 1, got {eval_every} and {patience}")
+        if min_steps < 0:
+            raise ValueError(f"min_steps must be >= 0, got {min_steps}")
         self.score_fn, self.eval_every, self.patience, self.min_delta = score_fn, eval_every, patience, min_delta
+        self.min_steps = min_steps
         self.best_score, self.best_step, self.best_state = -float("inf"), 0, None
         self.history: list[tuple[int, float]] = []
         self._bad = 0
@@ -79,7 +84,7 @@ class ValidationEarlyStopping(TrainerCallback):
         if self.best_state is None or score > self.best_score + self.min_delta:
             self.best_score, self.best_step, self._bad = score, state.global_step, 0
             self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
+        elif state.global_step > self.min_steps:
             self._bad += 1
             if self._bad >= self.patience:
                 control.should_training_stop = True
@@ -370,6 +375,7 @@ def finetune_and_evaluate(
             stopper = ValidationEarlyStopping(
                 lambda m: backend.evaluate(m, tokenizer, splits["validation"], kind, metrics[:1]).metrics[metrics[0]],
                 int(stopping["eval_every"]), int(stopping["patience"]), float(stopping["min_delta"]),
+                int(stopping["min_steps"]),
             )
             with tempfile.TemporaryDirectory(dir=path) as tmp:
                 outcome = backend.train(model, tokenizer, train, args, tmp, seed=seed, callbacks=[stopper], progress=progress)
