@@ -226,6 +226,9 @@ def run_study(
     check_jobs(num_jobs)
     if job_threads is not None and job_threads < 1:
         raise ValueError(f"job_threads must be >= 1, got {job_threads}")
+    if num_jobs <= 1 and job_threads and job_threads != torch.get_num_threads():
+        logger.warning("job_threads=%d is ignored with num_jobs=1: the jobs run in this process with its %d threads "
+                       "(torch.set_num_threads sets them)", job_threads, torch.get_num_threads())
     job_threads = job_threads if num_jobs > 1 and job_threads else torch.get_num_threads()
     state = process_state()
     main = state is None or state.is_main_process
