@@ -92,8 +92,8 @@ def run(out: str, mode: str) -> None:
     if mode == "zero3":
         phases.update(resumed={}, subset={"moe_freeze_strategy": "moe", "moe_experts": "0,2"})
     # every model before any TrainingArguments: none built under deepspeed.zero.Init (see the module docstring)
-    initial = _initial()
     models = {phase: build_tiny_model("mixtral", seed=0) for phase in phases}
+    initial = {n: p.detach().float().clone() for n, p in models["non_moe"].named_parameters()}  # before any training
     report = {}
     for phase, extra in phases.items():
         args = MoETrainingArguments(
@@ -129,13 +129,6 @@ def run(out: str, mode: str) -> None:
         torch.save(initial, os.path.join(out, "initial.pt"))
         with open(os.path.join(folder, "report.json"), "w", encoding="utf-8") as f:
             json.dump(report, f, default=str)
-
-
-def _initial() -> dict[str, Any]:
-    """The full initial weights of the tiny Mixtral every mode starts from."""
-    from hf_moe_tuning.models import build_tiny_model
-
-    return {n: p.detach().float().clone() for n, p in build_tiny_model("mixtral", seed=0).named_parameters()}
 
 
 def compare(out: str) -> int:
