@@ -94,6 +94,37 @@ def test_heldout_splits(name):
     assert heldout_task(name, seed=0, train_size=32, validation_size=16, test_size=40)["test"]["inputs"] == splits["test"]["inputs"]
 
 
+def _template(text: str) -> str:
+    """``text`` with every lexicon word replaced by its category (what a rule that ignores the facts sees)."""
+    from hf_moe_tuning.data.world import ANIMALS, COLORS, NAMES, OBJECTS, OPPOSITES, PLACES
+
+    tags = {**{w: "NAME" for w in NAMES}, **{w: "OBJECT" for w in OBJECTS}, **{w: "COLOR" for w in COLORS},
+            **{w: "PLACE" for w in PLACES}, **{w: "ANIMAL" for w in ANIMALS}, **{w: "SIZE" for w in OPPOSITES},
+            **{s: "SOUND" for s, _ in ANIMALS.values()}}
+    return " ".join(tags.get(w.strip(".?,"), w) for w in text.split())
+
+
+@pytest.mark.parametrize(
+    "name, part",
+    [("entailment", lambda x: x.split("\n")[1]),  # the hypothesis alone
+     ("passage_yesno", lambda x: x.split("\n")[1]),  # the question alone
+     ("passage_yesno", lambda x: x.split("\n")[0])],  # the passage alone
+)
+def test_binary_tasks_have_no_one_sided_cue(name, part):
+    """A rule that learns the majority label of each template of one side (hypothesis, question or passage, facts
+    abstracted to their categories) on the training split scores chance on the test split: the label needs both."""
+    splits = heldout_task(name, seed=0, train_size=2000, validation_size=10, test_size=1000)
+    votes: dict[str, dict[str, int]] = {}
+    for inputs, target in zip(splits["train"]["inputs"], splits["train"]["targets"]):
+        counts = votes.setdefault(_template(part(inputs)), {})
+        counts[target] = counts.get(target, 0) + 1
+    fallback = {HELDOUT_TASKS[name].choices[0]: 1}  # templates unseen in training get a fixed answer
+    hits = [max(counts, key=counts.get) == t for x, t in zip(splits["test"]["inputs"], splits["test"]["targets"])
+            for counts in [votes.get(_template(part(x)), fallback)]]
+    assert len(votes) < 200  # the templates do abstract the facts away
+    assert 0.4 < sum(hits) / len(hits) < 0.6
+
+
 def test_heldout_unknown_task():
     with pytest.raises(KeyError, match="unknown held-out task"):
         heldout_task("squad")

@@ -33,7 +33,7 @@ from .world import (
     ANIMALS,
     CATEGORIES,
     COLORS,
-    NAMES,
+    OBJECTS,
     OPPOSITES,
     PLACES,
     THING_COLORS,
@@ -57,28 +57,37 @@ class HeldoutTask:
     metrics: tuple[str, ...] = ("accuracy",)
 
 
+#: what a yes/no question asks the passage to state, by kind of fact
+_STATED_QUESTIONS = {"holds": "what {name} has", "at": "where {name} is", "pets": "which animal {name} owns"}
+
+
 def _passage_yesno(rng: random.Random) -> tuple[str, str]:
+    """Does the passage state a kind of fact about its person? (BoolQ-style: the answer is in the passage.)
+
+    The passage states two of the person's three facts; the question names one kind. Neither the
+    question nor the passage alone tells the answer: it is ``yes`` exactly when the asked kind is among
+    the stated ones. (An earlier version asked "Does Ann have a red cup?", with the false items naming a
+    random other colour or place; no tiny encoder-decoder learnt it within 3,000 steps, see the README.)
+    """
     scene = sample_scene(rng, 1)
-    facts = scene.fact_sentences(("holds", "at", "pets"))
+    name = scene.people[0]
+    stated = rng.sample(tuple(_STATED_QUESTIONS), 2)
+    facts = scene.fact_sentences(tuple(stated))
     rng.shuffle(facts)
-    name = rng.choice(scene.people)
-    truth = rng.random() < 0.5
-    if rng.random() < 0.5:
-        color, obj = scene.holds[name]
-        if not truth:
-            color = rng.choice([c for c in COLORS if c != color])
-        question = f"Does {name} have a {color} {obj}?"
-    else:
-        place = scene.at[name]
-        if not truth:
-            place = rng.choice([p for p in PLACES if p != place])
-        question = f"Is {name} at the {place}?"
-    return f"{' '.join(facts)}\nQuestion: {question} Answer yes or no.", "yes" if truth else "no"
+    asked = rng.choice(tuple(_STATED_QUESTIONS))
+    question = f"Does the passage say {_STATED_QUESTIONS[asked].format(name=name)}?"
+    return f"{' '.join(facts)}\nQuestion: {question} Answer yes or no.", "yes" if asked in stated else "no"
 
 
 def _entailment(rng: random.Random) -> tuple[str, str]:
+    """Does the premise entail the hypothesis? (RTE-style, two labels.)
+
+    Entailed and non-entailed hypotheses of a kind have the same form, so the hypothesis alone does not
+    tell the label (an earlier version had two such cues, "Someone is at ..." and a colour word, which the
+    models learnt instead of the task). Kinds 2 and 3 need world knowledge: an animal's size or sound.
+    """
     scene = sample_scene(rng, 1)
-    name = rng.choice(scene.people)
+    name = scene.people[0]
     entailed = rng.random() < 0.5
     kind = rng.randrange(4)
     # the premise states the facts the hypothesis is about plus one other kind of fact, to keep it short
@@ -86,15 +95,11 @@ def _entailment(rng: random.Random) -> tuple[str, str]:
     other = rng.choice([k for k in ("holds", "at", "pets") if k != about])
     premise = " ".join(scene.fact_sentences((about, other)))
     if kind == 0:
-        color, obj = scene.holds[name]
-        hypothesis = f"{name} has a {obj}." if entailed else f"{name} has a {rng.choice([c for c in COLORS if c != color])} {obj}."
+        obj = scene.holds[name][1]
+        hypothesis = f"{name} has a {obj if entailed else rng.choice([o for o in OBJECTS if o != obj])}."
     elif kind == 1:
         place = scene.at[name]
-        if entailed:
-            hypothesis = f"Someone is at the {place}."
-        else:
-            other = rng.choice([n for n in NAMES if n not in scene.people])
-            hypothesis = f"{other} is at the {place}."
+        hypothesis = f"Someone is at the {place if entailed else rng.choice([p for p in PLACES if p != place])}."
     elif kind == 2:
         size = ANIMALS[scene.pets[name]][1]
         hypothesis = f"{name} owns a {size if entailed else OPPOSITES[size]} animal."
