@@ -94,8 +94,12 @@ def test_compare_end_to_end_and_cache(tmp_path, one_thread):
         assert d["verdict"] in ("reproduced", "opposite", "inconclusive")
 
     md = (out / "results.md").read_text()
-    for needed in ("| Flan-MoE |", "| baseline:copy_input |", "T5 − MoE", "95 % CI", "versions:", "seeds: 0, 1", "wall time"):
+    for needed in ("| Flan-MoE |", "| baseline:copy_input |", "T5 − MoE", "95 % CI", "versions:", "seeds: 0, 1", "wall time",
+                   "runs, cached ones included"):
         assert needed in md
+    run = json.loads((out / "run.json").read_text())
+    job_seconds = sum(float(r["train_seconds"] or 0) + float(r["eval_seconds"] or 0) for r in primary)
+    assert run["job_seconds"] == pytest.approx(job_seconds, rel=1e-3, abs=0.5)
     png = (out / "plot.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 1000
     # the report is a pure function of the files next to it

@@ -173,7 +173,9 @@ def render_markdown(results: list[dict[str, str]], deltas: list[dict[str, str]],
         f"items per task: " + ", ".join(f"{t} {n}" for t, n in info.get("items", {}).items()),
         f"- wall time: {info['wall_seconds'] / 60:.1f} min ("
         + ", ".join(f"{k} {info['stage_seconds'][k] / 60:.1f} min" for k in STAGES if k in info.get("stage_seconds", {}))
-        + f"); {info.get('cached_runs', 0)} of {info.get('runs', 0)} fine-tuning runs came from the cache",
+        + f"); {info.get('cached_runs', 0)} of {info.get('runs', 0)} fine-tuning runs came from the cache"
+        + (f"; fine-tuning and scoring of all {info.get('runs', 0)} runs, cached ones included: "
+           f"{info['job_seconds'] / 3600:.1f} job-hours" if "job_seconds" in info else ""),
         f"- machine: {info['machine']}; torch threads: {info['threads']}"
         + (f" in each of {info['jobs']} fine-tuning worker processes" if info.get("jobs", 1) > 1 else ""),
         f"- versions: {versions}; source hash {info.get('source_hash', '')}",

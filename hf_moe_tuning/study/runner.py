@@ -291,6 +291,9 @@ def run_study(
         "stage_seconds": stage_seconds,
         "runs": len(trained_records),
         "cached_runs": sum(bool(r.get("cached")) for r in trained_records),
+        # fine-tuning + scoring time of every run, cached ones included (a run resumed from a cache filled by an
+        # earlier invocation has a wall time that covers only its own part)
+        "job_seconds": sum(float(r.get("train_seconds") or 0) + float(r.get("eval_seconds") or 0) for r in trained_records),
         "machine": _machine(),
         "threads": job_threads,  # of every fine-tuning job
         **({"stage_threads": torch.get_num_threads()} if torch.get_num_threads() != job_threads else {}),
