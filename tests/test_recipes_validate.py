@@ -12,6 +12,7 @@ import yaml
 from hf_moe_tuning.study import ConfigError, load_study_config, validate_training_args
 from hf_moe_tuning.study.cli import register
 from hf_moe_tuning.study.config import delta_arms, evaluate_delta, parse_overrides
+from hf_moe_tuning.study.runner import DEFAULT_RECIPES
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 STUDY_DIRS = ("flan_moe", "st_moe_freezing", "expert_count")
@@ -43,6 +44,20 @@ def test_real_recipes_name_the_papers_models():
     flan = load_study_config(RECIPES / "flan_moe" / "real.yaml")
     assert flan.data["instruction_dataset"] and flan.data["task_dataset"]
     assert flan.finetune.sparse_args["learning_rate"] == 1e-3 and flan.finetune.dense_args["learning_rate"] == 1e-4
+
+
+def test_quick_recipe_is_tiny_with_a_smaller_budget():
+    """The README's first command runs recipes/flan_moe/quick.yaml: the study's recipe with fewer steps and one seed,
+    writing outside results/ (the shipped checkpoints' configuration keys must match the study's)."""
+    tiny = yaml.safe_load(TINY.read_text())
+    quick = yaml.safe_load((RECIPES / "flan_moe" / "quick.yaml").read_text())
+    assert (quick.pop("variant"), quick.pop("seeds"), quick.pop("output_dir")) == ("quick", 1, "runs/quick/flan_moe")
+    assert quick.pop("description").startswith(tiny.pop("description").strip())
+    assert quick["finetune"]["args"].pop("max_steps") < tiny["finetune"]["args"].pop("max_steps")
+    quick["finetune"].pop("early_stopping"), tiny["finetune"].pop("early_stopping")
+    tiny.pop("variant"), tiny.pop("seeds")
+    assert quick == tiny
+    assert DEFAULT_RECIPES["flan_moe"] == "recipes/flan_moe/quick.yaml"
 
 
 def _write(tmp_path, mutate) -> Path:

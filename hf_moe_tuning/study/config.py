@@ -76,8 +76,9 @@ from ..models import TINY_MODELS
 logger = logging.getLogger(__name__)
 
 STUDIES: tuple[str, ...] = ("flan_moe", "st_moe_freezing", "expert_count", "instruct_moe")
-#: smoke: the tiny pipeline at a one-minute size; tiny: the embedded miniature; real: Hub models and datasets.
-VARIANTS: tuple[str, ...] = ("smoke", "tiny", "real")
+#: smoke: the tiny pipeline at a one-minute size; quick: the embedded miniature with a small fine-tuning budget (the
+#: README's first command); tiny: the embedded miniature; real: Hub models and datasets.
+VARIANTS: tuple[str, ...] = ("smoke", "quick", "tiny", "real")
 KINDS: tuple[str, ...] = ("sparse", "dense")
 DIRECTIONS: dict[str, str] = {"+": "positive", "-": "negative", "0": "no clear difference"}
 

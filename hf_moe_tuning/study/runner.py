@@ -40,7 +40,8 @@ logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: Default recipe of each driver.
 DEFAULT_RECIPES: dict[str, str] = {
-    "flan_moe": "recipes/flan_moe/tiny.yaml",
+    # the README's first command: the study's recipe with a 500-step budget and one seed (the study is tiny.yaml)
+    "flan_moe": "recipes/flan_moe/quick.yaml",
     "st_moe_freezing": "recipes/st_moe_freezing/tiny.yaml",
     "expert_count": "recipes/expert_count/tiny.yaml",
     "instruct_moe": "recipes/instruct_moe/tiny.yaml",
