@@ -159,3 +159,20 @@ def test_delta_items_pairs_arms_by_seed_and_item():
     assert delta.tolist() == [[100.0, 0.0], [0.0, 100.0]]
     with pytest.raises(KeyError, match="arm 'z'"):
         delta_items({"z": 1.0}, items, [0])
+
+
+def test_report_lists_scores_equal_to_a_constant_answer():
+    """The report names every non-baseline classification cell whose score equals the majority baseline's (on the
+    label-balanced splits, the score of any constant answer); generation tasks and other scores are not listed."""
+    from hf_moe_tuning.study.report import _Table, constant_answer_cells
+
+    def row(arm, task, kind, seed, score):
+        return {"arm": arm, "label": arm, "task": task, "task_kind": kind, "seed": str(seed), "metric": "accuracy",
+                "primary": "1", "score": str(score), "finetuned": "0" if arm.startswith("baseline:") else "1",
+                "freeze_strategy": "all"}
+
+    rows = [row("baseline:majority", "yesno", "classification", s, 50.0) for s in (0, 1)]
+    rows += [row("t5", "yesno", "classification", 0, 50.0), row("t5", "yesno", "classification", 1, 88.3)]
+    rows += [row("moe", "yesno", "classification", s, 50.1) for s in (0, 1)]
+    rows += [row("baseline:majority", "fusion", "generation", 0, 3.0), row("t5", "fusion", "generation", 0, 3.0)]
+    assert constant_answer_cells(_Table(rows)) == [("t5", "yesno", ["0"])]

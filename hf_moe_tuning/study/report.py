@@ -157,6 +157,29 @@ def margin_rows(table: _Table) -> list[tuple[str, str, float, str, float, bool]]
     return out
 
 
+def constant_answer_cells(table: _Table) -> list[tuple[str, str, list[str]]]:
+    """``(arm, task, seeds)`` of every non-baseline classification score equal to the ``baseline:majority`` score.
+
+    The embedded classification splits are label-balanced, so answering every item with any one label scores what
+    the majority baseline scores: an arm with that exact score most likely gives one answer to every item (or, far
+    less often, lands there by chance).
+    """
+    majority = f"{BASELINE_PREFIX}majority"
+    out = []
+    for task in table.tasks:
+        constant = table.scores.get(majority, {}).get(task)
+        if table.task_kind[task] != "classification" or not constant:
+            continue
+        values = set(constant.values())
+        for arm in table.arms:
+            if table.is_baseline(arm) or task not in table.scores[arm]:
+                continue
+            seeds = [seed for seed, score in table.scores[arm][task].items() if any(abs(score - v) < 1e-6 for v in values)]
+            if seeds:
+                out.append((arm, task, seeds))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- render
 def render_markdown(results: list[dict[str, str]], deltas: list[dict[str, str]], info: dict[str, Any]) -> str:
     """``results.md`` from the rows of ``results.csv`` and ``deltas.csv`` and the run info."""
@@ -249,6 +272,21 @@ def render_markdown(results: list[dict[str, str]], deltas: list[dict[str, str]],
                 text = f"{margin:+.1f} vs {table.labels[best_arm].removeprefix(BASELINE_PREFIX)}"
                 row.append(text if ok else f"**{text}**")
             lines.append(f"| {table.labels[arm]} | " + " | ".join(row) + " |")
+
+    constant = constant_answer_cells(table)
+    if any(table.task_kind[t] == "classification" for t in table.tasks):
+        lines += [
+            "",
+            "## Constant answers",
+            "",
+            "Classification scores equal to the score of giving every item one answer (the splits are label-balanced, "
+            "so that is the majority baseline's score): "
+            + ("none." if not constant else f"**{len(constant)} arm–task cells**:"),
+        ]
+        if constant:
+            lines.append("")
+            lines += [f"- {table.labels[arm]}, {task}: seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)}"
+                      for arm, task, seeds in constant]
 
     if deltas:
         average = [d for d in deltas if d["task"] == AVERAGE]
