@@ -11,7 +11,7 @@ import yaml
 
 from hf_moe_tuning.study import ConfigError, load_study_config, validate_training_args
 from hf_moe_tuning.study.cli import register
-from hf_moe_tuning.study.config import delta_arms, evaluate_delta, parse_overrides
+from hf_moe_tuning.study.config import delta_arms, evaluate_delta, merge_recipes, parse_overrides, read_recipe_yaml
 from hf_moe_tuning.study.runner import DEFAULT_RECIPES
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -49,15 +49,47 @@ def test_real_recipes_name_the_papers_models():
 def test_quick_recipe_is_tiny_with_a_smaller_budget():
     """The README's first command runs recipes/flan_moe/quick.yaml: the study's recipe with fewer steps and one seed,
     writing outside results/ (the shipped checkpoints' configuration keys must match the study's)."""
-    tiny = yaml.safe_load(TINY.read_text())
-    quick = yaml.safe_load((RECIPES / "flan_moe" / "quick.yaml").read_text())
+    own = yaml.safe_load((RECIPES / "flan_moe" / "quick.yaml").read_text())
+    assert own["extends"] == "tiny.yaml"
+    assert set(own) == {"extends", "variant", "description", "seeds", "output_dir", "finetune"}
+    assert own["finetune"] == {"early_stopping": {"min_steps": 0}, "args": {"max_steps": 500}}
+    tiny = read_recipe_yaml(TINY)
+    quick = read_recipe_yaml(RECIPES / "flan_moe" / "quick.yaml")
     assert (quick.pop("variant"), quick.pop("seeds"), quick.pop("output_dir")) == ("quick", 1, "runs/quick/flan_moe")
     assert quick.pop("description").startswith(tiny.pop("description").strip())
     assert quick["finetune"]["args"].pop("max_steps") < tiny["finetune"]["args"].pop("max_steps")
-    quick["finetune"].pop("early_stopping"), tiny["finetune"].pop("early_stopping")
+    assert quick["finetune"]["early_stopping"].pop("min_steps") == 0
+    tiny["finetune"]["early_stopping"].pop("min_steps")
     tiny.pop("variant"), tiny.pop("seeds")
     assert quick == tiny
     assert DEFAULT_RECIPES["flan_moe"] == "recipes/flan_moe/quick.yaml"
+
+
+def test_extends_deep_merges_over_the_base(tmp_path):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"seeds": 3, "data": {"tasks": ["a", "b"], "seed": 0},
+                                                        "finetune": {"args": {"max_steps": 9, "learning_rate": 1.0}}}))
+    (tmp_path / "mid.yaml").write_text("extends: base.yaml\nfinetune: {args: {max_steps: 2}}\ndata: {tasks: [c]}\n")
+    (tmp_path / "top.yaml").write_text("extends: mid.yaml\nseeds: 1\n")
+    raw = read_recipe_yaml(tmp_path / "top.yaml", {"finetune.args.learning_rate": 0.5})
+    assert raw == {"seeds": 1, "data": {"tasks": ["c"], "seed": 0},
+                   "finetune": {"args": {"max_steps": 2, "learning_rate": 0.5}}}
+    assert merge_recipes({"a": {"b": 1}}, {"a": 2}) == {"a": 2}
+
+
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        ({"top.yaml": "extends: missing.yaml\n"}, "no such recipe file (extended by"),
+        ({"top.yaml": "extends: other.yaml\n", "other.yaml": "extends: top.yaml\n"}, "cycle"),
+        ({"top.yaml": "extends: [a.yaml]\n"}, "expected the path of a recipe file"),
+        ({"top.yaml": "extends: other.yaml\n", "other.yaml": "- a list\n"}, "expected a mapping"),
+    ],
+)
+def test_bad_extends_is_an_error_naming_the_file(tmp_path, files, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        read_recipe_yaml(tmp_path / "top.yaml")
 
 
 def _write(tmp_path, mutate) -> Path:

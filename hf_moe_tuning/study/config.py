@@ -2,6 +2,7 @@
 
 A recipe describes one study (``flan_moe``, ``st_moe_freezing``, ``expert_count`` or ``instruct_moe``)::
 
+    extends: tiny.yaml                 # optional: start from another recipe (relative path) and override keys
     study: flan_moe
     variant: tiny                      # smoke (one-minute check) | tiny (embedded world) | real (Hub models and datasets)
     seeds: 3                           # fine-tuning seeds per arm (an int N means 0..N-1, or a list)
@@ -506,15 +507,46 @@ def parse_study_config(raw: dict[str, Any], path: str | Path | None = None) -> S
     )
 
 
-def read_recipe_yaml(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Read a recipe YAML file and apply dotted-key ``overrides``; errors name the file and key."""
-    path = Path(path)
+def merge_recipes(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``child`` over ``base``: mappings merge key by key, any other value (lists included) replaces."""
+    out = copy.deepcopy(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_recipes(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read_yaml_mapping(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """One recipe file as a mapping, its ``extends:`` chain resolved (relative to the file; cycles are errors)."""
     if not path.is_file():
-        raise ConfigError(path, "<file>", "no such recipe file")
+        where = f" (extended by {chain[-1]})" if chain else ""
+        raise ConfigError(path, "<file>", f"no such recipe file{where}")
+    if path.resolve() in chain:
+        raise ConfigError(path, "extends", "recipes extend each other in a cycle: " + " -> ".join(map(str, chain)))
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(path, "<yaml>", f"not valid YAML: {err}") from None
+    raw = _expect_mapping(raw, path, "<root>")
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(path, "extends", f"expected the path of a recipe file, got {base!r}")
+    return merge_recipes(_read_yaml_mapping(path.parent / base, (*chain, path.resolve())), raw)
+
+
+def read_recipe_yaml(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read a recipe YAML file, resolve ``extends:`` and apply dotted-key ``overrides``; errors name file and key.
+
+    ``extends: tiny.yaml`` (relative to the file) starts from that recipe and deep-merges this file's keys over it
+    (:func:`merge_recipes`); relative paths in the result (``shipped_dir``, ``sft.accelerate``) are read relative to
+    the file given here, so a recipe should extend one in its own directory.
+    """
+    path = Path(path)
+    raw = _read_yaml_mapping(path)
     for key, value in (overrides or {}).items():
         try:
             set_dotted(raw, key, value)
