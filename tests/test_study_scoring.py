@@ -176,3 +176,19 @@ def test_report_lists_scores_equal_to_a_constant_answer():
     rows += [row("moe", "yesno", "classification", s, 50.1) for s in (0, 1)]
     rows += [row("baseline:majority", "fusion", "generation", 0, 3.0), row("t5", "fusion", "generation", 0, 3.0)]
     assert constant_answer_cells(_Table(rows)) == [("t5", "yesno", ["0"])]
+
+
+@pytest.mark.parametrize("variant, says", [("tiny", "label-balanced, so that is"), ("real", "not label-balanced")])
+def test_constant_answer_wording_follows_the_data(variant, says):
+    """Embedded splits are label-balanced (the majority score is any constant answer's); Hub splits are not, and the
+    report says that only the majority-constant answer is checked there."""
+    from hf_moe_tuning.study.report import render_markdown
+
+    rows = [{"arm": arm, "label": arm, "task": "yesno", "task_kind": "classification", "seed": "0",
+             "metric": "accuracy", "primary": "1", "score": "50.0", "finetuned": "0",
+             "freeze_strategy": "all"} for arm in ("baseline:majority", "t5")]
+    info = {"study": "flan_moe", "variant": variant, "command": "c", "recipe": "r", "seeds": [0], "split": "test",
+            "wall_seconds": 1.0, "machine": "m", "threads": 1}
+    text = render_markdown(rows, [], info)
+    section = text.split("## Constant answers", 1)[1]
+    assert says in section and "**1 arm–task cells**" in section and "- t5, yesno: seed 0" in section

@@ -162,7 +162,8 @@ def constant_answer_cells(table: _Table) -> list[tuple[str, str, list[str]]]:
 
     The embedded classification splits are label-balanced, so answering every item with any one label scores what
     the majority baseline scores: an arm with that exact score most likely gives one answer to every item (or, far
-    less often, lands there by chance).
+    less often, lands there by chance). On Hub data (``variant: real``) the splits are not balanced and only the
+    majority-constant answer is caught; ``results.md`` says which of the two it checked.
     """
     majority = f"{BASELINE_PREFIX}majority"
     out = []
@@ -279,8 +280,14 @@ def render_markdown(results: list[dict[str, str]], deltas: list[dict[str, str]],
             "",
             "## Constant answers",
             "",
-            "Classification scores equal to the score of giving every item one answer (the splits are label-balanced, "
-            "so that is the majority baseline's score): "
+            (
+                "Classification scores equal to the score of giving every item one answer (the embedded splits are "
+                "label-balanced, so that is the majority baseline's score): "
+                if info.get("variant") != "real"
+                else "Classification scores equal to the majority baseline's (every item given the training split's "
+                "most frequent label; Hub splits are not label-balanced, so a constant minority answer scores less "
+                "and is not listed): "
+            )
             + ("none." if not constant else f"**{len(constant)} arm–task cells**:"),
         ]
         if constant:
