@@ -76,6 +76,23 @@ def test_extends_deep_merges_over_the_base(tmp_path):
     assert merge_recipes({"a": {"b": 1}}, {"a": 2}) == {"a": 2}
 
 
+def test_replace_tag_replaces_a_mapping_of_the_base(tmp_path):
+    """`arms: !replace {...}` drops the base's arms (a probe of one arm); untagged mappings still merge."""
+    (tmp_path / "probe.yaml").write_text(
+        f"extends: {TINY}\nseeds: 1\narms: !replace\n  t5: {{model: t5, label: T5}}\n"
+        "deltas: [{name: d, expr: t5 - t5, paper: '0'}]\nfinetune: {args: {max_steps: 7}}\n"
+        "pretrain: {shipped_dir: null}\ninstruct: {shipped_dir: null}\n"
+    )
+    config = load_study_config(tmp_path / "probe.yaml")
+    assert list(config.arms) == ["t5"] and config.finetune.args["max_steps"] == 7
+    assert config.finetune.args["learning_rate"] == load_study_config(TINY).finetune.args["learning_rate"]
+    raw = read_recipe_yaml(tmp_path / "probe.yaml")
+    assert type(raw["arms"]) is dict  # the tag does not leak into the merged recipe
+    (tmp_path / "bad.yaml").write_text(f"extends: {TINY}\narms: !replace [t5]\n")
+    with pytest.raises(ConfigError, match="!replace tags a mapping"):
+        read_recipe_yaml(tmp_path / "bad.yaml")
+
+
 @pytest.mark.parametrize(
     "files, message",
     [

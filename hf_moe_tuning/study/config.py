@@ -2,7 +2,8 @@
 
 A recipe describes one study (``flan_moe``, ``st_moe_freezing``, ``expert_count`` or ``instruct_moe``)::
 
-    extends: tiny.yaml                 # optional: start from another recipe (relative path) and override keys
+    extends: tiny.yaml                 # optional: start from another recipe (relative path), deep-merge the keys
+                                       # below over it (`arms: !replace {...}` replaces a mapping instead)
     study: flan_moe
     variant: tiny                      # smoke (one-minute check) | tiny (embedded world) | real (Hub models and datasets)
     seeds: 3                           # fine-tuning seeds per arm (an int N means 0..N-1, or a list)
@@ -507,15 +508,42 @@ def parse_study_config(raw: dict[str, Any], path: str | Path | None = None) -> S
     )
 
 
+class Replace(dict):
+    """A mapping tagged ``!replace`` in an extending recipe: it replaces the base's mapping instead of merging."""
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads the ``!replace`` tag (:class:`Replace`)."""
+
+
+def _construct_replace(loader: yaml.SafeLoader, node: yaml.Node) -> Replace:
+    if not isinstance(node, yaml.MappingNode):
+        raise yaml.constructor.ConstructorError(None, None, "!replace tags a mapping", node.start_mark)
+    return Replace(loader.construct_mapping(node, deep=True))
+
+
+_RecipeLoader.add_constructor("!replace", _construct_replace)
+
+
 def merge_recipes(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
-    """Deep-merge ``child`` over ``base``: mappings merge key by key, any other value (lists included) replaces."""
+    """Deep-merge ``child`` over ``base``: mappings merge key by key, unless tagged ``!replace``
+    (:class:`Replace`); any other value (lists included) replaces. The result holds plain dicts only."""
     out = copy.deepcopy(base)
     for key, value in child.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and not isinstance(value, Replace) and isinstance(out.get(key), dict):
             out[key] = merge_recipes(out[key], value)
         else:
-            out[key] = copy.deepcopy(value)
+            out[key] = _plain(value)
     return out
+
+
+def _plain(value: Any) -> Any:
+    """A deep copy of ``value`` with :class:`Replace` mappings turned into plain dicts."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return copy.deepcopy(value)
 
 
 def _read_yaml_mapping(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -526,13 +554,13 @@ def _read_yaml_mapping(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, An
     if path.resolve() in chain:
         raise ConfigError(path, "extends", "recipes extend each other in a cycle: " + " -> ".join(map(str, chain)))
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_RecipeLoader) or {}  # a SafeLoader subclass: plain data only
     except yaml.YAMLError as err:
         raise ConfigError(path, "<yaml>", f"not valid YAML: {err}") from None
     raw = _expect_mapping(raw, path, "<root>")
     base = raw.pop("extends", None)
     if base is None:
-        return raw
+        return _plain(raw)
     if not isinstance(base, str):
         raise ConfigError(path, "extends", f"expected the path of a recipe file, got {base!r}")
     return merge_recipes(_read_yaml_mapping(path.parent / base, (*chain, path.resolve())), raw)
@@ -542,7 +570,7 @@ def read_recipe_yaml(path: str | Path, overrides: dict[str, Any] | None = None) 
     """Read a recipe YAML file, resolve ``extends:`` and apply dotted-key ``overrides``; errors name file and key.
 
     ``extends: tiny.yaml`` (relative to the file) starts from that recipe and deep-merges this file's keys over it
-    (:func:`merge_recipes`); relative paths in the result (``shipped_dir``, ``sft.accelerate``) are read relative to
+    (:func:`merge_recipes`; a mapping tagged ``!replace``, e.g. ``arms: !replace {...}``, replaces the base's); relative paths in the result (``shipped_dir``, ``sft.accelerate``) are read relative to
     the file given here, so a recipe should extend one in its own directory.
     """
     path = Path(path)
