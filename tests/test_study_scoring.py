@@ -192,3 +192,14 @@ def test_constant_answer_wording_follows_the_data(variant, says):
     text = render_markdown(rows, [], info)
     section = text.split("## Constant answers", 1)[1]
     assert says in section and "**1 arm–task cells**" in section and "- t5, yesno: seed 0" in section
+
+
+def test_results_csv_keeps_the_learning_rate_exact(tmp_path):
+    """Scores are rounded to 4 decimals in results.csv; the learning rate is not (2.5e-4 must not read 0.0003)."""
+    import csv
+
+    from hf_moe_tuning.study.report import write_results_csv
+
+    write_results_csv([{"arm": "t5", "score": 88.50517, "learning_rate": 2.5e-4}], tmp_path / "r.csv")
+    row = next(csv.DictReader((tmp_path / "r.csv").open()))
+    assert float(row["learning_rate"]) == 2.5e-4 and row["score"] == "88.5052"

@@ -68,7 +68,8 @@ def write_results_csv(rows: Iterable[dict[str, Any]], path: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: _round(row.get(k)) for k in RESULT_FIELDS})
+            # the learning rate as given (4 decimals would turn 2.5e-4 into 0.0003)
+            writer.writerow({k: row.get(k) if k == "learning_rate" else _round(row.get(k)) for k in RESULT_FIELDS})
 
 
 def write_deltas_csv(rows: Iterable[dict[str, Any]], path: Path) -> None:
