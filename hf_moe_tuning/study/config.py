@@ -570,8 +570,9 @@ def read_recipe_yaml(path: str | Path, overrides: dict[str, Any] | None = None) 
     """Read a recipe YAML file, resolve ``extends:`` and apply dotted-key ``overrides``; errors name file and key.
 
     ``extends: tiny.yaml`` (relative to the file) starts from that recipe and deep-merges this file's keys over it
-    (:func:`merge_recipes`; a mapping tagged ``!replace``, e.g. ``arms: !replace {...}``, replaces the base's); relative paths in the result (``shipped_dir``, ``sft.accelerate``) are read relative to
-    the file given here, so a recipe should extend one in its own directory.
+    (:func:`merge_recipes`; a mapping tagged ``!replace``, e.g. ``arms: !replace {...}``, replaces the base's).
+    Relative paths in the result (``shipped_dir``, ``sft.accelerate``) are read relative to the file given here, so
+    a recipe should extend one in its own directory.
     """
     path = Path(path)
     raw = _read_yaml_mapping(path)
