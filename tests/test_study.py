@@ -301,3 +301,49 @@ def test_worker_processes_give_the_one_process_results(tmp_path, one_thread):
     again = run_study(config, seeds=[0], output_dir=tmp_path / "again", cache_dir=cache, progress=False,
                       num_jobs=2, job_threads=1)
     assert json.loads(again["run"].read_text())["cached_runs"] == len(config.arms)
+
+
+@pytest.fixture
+def fresh_data_fingerprints():
+    from hf_moe_tuning.study import stages
+
+    stages._corpus_fingerprint.cache_clear()
+    stages._embedded_mixture_fingerprint.cache_clear()
+    yield stages
+    stages._corpus_fingerprint.cache_clear()
+    stages._embedded_mixture_fingerprint.cache_clear()
+
+
+def test_shipped_stage_keys_cover_the_data(fresh_data_fingerprints, monkeypatch):
+    """Shipped stages are found by configuration key alone, so that key must change with the data the stage
+    trains on: another corpus or instruction mixture (same recipe) has other keys."""
+    from datasets import Dataset
+
+    stages = fresh_data_fingerprints
+    config = load_study_config(RECIPES / "flan_moe" / "tiny.yaml")
+    spec = config.models["t5"]
+    pretrain = config_key(stages.pretrain_key(config, spec))
+    instruct = config_key(stages.instruct_key(config, spec, "upstream"))
+    assert pretrain == config_key(stages.pretrain_key(config, spec))  # stable
+    monkeypatch.setattr(stages, "pretraining_corpus", lambda n, seed: Dataset.from_dict({"text": ["other"] * n}))
+    monkeypatch.setattr(stages, "instruction_mixture", lambda n, **kw: Dataset.from_dict({"inputs": ["q"] * n, "targets": ["a"] * n}))
+    stages._corpus_fingerprint.cache_clear()
+    stages._embedded_mixture_fingerprint.cache_clear()
+    assert config_key(stages.pretrain_key(config, spec)) != pretrain
+    assert config_key(stages.instruct_key(config, spec, "upstream")) != instruct
+    # a Hub mixture is identified by its name and split, not fingerprinted (it is not downloaded to make a key)
+    assert stages.mixture_fingerprint({"source": "hub", "instruction_dataset": "x"}) is None
+
+
+def test_content_fingerprint():
+    from datasets import Dataset
+
+    from hf_moe_tuning.data.fingerprint import content_fingerprint
+
+    a = Dataset.from_dict({"x": ["1", "2"], "y": [1, 2]})
+    assert content_fingerprint(a) == content_fingerprint(Dataset.from_dict({"x": ["1", "2"], "y": [1, 2]}))
+    assert content_fingerprint(a) != content_fingerprint(Dataset.from_dict({"x": ["2", "1"], "y": [2, 1]}))
+    assert content_fingerprint(a, ("x",)) != content_fingerprint(a)
+    assert content_fingerprint(a, ("x",)) == content_fingerprint(Dataset.from_dict({"x": ["1", "2"], "z": [0, 0]}), ("x",))
+    with pytest.raises(ValueError, match="not in the dataset"):
+        content_fingerprint(a, ("nope",))

@@ -1,10 +1,11 @@
 """The embedded task world: seeded generators returning ``datasets.Dataset`` objects, no downloads.
 
 * :func:`pretraining_corpus` and :func:`span_corruption_dataset` – text for T5 span-corruption pretraining;
-* :func:`instruction_mixture` – a Flan-style mixture of 26 task families, several templates each,
+* :func:`instruction_mixture` – a Flan-style mixture of 28 task families, several templates each,
   zero-shot and few-shot forms;
-* :func:`heldout_task` – four downstream tasks of kinds absent from the mixture (yes/no QA over a
-  passage, entailment, lettered multiple choice, sentence fusion), with small train/validation/test splits.
+* :func:`heldout_task` – four downstream tasks absent from the mixture (yes/no QA over a passage,
+  entailment, lettered multiple choice, sentence fusion), with train/validation/test splits;
+* :func:`~.fingerprint.content_fingerprint` – the content hash that keys shipped stages by their data.
 
 Real counterparts (Flan collection, SuperGLUE) are loaded from the Hub by :mod:`.hub`.
 """

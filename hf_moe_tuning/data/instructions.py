@@ -5,9 +5,13 @@ through one of several natural-language templates. :func:`instruction_mixture` m
 uniformly, in zero-shot and few-shot form (exemplars rendered with the same template, joined by a
 blank line, as Flan's few-shot templates do).
 
-None of the families is a yes/no question, an entailment judgement, a lettered multiple-choice
-question or a sentence-fusion task: those kinds are kept for the held-out tasks
-(:mod:`hf_moe_tuning.data.heldout`).
+None of the families is a question about whether a passage states something, an entailment judgement,
+a lettered multiple-choice question or a sentence-fusion task: those tasks are kept for the held-out set
+(:mod:`hf_moe_tuning.data.heldout`). The mixture does hold the answer *formats* the held-out tasks use, on
+other content, as Flan does (its held-out tasks are new tasks, not new answer formats): two families answer
+"yes" or "no" about numbers and animal sounds, without a passage (``is_larger``, ``animal_makes``), so
+that an instruction-tuned model has produced "yes" and "no" before it meets the held-out yes/no task
+zero-shot.
 """
 
 from __future__ import annotations
@@ -136,6 +140,18 @@ def _larger(rng):
     return dict(a=a, b=b, answer=str(max(a, b)))
 
 
+def _is_larger(rng):
+    a, b = rng.sample(range(100), 2)
+    return dict(a=a, b=b, answer="yes" if a > b else "no")
+
+
+def _animal_makes(rng):
+    animal = rng.choice(list(ANIMALS))
+    right = ANIMALS[animal][0]
+    sound = right if rng.random() < 0.5 else rng.choice(sorted({s for s, _ in ANIMALS.values()} - {right}))
+    return dict(animal=animal, sound=sound, answer="yes" if sound == right else "no")
+
+
 def _largest_of_list(rng):
     values = rng.sample(range(100), rng.randrange(3, 6))
     return dict(values=", ".join(map(str, values)), answer=str(max(values)))
@@ -256,6 +272,13 @@ FAMILIES: tuple[TaskFamily, ...] = (
     )),
     TaskFamily("larger", _larger, (
         "Which is larger, {a} or {b}?", "Pick the bigger number: {a}, {b}.", "max({a}, {b}) =",
+    )),
+    TaskFamily("is_larger", _is_larger, (
+        "Is {a} larger than {b}?", "{a} > {b}? Answer yes or no.", "True or not: {a} is bigger than {b}. (yes/no)",
+    )),
+    TaskFamily("animal_makes", _animal_makes, (
+        "Does a {animal} make the sound {sound}?", "A {animal} goes '{sound}'. Right? (yes/no)",
+        "Animal: {animal}. Sound: {sound}. Correct?",
     )),
     TaskFamily("largest_of_list", _largest_of_list, (
         "What is the largest of {values}?", "Find the maximum: {values}.", "Numbers: {values}. Largest:",

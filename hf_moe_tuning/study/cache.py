@@ -14,7 +14,9 @@ the stage folder and its markers; the other ranks train with it and wait (:func:
 :func:`hf_moe_tuning.study.stages.run_cached`). Several nodes need the cache on a shared filesystem.
 
 Shipped pretrained checkpoints (``pretrain.shipped_dir``) are inputs, like a Hub checkpoint: they are
-found by their configuration key alone, and the results record that a shipped checkpoint was used.
+found by their configuration key alone, and the results record that a shipped checkpoint was used. That
+key covers the content of the data the stage trains on (a fingerprint of the embedded corpus or
+instruction mixture), so a change to the data generators cannot leave a stale checkpoint in use.
 """
 
 from __future__ import annotations

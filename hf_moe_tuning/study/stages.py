@@ -21,6 +21,7 @@ the same scores and the early-stopping decisions agree.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import tempfile
 import time
@@ -30,7 +31,8 @@ from typing import Any
 from datasets import Dataset
 from transformers import TrainerCallback
 
-from ..data import get_task, heldout_task, instruction_mixture
+from ..data import get_task, heldout_task, instruction_mixture, pretraining_corpus
+from ..data.fingerprint import content_fingerprint
 from .backends import SEQ2SEQ, STAGE_DEFAULTS, Backend, backend_for, model_kind, parameter_summary
 from .cache import StageCache, config_hash, config_key, process_state
 from .config import ModelSpec, StudyConfig, global_batch
@@ -51,6 +53,7 @@ __all__ = [
     "finetune_and_evaluate",
     "instruction_mixture_for",
     "load_task_splits",
+    "mixture_fingerprint",
     "pretrain_key",
 ]
 
@@ -105,6 +108,28 @@ class ValidationEarlyStopping(TrainerCallback):
         if self.best_state is None:
             raise RuntimeError("no validation evaluation ran: the fine-tuning stage trained for 0 steps")
         model.load_state_dict(self.best_state)
+
+
+@functools.lru_cache(maxsize=8)
+def _corpus_fingerprint(corpus_size: int, seed: int) -> str:
+    return content_fingerprint(pretraining_corpus(corpus_size, seed=seed))
+
+
+@functools.lru_cache(maxsize=8)
+def _embedded_mixture_fingerprint(mixture_size: int, seed: int, few_shot_fraction: float, max_shots: int) -> str:
+    mixture = instruction_mixture(mixture_size, seed=seed, few_shot_fraction=few_shot_fraction, max_shots=max_shots)
+    return content_fingerprint(mixture, ("inputs", "targets"))
+
+
+def mixture_fingerprint(data: dict[str, Any]) -> str | None:
+    """:func:`~hf_moe_tuning.data.fingerprint.content_fingerprint` of the embedded instruction mixture a recipe's
+    ``data`` names (``None`` for a Hub mixture: the dataset's name and split identify it)."""
+    if data.get("source") == "hub":
+        return None
+    return _embedded_mixture_fingerprint(
+        int(data.get("mixture_size", 20_000)), int(data.get("seed", 0)),
+        float(data.get("few_shot_fraction", 0.3)), int(data.get("max_shots", 2)),
+    )
 
 
 def instruction_mixture_for(data: dict[str, Any]) -> Dataset:
@@ -181,6 +206,8 @@ def pretrain_key(config: StudyConfig, spec: ModelSpec) -> dict[str, Any]:
             dense_args=stage.dense_args if stage.family_args else {},
             model_args=spec.args,
             max_source_length=int(config.data.get("max_source_length", 192)),
+            # the corpus's content: a shipped stage is found by this key alone, not by the source hash
+            corpus=_corpus_fingerprint(int(config.data.get("corpus_size", 20_000)), int(config.data.get("seed", 0))),
         )
     return {**payload, **_backend_payload(backend_for(config, spec))}
 
@@ -207,6 +234,8 @@ def instruct_key(config: StudyConfig, spec: ModelSpec, start_key: str) -> dict[s
         "seed": stage.seed,
         "data": {k: data.get(k) for k in ("source", "mixture_size", "few_shot_fraction", "max_shots", "instruction_dataset",
                                           "instruction_config", "instruction_split", "seed")},
+        # the mixture's content: a shipped stage is found by this key alone, not by the source hash
+        "mixture": mixture_fingerprint(data),
         "mixture_eval_size": MIXTURE_EVAL_SIZE,
         "args": stage.args,
         "sparse_args": stage.sparse_args if stage.family_args else {},
