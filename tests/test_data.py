@@ -72,15 +72,15 @@ def test_mixture_covers_twenty_families_with_templates_and_shots():
 
 def test_mixture_has_no_heldout_tasks():
     """No entailment labels, answer letters or questions about what a passage states in the mixture (those tasks
-    are held out). Yes/no answers come only from the two families about numbers and animal sounds, with no passage,
-    balanced, so that an instruction-tuned model has produced both answers before the held-out yes/no task."""
+    are held out). Yes/no answers come only from the three yes/no families (numbers, animal sounds, checking a
+    passage's fact), balanced, so that an instruction-tuned model has produced both answers before the held-out yes/no task."""
     mixture = instruction_mixture(4000, seed=0)
     assert not set(mixture["targets"]) & {"entailment", "not_entailment", "A", "B", "C", "D"}
     assert not any("passage" in text.lower() for text in mixture["inputs"])
     yes_no = [(task, target) for task, target in zip(mixture["task"], mixture["targets"]) if target in ("yes", "no")]
-    assert {task for task, _ in yes_no} == {"is_larger", "animal_makes"}
+    assert {task for task, _ in yes_no} == {"is_larger", "animal_makes", "fact_check"}
     assert all(target in ("yes", "no") for task, target in zip(mixture["task"], mixture["targets"])
-               if task in ("is_larger", "animal_makes"))
+               if task in ("is_larger", "animal_makes", "fact_check"))
     answers = [target for _, target in yes_no]
     assert abs(answers.count("yes") - answers.count("no")) < 0.1 * len(answers)
 

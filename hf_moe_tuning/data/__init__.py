@@ -1,7 +1,7 @@
 """The embedded task world: seeded generators returning ``datasets.Dataset`` objects, no downloads.
 
 * :func:`pretraining_corpus` and :func:`span_corruption_dataset` – text for T5 span-corruption pretraining;
-* :func:`instruction_mixture` – a Flan-style mixture of 28 task families, several templates each,
+* :func:`instruction_mixture` – a Flan-style mixture of 29 task families, several templates each,
   zero-shot and few-shot forms;
 * :func:`heldout_task` – four downstream tasks absent from the mixture (yes/no QA over a passage,
   entailment, lettered multiple choice, sentence fusion), with train/validation/test splits;

@@ -8,10 +8,11 @@ blank line, as Flan's few-shot templates do).
 None of the families is a question about whether a passage states something, an entailment judgement,
 a lettered multiple-choice question or a sentence-fusion task: those tasks are kept for the held-out set
 (:mod:`hf_moe_tuning.data.heldout`). The mixture does hold the answer *formats* the held-out tasks use, on
-other content, as Flan does (its held-out tasks are new tasks, not new answer formats): two families answer
-"yes" or "no" about numbers and animal sounds, without a passage (``is_larger``, ``animal_makes``), so
-that an instruction-tuned model has produced "yes" and "no" before it meets the held-out yes/no task
-zero-shot.
+other content, as Flan does (its held-out tasks are new tasks, not new answer formats): three families answer
+"yes" or "no", so that an instruction-tuned model has produced both answers before it meets the held-out yes/no
+task zero-shot: about numbers (``is_larger``), animal sounds (``animal_makes``) and whether a passage's fact is
+true (``fact_check``: "Is Ann at the park?", the place being Ann's or another person's of the passage). The
+held-out ``passage_yesno`` asks something else: whether the passage states a kind of fact at all.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from .world import (
     OBJECTS,
     OPPOSITES,
     THING_COLORS,
+    article,
     category_of,
     plural,
     sample_scene,
@@ -150,6 +152,18 @@ def _animal_makes(rng):
     right = ANIMALS[animal][0]
     sound = right if rng.random() < 0.5 else rng.choice(sorted({s for s, _ in ANIMALS.values()} - {right}))
     return dict(animal=animal, sound=sound, answer="yes" if sound == right else "no")
+
+
+def _fact_check(rng):
+    s = sample_scene(rng, 2)
+    name, other = rng.sample(s.people, 2)
+    true = rng.random() < 0.5
+    if rng.random() < 0.5:  # the other person's place or pet: present in the passage, so only reading tells
+        passage, question = s.fact_sentences(("at",)), f"Is {name} at the {s.at[name if true else other]}?"
+    else:
+        animal = s.pets[name if true else other]
+        passage, question = s.fact_sentences(("pets",)), f"Does {name} own {article(animal)} {animal}?"
+    return dict(passage=" ".join(passage), question=question, answer="yes" if true else "no")
 
 
 def _largest_of_list(rng):
@@ -279,6 +293,9 @@ FAMILIES: tuple[TaskFamily, ...] = (
     TaskFamily("animal_makes", _animal_makes, (
         "Does a {animal} make the sound {sound}?", "A {animal} goes '{sound}'. Right? (yes/no)",
         "Animal: {animal}. Sound: {sound}. Correct?",
+    )),
+    TaskFamily("fact_check", _fact_check, (
+        "{passage}\n{question}", "Read: {passage} Question: {question} Answer yes or no.", "{passage} {question} (yes/no)",
     )),
     TaskFamily("largest_of_list", _largest_of_list, (
         "What is the largest of {values}?", "Find the maximum: {values}.", "Numbers: {values}. Largest:",
