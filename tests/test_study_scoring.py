@@ -203,3 +203,27 @@ def test_results_csv_keeps_the_learning_rate_exact(tmp_path):
     write_results_csv([{"arm": "t5", "score": 88.50517, "learning_rate": 2.5e-4}], tmp_path / "r.csv")
     row = next(csv.DictReader((tmp_path / "r.csv").open()))
     assert float(row["learning_rate"]) == 2.5e-4 and row["score"] == "88.5052"
+
+
+def test_results_md_reports_each_models_losses():
+    """The Models section shows every model's size and losses, with both models' held-out mixture loss where the
+    study instruction-tunes (the issue: report both models' mixture loss)."""
+    from hf_moe_tuning.study.report import render_markdown
+
+    rows = [{"arm": "t5", "label": "T5", "task": "yesno", "task_kind": "classification", "seed": "0",
+             "metric": "accuracy", "primary": "1", "score": "70.0", "finetuned": "0", "freeze_strategy": "all"}]
+    info = {"study": "flan_moe", "variant": "tiny", "command": "c", "recipe": "r", "seeds": [0], "split": "test",
+            "wall_seconds": 1.0, "machine": "m", "threads": 1,
+            "models": {"t5": {"init": "tiny:t5", "kind": "dense", "total": 1000, "active": 1000, "experts_share": 0.0,
+                              "pretrain_loss": 2.5, "mixture_train_loss": 1.62, "mixture_eval_loss": 0.98123},
+                       "switch": {"init": "tiny:switch", "kind": "sparse", "total": 3000, "active": 1000,
+                                  "experts_share": 0.64, "pretrain_loss": 2.49, "mixture_train_loss": 1.67,
+                                  "mixture_eval_loss": 0.97}}}
+    section = render_markdown(rows, [], info).split("## Models", 1)[1].split("## Scores", 1)[0]
+    assert "| switch | `tiny:switch` | sparse | 3,000 | 1,000 | 64 % | 2.490 | 1.670 | 0.970 |" in section
+    assert "| t5 | `tiny:t5` | dense | 1,000 | 1,000 | 0 % | 2.500 | 1.620 | 0.981 |" in section
+    for model in info["models"].values():
+        for key in ("mixture_train_loss", "mixture_eval_loss"):
+            model.pop(key)
+    section = render_markdown(rows, [], info).split("## Models", 1)[1].split("## Scores", 1)[0]
+    assert "mixture" not in section and "| t5 | `tiny:t5` | dense | 1,000 | 1,000 | 0 % | 2.500 |" in section

@@ -183,6 +183,37 @@ def constant_answer_cells(table: _Table) -> list[tuple[str, str, list[str]]]:
 
 
 # ---------------------------------------------------------------------------------------------- render
+def _loss(value: Any) -> str:
+    return "–" if value is None else f"{float(value):.3f}"
+
+
+def _model_lines(models: dict[str, dict[str, Any]]) -> list[str]:
+    """The ``## Models`` section: size, expert share and the losses of the pretrain and instruct stages per model."""
+    if not models:
+        return []
+    instructed = any("mixture_eval_loss" in m for m in models.values())
+    head = "| model | init | kind | parameters | active | experts | pretrain loss |"
+    head += " instruct train loss | held-out mixture loss |" if instructed else ""
+    lines = [
+        "## Models",
+        "",
+        "Parameters in total and active per token; *experts*: the experts' share of the parameters. Losses: the "
+        "pretrain stage's mean train loss"
+        + (" and, for instruction-tuned models, the instruct stage's mean train loss and its loss on held-out "
+           "mixture examples." if instructed else "."),
+        "",
+        head,
+        "|---|---|---|---|---|---|---|" + ("---|---|" if instructed else ""),
+    ]
+    for name, m in sorted(models.items()):
+        row = (f"| {name} | `{m.get('init', '')}` | {m.get('kind', '')} | {m.get('total', 0):,} | {m.get('active', 0):,} | "
+               f"{100 * float(m.get('experts_share') or 0):.0f} % | {_loss(m.get('pretrain_loss'))} |")
+        if instructed:
+            row += f" {_loss(m.get('mixture_train_loss'))} | {_loss(m.get('mixture_eval_loss'))} |"
+        lines.append(row)
+    return [*lines, ""]
+
+
 def render_markdown(results: list[dict[str, str]], deltas: list[dict[str, str]], info: dict[str, Any]) -> str:
     """``results.md`` from the rows of ``results.csv`` and ``deltas.csv`` and the run info."""
     table = _Table(results)
@@ -208,6 +239,7 @@ def render_markdown(results: list[dict[str, str]], deltas: list[dict[str, str]],
     if info.get("shipped"):
         lines.append("- shipped pretrained checkpoints used: " + ", ".join(f"`{p}`" for p in info["shipped"]))
     lines += [f"{DATE_PREFIX}{info.get('date', '')}", ""]
+    lines += _model_lines(info.get("models") or {})
 
     metric_note = ", ".join(f"{t}: {table.metric[t]}" for t in table.tasks)
     lines += [
