@@ -158,7 +158,8 @@ def _fact_check(rng):
     s = sample_scene(rng, 2)
     name, other = rng.sample(s.people, 2)
     true = rng.random() < 0.5
-    if rng.random() < 0.5:  # the other person's place or pet: present in the passage, so only reading tells
+    # a false question names the other person's place or pet, which the passage also states: only reading tells
+    if rng.random() < 0.5:
         passage, question = s.fact_sentences(("at",)), f"Is {name} at the {s.at[name if true else other]}?"
     else:
         animal = s.pets[name if true else other]
