@@ -110,15 +110,19 @@ class ValidationEarlyStopping(TrainerCallback):
         model.load_state_dict(self.best_state)
 
 
+#: The ``data`` settings that determine the instruction mixture (part of the instruct stage's key).
+MIXTURE_DATA_KEYS: tuple[str, ...] = ("source", "mixture_size", "few_shot_fraction", "max_shots", "instruction_dataset",
+                                      "instruction_config", "instruction_split", "seed")
+
+
 @functools.lru_cache(maxsize=8)
 def _corpus_fingerprint(corpus_size: int, seed: int) -> str:
     return content_fingerprint(pretraining_corpus(corpus_size, seed=seed))
 
 
 @functools.lru_cache(maxsize=8)
-def _embedded_mixture_fingerprint(mixture_size: int, seed: int, few_shot_fraction: float, max_shots: int) -> str:
-    mixture = instruction_mixture(mixture_size, seed=seed, few_shot_fraction=few_shot_fraction, max_shots=max_shots)
-    return content_fingerprint(mixture, ("inputs", "targets"))
+def _embedded_mixture_fingerprint(settings: tuple[tuple[str, Any], ...]) -> str:
+    return content_fingerprint(instruction_mixture_for(dict(settings)), ("inputs", "targets"))
 
 
 def mixture_fingerprint(data: dict[str, Any]) -> str | None:
@@ -126,10 +130,7 @@ def mixture_fingerprint(data: dict[str, Any]) -> str | None:
     ``data`` names (``None`` for a Hub mixture: the dataset's name and split identify it)."""
     if data.get("source") == "hub":
         return None
-    return _embedded_mixture_fingerprint(
-        int(data.get("mixture_size", 20_000)), int(data.get("seed", 0)),
-        float(data.get("few_shot_fraction", 0.3)), int(data.get("max_shots", 2)),
-    )
+    return _embedded_mixture_fingerprint(tuple((k, data[k]) for k in MIXTURE_DATA_KEYS if k in data))
 
 
 def instruction_mixture_for(data: dict[str, Any]) -> Dataset:
@@ -206,9 +207,9 @@ def pretrain_key(config: StudyConfig, spec: ModelSpec) -> dict[str, Any]:
             dense_args=stage.dense_args if stage.family_args else {},
             model_args=spec.args,
             max_source_length=int(config.data.get("max_source_length", 192)),
-            # the corpus's content: a shipped stage is found by this key alone, not by the source hash
-            corpus=_corpus_fingerprint(int(config.data.get("corpus_size", 20_000)), int(config.data.get("seed", 0))),
         )
+        # the corpus's content: a shipped stage is found by this key alone, not by the source hash
+        payload["corpus"] = _corpus_fingerprint(payload["corpus_size"], payload["data_seed"])
     return {**payload, **_backend_payload(backend_for(config, spec))}
 
 
@@ -232,8 +233,7 @@ def instruct_key(config: StudyConfig, spec: ModelSpec, start_key: str) -> dict[s
         "stage": "instruct",
         "upstream": start_key,
         "seed": stage.seed,
-        "data": {k: data.get(k) for k in ("source", "mixture_size", "few_shot_fraction", "max_shots", "instruction_dataset",
-                                          "instruction_config", "instruction_split", "seed")},
+        "data": {k: data.get(k) for k in MIXTURE_DATA_KEYS},
         # the mixture's content: a shipped stage is found by this key alone, not by the source hash
         "mixture": mixture_fingerprint(data),
         "mixture_eval_size": MIXTURE_EVAL_SIZE,
