@@ -187,6 +187,30 @@ def test_cli_validate(tmp_path, capsys):
     assert args.func(args) == 0
 
 
+def test_validate_reads_hub_configs_only_from_the_local_cache(monkeypatch):
+    """`validate` is offline by design: with the offline switches off it still never asks the Hub for a config (an
+    offline machine would otherwise wait through the Hub client's retries for every model); an uncached Hub id's
+    backend follows its name."""
+    import transformers
+
+    from hf_moe_tuning.study import backends
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    asked: list[tuple[str, bool]] = []
+
+    def from_pretrained(name, **kwargs):
+        asked.append((name, kwargs.get("local_files_only", False)))
+        raise OSError(f"{name} is not in the local cache")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", from_pretrained)
+    config = load_study_config(RECIPES / "flan_moe" / "real.yaml")
+    validate_training_args(config)
+    assert {name for name, _ in asked} == {m.init for m in config.models.values()}
+    assert all(local for _, local in asked)
+    assert {backends.backend_name(m, local_files_only=True) for m in config.models.values()} == {backends.SEQ2SEQ}
+
+
 # ------------------------------------------------------------------------------------------ global batch
 def test_global_batch_splits_over_processes():
     from hf_moe_tuning.study.config import resolve_batch

@@ -81,16 +81,18 @@ ENCODER_DECODER_HUB_PREFIXES: tuple[str, ...] = (
 )
 
 
-def backend_name(spec: ModelSpec) -> str:
+def backend_name(spec: ModelSpec, local_files_only: bool = False) -> str:
     """``seq2seq`` for an encoder-decoder model, ``causal`` otherwise.
 
-    Read from the model's config (no weights); offline, a Hub id whose config is not cached is decided by
-    :data:`ENCODER_DECODER_HUB_PREFIXES`.
+    Read from the model's config (no weights); a Hub id whose config cannot be read (offline and not cached, or
+    ``local_files_only=True`` and not cached) is decided by :data:`ENCODER_DECODER_HUB_PREFIXES`.
+    ``local_files_only=True`` (recipe validation) never touches the network, so an offline machine does not wait
+    through the Hub client's retries.
     """
     if spec.is_tiny:
         return SEQ2SEQ if tiny_config(spec.init[5:]).is_encoder_decoder else CAUSAL
     try:
-        config = AutoConfig.from_pretrained(spec.init)
+        config = AutoConfig.from_pretrained(spec.init, local_files_only=local_files_only)
     except OSError:
         return SEQ2SEQ if spec.init.lower().startswith(ENCODER_DECODER_HUB_PREFIXES) else CAUSAL
     return SEQ2SEQ if getattr(config, "is_encoder_decoder", False) else CAUSAL

@@ -722,11 +722,13 @@ def validate_training_args(config: StudyConfig, check_lora_targets: bool = True,
     from .backends import SEQ2SEQ, backend_name
 
     checked = [f"training arguments of every stage and arm, global batches split over {num_processes} process(es)"]
+    # offline by design: a Hub id's config is read only when cached, else its backend follows its name
+    backends = {name: backend_name(spec, local_files_only=True) for name, spec in config.models.items()}
     with tempfile.TemporaryDirectory() as tmp:
         combos: list[tuple[str, str, dict]] = []
         for arm in config.arms.values():
             model = config.models[arm.model]
-            backend = backend_name(model)
+            backend = backends[arm.model]
             kinds = [model.kind] if model.kind else list(KINDS)
             for kind in kinds:
                 combos.append((backend, f"arms.{arm.name}", {**config.finetune.args_for(kind), **model.args, **arm.args}))
