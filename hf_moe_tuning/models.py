@@ -387,11 +387,16 @@ def build_tiny_model(name: str, seed: int = 0, **overrides: Any) -> PreTrainedMo
 
 
 def load_model(name_or_path: str, *, meta: bool = False, seed: int = 0, **kwargs: Any) -> PreTrainedModel:
-    """Load a model by tiny name, local path or Hub id.
+    """Load a model by tiny name (``"switch"``, or ``"tiny:switch"`` as recipes spell it), local path or Hub id.
 
     With ``meta=True`` the model is built from its config on the meta device (no weights are allocated
     or downloaded beyond ``config.json``), which is enough to describe its anatomy.
     """
+    if name_or_path.startswith("tiny:"):
+        name = name_or_path[len("tiny:"):]
+        if name not in TINY_MODELS and name not in CONFIG_MAPPING:
+            raise ValueError(f"unknown tiny model {name!r}; embedded names: {', '.join(sorted(TINY_MODELS))}")
+        return build_tiny_model(name, seed=seed)
     if name_or_path in TINY_MODELS or (name_or_path in CONFIG_MAPPING and "/" not in name_or_path):
         return build_tiny_model(name_or_path, seed=seed)
     if meta:

@@ -44,6 +44,18 @@ def test_describe_real_config_on_meta_device(tmp_path, capsys) -> None:
     assert 0.70 < groups["experts"] / total < 0.76  # experts hold ~73% (ST-MoE quotes ~80% for its models)
 
 
+def test_describe_takes_the_recipes_tiny_spelling(capsys) -> None:
+    """Recipes name embedded models ``tiny:<name>``; ``describe`` takes that spelling too."""
+    assert main(["describe", "tiny:mixtral", "--json"]) == 0
+    prefixed = json.loads(capsys.readouterr().out)
+    assert main(["describe", "mixtral", "--json"]) == 0
+    assert prefixed["groups"] == json.loads(capsys.readouterr().out)["groups"]
+    assert prefixed["groups"]["experts"] > 0
+    assert main(["describe", "tiny:nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown tiny model 'nope'" in err and "mixtral" in err
+
+
 def test_describe_unknown_model_is_a_clear_error(capsys) -> None:
     assert main(["describe", "/no/such/model/dir"]) == 2
     assert "error:" in capsys.readouterr().err
