@@ -227,3 +227,19 @@ def test_results_md_reports_each_models_losses():
             model.pop(key)
     section = render_markdown(rows, [], info).split("## Models", 1)[1].split("## Scores", 1)[0]
     assert "mixture" not in section and "| t5 | `tiny:t5` | dense | 1,000 | 1,000 | 0 % | 2.500 |" in section
+
+
+def test_precision_line_names_the_findings_whose_ci_is_too_wide():
+    """Each report says how many average CIs are within ±2.5 points on each side, and which are not."""
+    from hf_moe_tuning.study.report import CI_HALF_WIDTH_TARGET, precision_line
+
+    average = [
+        {"delta": "a − b", "ci_low": "1.0", "ci_high": "5.0"},  # half-width 2.0
+        {"delta": "c − d", "ci_low": "-4.0", "ci_high": "2.6"},  # 3.3
+    ]
+    assert CI_HALF_WIDTH_TARGET == 2.5
+    assert precision_line(average) == (
+        "Precision: CI half-widths on the average 2.0 to 3.3 points; 1 of 2 findings are within the target of ±2.5, "
+        "not c − d (3.3)."
+    )
+    assert precision_line(average[:1]).endswith("1 of 1 findings are within the target of ±2.5.")

@@ -47,6 +47,8 @@ AVERAGE = "average"
 STAGES = ("pretrain", "instruct", "finetune+eval")
 #: How far every fully fine-tuned arm must beat the best trivial baseline of a task (points).
 REQUIRED_MARGIN = {"classification": 10.0, "generation": 5.0}
+#: the widest 95 % CI (half-width, points) on a finding's average over tasks that the studies aim for
+CI_HALF_WIDTH_TARGET = 2.5
 
 RESULT_FIELDS = (
     "study", "arm", "label", "task", "task_kind", "seed", "metric", "primary", "score", "split", "finetuned",
@@ -359,8 +361,19 @@ def render_markdown(results: list[dict[str, str]], deltas: list[dict[str, str]],
                 f"| {d['delta']} | {paper} | {float(d['mean']):+.1f} [{float(d['ci_low']):+.1f}, {float(d['ci_high']):+.1f}] | "
                 f"**{d['verdict']}** | " + " | ".join(cells) + " |"
             )
+        if average:
+            lines += ["", precision_line(average)]
     lines += ["", "![scores and findings](plot.png)", ""]
     return "\n".join(lines)
+
+
+def precision_line(average: list[dict[str, str]]) -> str:
+    """How many findings' average CIs are within :data:`CI_HALF_WIDTH_TARGET` points on each side, naming the others."""
+    half = {d["delta"]: (float(d["ci_high"]) - float(d["ci_low"])) / 2 for d in average}
+    wide = [f"{name} ({width:.1f})" for name, width in half.items() if width > CI_HALF_WIDTH_TARGET]
+    text = (f"Precision: CI half-widths on the average {min(half.values()):.1f} to {max(half.values()):.1f} points; "
+            f"{len(half) - len(wide)} of {len(half)} findings are within the target of ±{CI_HALF_WIDTH_TARGET:g}")
+    return text + (f", not {', '.join(wide)}." if wide else ".")
 
 
 def render_plot(results: list[dict[str, str]], deltas: list[dict[str, str]], info: dict[str, Any], path: Path) -> None:
