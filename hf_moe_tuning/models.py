@@ -277,7 +277,7 @@ def tiny_config(model_type: str, **overrides: Any) -> PretrainedConfig:
         return AutoConfig.for_model(real_type, **kwargs)
     if model_type not in CONFIG_MAPPING:
         raise ValueError(
-            f"Unknown tiny model {model_type!r}: use one of {sorted(TINY_MODELS)} or a transformers model_type."
+            f"unknown tiny model {model_type!r}: use one of {sorted(TINY_MODELS)} or a transformers model_type."
         )
     required = {**_FAMILY_SHRINK.get(model_type, {}), **overrides}
     return _shrunk_config(CONFIG_MAPPING[model_type], _SHRINK, required)
@@ -392,11 +392,8 @@ def load_model(name_or_path: str, *, meta: bool = False, seed: int = 0, **kwargs
     With ``meta=True`` the model is built from its config on the meta device (no weights are allocated
     or downloaded beyond ``config.json``), which is enough to describe its anatomy.
     """
-    if name_or_path.startswith("tiny:"):
-        name = name_or_path[len("tiny:"):]
-        if name not in TINY_MODELS and name not in CONFIG_MAPPING:
-            raise ValueError(f"unknown tiny model {name!r}; embedded names: {', '.join(sorted(TINY_MODELS))}")
-        return build_tiny_model(name, seed=seed)
+    if name_or_path.startswith("tiny:"):  # tiny_config names the embedded models for an unknown one
+        return build_tiny_model(name_or_path[len("tiny:"):], seed=seed)
     if name_or_path in TINY_MODELS or (name_or_path in CONFIG_MAPPING and "/" not in name_or_path):
         return build_tiny_model(name_or_path, seed=seed)
     if meta:
