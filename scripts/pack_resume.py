@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     if not entries:
         raise SystemExit(f"no finished stage under {cache}")
     prov = entry_provenance(cache, entries)
+    summary = describe_runs(entries)
 
     out = REPO / "results" / study / "resume"
     out.mkdir(parents=True, exist_ok=True)
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# Resuming the {study} run\n\n"
         f"`{archive.name}` holds the finished stage-cache entries of an unfinished run of\n\n    {run}\n\n"
         f"in a worktree of commit `{commit}` (`git worktree add --detach {worktree} {commit}`){started}, packed {packed} "
-        f"by `python scripts/pack_resume.py`: {describe_runs(entries)}.\n"
+        f"by `python scripts/pack_resume.py`: {summary}.\n"
         f"These are cache entries, not results: the pipeline turns them into results when the run is finished. Stage keys "
         f"cover the package source (hash `{prov['source']}`), the library versions, the platform ({prov['platform']}, "
         f"{prov['device']}) and the thread count ({prov['threads']}), so an entry is reused only from a worktree of "
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         f"`hf_moe_tuning.study.report.render`, delete this folder and commit with the command above.\n",
         encoding="utf-8",
     )
-    print(f"packed {len(entries)} entries ({describe_runs(entries)}) into {archive.relative_to(REPO)} "
+    print(f"packed {len(entries)} entries ({summary}) into {archive.relative_to(REPO)} "
           f"({archive.stat().st_size / 1e3:,.0f} kB) and wrote RESUME.md")
     return 0
 
