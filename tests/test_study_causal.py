@@ -91,6 +91,18 @@ def test_sft_config_is_one_config_for_trl_and_moe_options(tmp_path):
         sft_config({"moe_expert_dropout": "0.1"}, str(tmp_path))
 
 
+def test_sft_config_checkpointing_names(tmp_path, recwarn):
+    """Activation checkpointing is off by default (TRL turns it on) without transformers' deprecation warning, and
+    the deprecated ``gradient_checkpointing`` spelling of a recipe still turns it on."""
+    assert sft_config({}, str(tmp_path)).activation_checkpointing is False
+    assert not [w for w in recwarn if issubclass(w.category, FutureWarning) and "checkpointing" in str(w.message)]
+    config = sft_config({"gradient_checkpointing": True}, str(tmp_path))
+    assert (config.activation_checkpointing, config.gradient_checkpointing) == (True, True)
+    assert sft_config({}, str(tmp_path), sft_options={"activation_checkpointing": True}).activation_checkpointing is True
+    with pytest.raises(ValueError, match="set one argument twice"):
+        sft_config({"gradient_checkpointing": True, "activation_checkpointing": False}, str(tmp_path))
+
+
 def test_sft_trainer_dense_and_lora_errors(tmp_path, tokenizer):
     from peft import LoraConfig
 

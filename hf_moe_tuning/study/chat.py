@@ -123,14 +123,36 @@ def text_dataset(dataset: Dataset, column: str = "text") -> Dataset:
 OWN_SFT_KEYS: frozenset[str] = frozenset({"chat_template", "system", "lora", "accelerate_config"})
 #: Config fields the pipeline sets itself (from the stage's output folder and seed), not the recipe.
 _MANAGED = ("output_dir", "seed", "data_seed")
-#: Defaults of every SFT stage on top of the study's stage defaults: bf16 and gradient checkpointing off
+#: Defaults of every SFT stage on top of the study's stage defaults: bf16 and activation checkpointing off
 #: (TRL turns both on; they fail on a CPU without bf16 or only cost time for tiny models; real recipes set them).
-SFT_DEFAULTS: dict[str, Any] = {"bf16": False, "gradient_checkpointing": False, "logging_steps": 25, "dataloader_pin_memory": False}
+SFT_DEFAULTS: dict[str, Any] = {"bf16": False, "activation_checkpointing": False, "logging_steps": 25, "dataloader_pin_memory": False}
+#: transformers 5.x's deprecated spellings and their names (removed in v6); a recipe may still use either.
+_DEPRECATED_ARGS: dict[str, str] = {
+    "gradient_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
+}
+
+
+def _current_names(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with transformers' deprecated argument names replaced by their current ones.
+
+    Raises:
+        ValueError: both spellings of one argument, with different values.
+    """
+    out = dict(options)
+    for old, new in _DEPRECATED_ARGS.items():
+        if old in out:
+            value = out.pop(old)
+            if new in out and out[new] != value:
+                raise ValueError(f"{old}={value!r} and {new}={out[new]!r} set one argument twice; keep {new!r}")
+            out[new] = value
+    return out
 
 
 def sft_config(args: dict[str, Any], output_dir: str, seed: int = 0, sft_options: dict[str, Any] | None = None) -> Any:
     """The :class:`~hf_moe_tuning.sft.MoESFTConfig` of one SFT run: :data:`SFT_DEFAULTS`, then ``args``
-    (``SFTConfig`` and ``moe_*`` fields), then ``sft_options`` (the recipe's ``sft`` section).
+    (``SFTConfig`` and ``moe_*`` fields), then ``sft_options`` (the recipe's ``sft`` section). transformers'
+    deprecated ``gradient_checkpointing*`` names are read as ``activation_checkpointing*``.
 
     Raises:
         ValueError: a key that is no ``MoESFTConfig`` field, or a value its validators reject (names the field).
@@ -139,7 +161,7 @@ def sft_config(args: dict[str, Any], output_dir: str, seed: int = 0, sft_options
 
     from ..sft import MoESFTConfig
 
-    kwargs = {**SFT_DEFAULTS, **args, **(sft_options or {})}
+    kwargs = {**SFT_DEFAULTS, **_current_names(args), **_current_names(sft_options or {})}
     for key in _MANAGED:
         kwargs.pop(key, None)
     kwargs.setdefault("report_to", "none")
