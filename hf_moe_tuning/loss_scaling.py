@@ -8,7 +8,8 @@ per-batch mean cross-entropy, so under DDP their gradients (and logged losses) c
 with accumulation ``gradient_accumulation_steps`` times too large.
 
 :class:`~hf_moe_tuning.MoETrainer` trains such models under :func:`global_token_mean_loss`: the loss becomes the
-summed token cross-entropy over the Trainer's ``num_items_in_batch``. With transformers' scaling the gradient is
+summed token cross-entropy over the Trainer's ``num_items_in_batch`` (the model's mean times its target-token count,
+so no second cross-entropy is computed). With transformers' scaling the gradient is
 then the mean over every target token of the global batch, for any number of processes and any accumulation,
 the same as one process over the same batch.
 """
@@ -48,8 +49,14 @@ def global_token_mean_loss(model: Any) -> Iterator[None]:
     the summed token cross-entropy divided by ``num_items_in_batch`` when it is given one; otherwise unchanged.
 
     The model gets ``labels`` as before (it builds its decoder inputs, and the router losses mask padding, from
-    them); only ``outputs.loss`` is recomputed from the logits. Without ``num_items_in_batch`` (evaluation,
-    generation) the model is unchanged. The instance's ``forward`` is restored on exit.
+    them) and computes its own loss; that per-batch mean is rescaled by the batch's target-token count ``n``:
+    ``loss * n / num_items_in_batch``, which is the summed token cross-entropy over ``num_items_in_batch``
+    without a second cross-entropy over the logits (a ``tokens x vocab`` pass). Terms the model adds to its loss
+    (Switch's and NLLB-MoE's own router losses, when a forward asks for ``output_router_logits=True``) are kept,
+    weighted by the micro-batch's share ``n / num_items_in_batch`` of the global batch's tokens, so they keep
+    their coefficient on the global batch. A micro-batch without target tokens contributes 0 (the model's own
+    mean is NaN there). Without ``num_items_in_batch`` (evaluation, generation) the model is unchanged. The
+    instance's ``forward`` is restored on exit.
     """
     if loss_uses_num_items(model):
         yield
@@ -60,12 +67,11 @@ def global_token_mean_loss(model: Any) -> Iterator[None]:
     def forward(*args: Any, num_items_in_batch: Any = None, **kwargs: Any) -> Any:
         outputs = original(*args, **kwargs)
         labels = kwargs.get("labels")
-        if num_items_in_batch is not None and labels is not None and getattr(outputs, "loss", None) is not None:
-            logits = outputs.logits
-            total = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.size(-1)), labels.to(logits.device).reshape(-1),
-                ignore_index=-100, reduction="sum",
-            )
+        loss = getattr(outputs, "loss", None)
+        if num_items_in_batch is not None and labels is not None and loss is not None:
+            tokens = (labels != -100).sum().to(loss.device)
+            # where, not a product, for a batch without target tokens: its mean is NaN and NaN * 0 is NaN
+            total = torch.where(tokens > 0, loss * tokens, torch.zeros_like(loss))
             outputs.loss = total / num_items_in_batch
         return outputs
 

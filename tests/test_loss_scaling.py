@@ -87,3 +87,35 @@ def test_wrapper_is_removed_and_leaves_evaluation_unchanged():
     assert "forward" not in model.__dict__
     assert torch.equal(before, same)
     assert summed.item() == pytest.approx(before.item() * tokens, rel=1e-4)  # the token sum over num_items (1)
+
+
+def test_wrapper_rescales_the_models_loss_without_a_second_cross_entropy(monkeypatch):
+    """The global token mean comes from the model's own mean times its token count: one cross-entropy per forward,
+    and terms the model adds (Switch's own router losses, asked for with output_router_logits=True) are kept,
+    weighted by the micro-batch's token share."""
+    model = build_tiny_model("switch", seed=0).eval()
+    model.router_z_loss_coef = model.router_aux_loss_coef = 0.1  # the tiny config has them at 0
+    batch = DataCollatorForSeq2Seq(ByT5Tokenizer(), label_pad_token_id=-100)(_pairs().select(range(3)).to_list())
+    tokens = int((batch["labels"] != -100).sum())
+    calls = []
+    original = torch.nn.functional.cross_entropy
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", lambda *a, **k: calls.append(1) or original(*a, **k))
+    own = model(**batch, output_router_logits=True)
+    ce = original(own.logits.reshape(-1, own.logits.size(-1)), batch["labels"].reshape(-1), ignore_index=-100)
+    assert own.loss.item() > ce.item()  # the model's own router losses are part of its loss
+    calls.clear()
+    with global_token_mean_loss(model):
+        wrapped = model(**batch, output_router_logits=True, num_items_in_batch=torch.tensor(2 * tokens)).loss
+    assert len(calls) == 1  # the model's own cross-entropy only
+    assert wrapped.item() == pytest.approx(own.loss.item() / 2, rel=1e-5)  # token share 1/2 of the global batch
+
+
+def test_wrapper_gives_zero_loss_and_gradient_for_a_batch_without_target_tokens():
+    model = build_tiny_model("switch", seed=0).train()
+    batch = DataCollatorForSeq2Seq(ByT5Tokenizer(), label_pad_token_id=-100)(_pairs().select(range(2)).to_list())
+    batch["labels"] = torch.full_like(batch["labels"], -100)
+    with global_token_mean_loss(model):
+        loss = model(**batch, num_items_in_batch=torch.tensor(5)).loss
+    assert loss.item() == 0.0  # the model's own mean is NaN here
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
