@@ -10,6 +10,13 @@
   cache pressure) hits every arm alike. A *repeat* is one block of steps spanning whole logging / drift
   intervals; the ratio of two arms is taken per repeat, and the report gives the median and the range
   ``[min, max]`` over repeats. A ``control`` arm identical to the baseline prints the noise floor.
+* **Same weights or training.** Every arm steps AdamW at ``--lr`` (default 1e-4): the arms' weights drift apart,
+  and with them their routing. A per-expert-module model (the Switch) runs one expert matmul per expert that got
+  tokens, so a balancing loss that spreads the tokens makes it run more, smaller matmuls: different work, not the
+  cost of computing the loss. ``--lr 0`` keeps every arm on the initial weights (AdamW still runs all its
+  arithmetic), so the routing and the expert work stay identical and a ratio is the cost of the arm's own extra
+  computation. After the timed steps every script prints each arm's routing balance (:func:`routing_balance`:
+  the coefficient of variation of the expert load, mean over layers, on the first batch), so a drift shows.
 * **Clocks.** On CPU: process CPU time (``time.process_time``, all threads of the process) with one torch
   thread by default, robust on a machine shared with other jobs. On CUDA (``--device cuda``): CUDA events
   around every step, summed per repeat after one synchronisation; memory from ``torch.cuda.max_memory_allocated``.
@@ -62,12 +69,17 @@ def add_common_args(parser: argparse.ArgumentParser, repeats: int = 3) -> None:
     parser.add_argument("--repeats", type=int, default=repeats, help="repeats (>= 3: median and range)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 avoids oversubscription noise)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps of every arm before the first repeat")
+    parser.add_argument("--lr", type=float, default=1e-4,
+                        help="AdamW learning rate of every arm (default 1e-4); 0 keeps all arms on the same weights, "
+                             "so their routing and expert work stay identical (see the module docstring)")
 
 
 def setup(opts: argparse.Namespace) -> None:
     """Check the options, the device and the thread count; quiet transformers."""
     if opts.repeats < 3:
         raise SystemExit(f"--repeats {opts.repeats}: at least 3 repeats are needed for a median and a range")
+    if opts.lr < 0:
+        raise SystemExit(f"--lr {opts.lr}: the learning rate must be >= 0")
     if opts.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(
             "--device cuda: CUDA is not available on this machine (torch.cuda.is_available() is False); "
@@ -136,6 +148,45 @@ def describe(model_name: str, model, size: str) -> str:
 def copies(model, names: Sequence[str]) -> dict:
     """Independent deep copies of ``model`` (same weights), one per arm."""
     return {name: copy.deepcopy(model) for name in names}
+
+
+def adamw(params, opts: argparse.Namespace) -> torch.optim.AdamW:
+    """The optimizer of every arm: AdamW at ``opts.lr``, weight decay 0.01."""
+    return torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.01)
+
+
+@torch.no_grad()
+def routing_balance(models: dict, batch: dict) -> dict[str, float]:
+    """``{arm: load CV}``: the coefficient of variation of the tokens per expert (padding and ignored labels not
+    counted), the mean over MoE layers, of one forward of each arm's model on ``batch`` (0 = perfectly balanced).
+
+    Untimed. It uses the package's router capture and expert-load functions, so it routes as the monitoring does.
+    """
+    from hf_moe_tuning.metrics.expert_load import coefficient_of_variation, expert_counts, select_experts
+    from hf_moe_tuning.routing.capture import RouterCapture
+
+    out: dict[str, float] = {}
+    for arm, model in models.items():
+        capture = RouterCapture.acquire(model)
+        try:
+            model(**batch)
+            cvs = [
+                coefficient_of_variation(expert_counts(select_experts(logits, layer.top_k), mask, layer.num_experts))
+                for layer, logits, mask in capture.layer_items()
+            ]
+        finally:
+            capture.release()
+        cvs = [cv for cv in cvs if cv is not None]
+        out[arm] = sum(cvs) / len(cvs) if cvs else float("nan")
+    return out
+
+
+def print_routing_balance(models: dict, batch: dict) -> dict[str, float]:
+    """Print :func:`routing_balance` after the timed steps (one line) and return it."""
+    balance = routing_balance(models, batch)
+    print("  routing after the timed steps, expert-load CV (mean over layers; 0 = balanced): "
+          + ", ".join(f"{arm} {cv:.3f}" for arm, cv in balance.items()))
+    return balance
 
 
 # --------------------------------------------------------------------------------------------- timing
@@ -227,7 +278,7 @@ def clock_name(device: str) -> str:
 
 def header(script: str, opts: argparse.Namespace, extra: str = "") -> None:
     print(f"{script}: size={opts.size} device={opts.device} repeats={opts.repeats} threads={opts.threads} "
-          f"clock={clock_name(opts.device)} torch={torch.__version__} {extra}".rstrip())
+          f"lr={opts.lr:g} clock={clock_name(opts.device)} torch={torch.__version__} {extra}".rstrip())
     sys.stdout.flush()
 
 

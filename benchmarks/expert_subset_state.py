@@ -1,6 +1,6 @@
 """Optimizer state of expert-subset training vs full fine-tuning, taken after every expert has received tokens.
 
-Two copies of one model train on the same batches with AdamW (weight decay 0.01):
+Two copies of one model train on the same batches with AdamW (``--lr``, weight decay 0.01):
 
 * ``full``: strategy ``all`` (everything trains);
 * ``subset``: strategy ``moe`` with the router frozen and ``--subset-share`` of the experts of every MoE layer
@@ -48,7 +48,7 @@ def one_repeat(model_name: str, opts: argparse.Namespace, seed: int) -> tuple[fl
         else:
             report = apply_freezing(model, "moe", train_router=False, experts=_subset(model, opts.subset_share))
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
+        optimizer = h.adamw(params, opts)
         report.slice_freezer.attach(optimizer)
         arms[arm] = (model, params, optimizer)
     capture = RouterCapture.acquire(arms["full"][0])

@@ -1,8 +1,8 @@
 """Memory and step time of ST-MoE freezing: ``non_moe`` (experts and routers frozen) vs ``all`` (full fine-tuning).
 
 * **Step time**: arms ``all``, ``non_moe`` and ``control`` (``all`` again: the noise floor) train copies of one
-  model in one process, interleaved step by step (``benchmarks/_harness.py``), AdamW with weight decay 0.01 on
-  the trainable parameters; the figure is the median [range] over repeats of ``non_moe / all``.
+  model in one process, interleaved step by step (``benchmarks/_harness.py``), AdamW (``--lr``, weight decay
+  0.01) on the trainable parameters; the figure is the median [range] over repeats of ``non_moe / all``.
 * **Peak memory**: a peak is a property of a whole process, so each (strategy, repeat) trains in a fresh
   subprocess (strategies alternating), ``--memory-steps`` steps after building the model. On CPU it reports
   the **raw** peak resident set size (``getrusage`` ``ru_maxrss``: everything, the interpreter and torch
@@ -36,8 +36,8 @@ import torch
 STRATEGIES = ("all", "non_moe")
 
 
-def _optimizer(model, report) -> torch.optim.Optimizer:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01)
+def _optimizer(model, report, opts: argparse.Namespace) -> torch.optim.Optimizer:
+    optimizer = h.adamw([p for p in model.parameters() if p.requires_grad], opts)
     report.slice_freezer.attach(optimizer)
     return optimizer
 
@@ -65,7 +65,7 @@ def worker(opts: argparse.Namespace) -> dict:
         before = psutil.Process().memory_info().rss
     model = h.build(opts.worker_model, opts.size, opts.device)
     report = apply_freezing(model, opts.strategy)
-    optimizer = _optimizer(model, report)
+    optimizer = _optimizer(model, report, opts)
     for batch in batches:
         _train_step(model, optimizer, batch)
     if opts.device == "cuda":
@@ -79,7 +79,7 @@ def worker(opts: argparse.Namespace) -> dict:
 def run_worker(opts: argparse.Namespace, model_name: str, strategy: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker-model", model_name, "--strategy", strategy,
            "--size", opts.size, "--device", opts.device, "--threads", str(opts.threads),
-           "--memory-steps", str(opts.memory_steps)]
+           "--memory-steps", str(opts.memory_steps), "--lr", repr(opts.lr)]
     env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1")
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode:
@@ -97,11 +97,13 @@ def step_times(model_name: str, opts: argparse.Namespace) -> dict[str, list[floa
     optimizers = {}
     for arm, model in models.items():
         report = apply_freezing(model, "all" if arm == "control" else arm)
-        optimizers[arm] = _optimizer(model, report)
+        optimizers[arm] = _optimizer(model, report, opts)
     batches = h.make_batches(model_name, opts.size, opts.steps, opts.device)
     steps = {arm: functools.partial(lambda arm, batch: _train_step(models[arm], optimizers[arm], batch), arm)
              for arm in models}
-    return h.interleave(steps, batches, opts.repeats, opts.device, warmup=opts.warmup)
+    times = h.interleave(steps, batches, opts.repeats, opts.device, warmup=opts.warmup)
+    h.print_routing_balance(models, batches[0])
+    return times
 
 
 def measure(model_name: str, opts: argparse.Namespace) -> tuple[h.Figure, h.Figure, h.Figure]:

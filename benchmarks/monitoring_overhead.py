@@ -51,7 +51,7 @@ def measure(model_name: str, opts: argparse.Namespace) -> h.Figure:
     print(h.describe(model_name, base, opts.size))
     models = h.copies(base, ["plain", "monitored", "control"])
     del base
-    optimizers = {arm: torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.01) for arm, m in models.items()}
+    optimizers = {arm: h.adamw(m.parameters(), opts) for arm, m in models.items()}
     block = math.lcm(opts.logging_steps, opts.drift_every_steps if opts.probe_size else 1)
     batches = h.make_batches(model_name, opts.size, block, opts.device)
     rows = [{k: v[i].cpu() for k, v in b.items()} for b in batches for i in range(b["input_ids"].shape[0])]
@@ -103,6 +103,7 @@ def measure(model_name: str, opts: argparse.Namespace) -> h.Figure:
     for cb in callbacks:
         cb.on_train_end(targs, state, control)
     load.close()
+    h.print_routing_balance(models, batches[0])
     missing = [k for k in ("router/aux_loss", "router/z_loss", "moe/load_cv_mean") if k not in logged]
     if opts.probe_size and state.global_step >= opts.drift_every_steps:
         missing += [k for k in ("moe/routing_drift",) if k not in logged]

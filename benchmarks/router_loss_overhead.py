@@ -22,7 +22,6 @@ import functools
 import tempfile
 
 import _harness as h
-import torch
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from hf_moe_tuning.callbacks.router_loss import RouterLossCallback
@@ -37,7 +36,7 @@ def measure(model_name: str, opts: argparse.Namespace) -> h.Figure:
     print(h.describe(model_name, base, opts.size))
     models = h.copies(base, ["builtin", "callback", "control"])
     del base
-    optimizers = {arm: torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.01) for arm, m in models.items()}
+    optimizers = {arm: h.adamw(m.parameters(), opts) for arm, m in models.items()}
     batches = h.make_batches(model_name, opts.size, opts.logging_steps, opts.device)
 
     targs = TrainingArguments(tempfile.mkdtemp(prefix="router_loss_bench_"), report_to=[],
@@ -71,6 +70,7 @@ def measure(model_name: str, opts: argparse.Namespace) -> h.Figure:
     times = h.interleave({arm: functools.partial(step, arm) for arm in models}, batches, opts.repeats,
                          opts.device, warmup=opts.warmup)
     callback.on_train_end(targs, state, control)
+    h.print_routing_balance(models, batches[0])
     if "router/aux_loss" not in logged or "router/z_loss" not in logged:
         raise RuntimeError(f"the callback arm logged no router losses: {sorted(logged)}")
     steps = opts.repeats * opts.logging_steps

@@ -50,6 +50,27 @@ def test_timing_benchmarks_run_at_tiny_size_and_print_median_range_and_noise_flo
     assert 0 < low <= median <= high
     summary = _figures(lines[-2])
     assert summary and all(0 < low <= median <= high for median, low, high in summary), lines[-2]
+    balance = _routing_balance(done.stdout)
+    assert len(balance) == 3 and all(cv >= 0 for cv in balance.values())  # every arm's routing is shown
+
+
+def _routing_balance(stdout: str) -> dict[str, float]:
+    line = next(line for line in stdout.splitlines() if "routing after the timed steps" in line)
+    return {arm: float(cv) for arm, cv in re.findall(r"(\w+) (\d+\.\d+)", line.split(":", 1)[1])}
+
+
+def test_lr_zero_keeps_every_arm_on_the_same_weights_and_routing():
+    """``--lr 0``: the router loss cannot move the callback arm's routing away from the built-in arm's, so the
+    ratio is the cost of the computation alone; the header says which learning rate ran."""
+    done = _run("router_loss_overhead.py", "--size", "tiny", "--repeats", "3", "--model", "switch",
+                "--logging-steps", "3", "--lr", "0")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert " lr=0 " in done.stdout.splitlines()[0]
+    balance = _routing_balance(done.stdout)
+    assert set(balance) == {"builtin", "callback", "control"}
+    assert len(set(balance.values())) == 1, balance
+    bad = _run("router_loss_overhead.py", "--size", "tiny", "--lr", "-1")
+    assert bad.returncode != 0 and "the learning rate must be >= 0" in bad.stderr
 
 
 def test_expert_subset_state_ratio_equals_the_trainable_share_once_every_expert_got_tokens():
