@@ -158,7 +158,8 @@ def adamw(params, opts: argparse.Namespace) -> torch.optim.AdamW:
 @torch.no_grad()
 def routing_balance(models: dict, batch: dict) -> dict[str, float]:
     """``{arm: load CV}``: the coefficient of variation of the tokens per expert (padding and ignored labels not
-    counted), the mean over MoE layers, of one forward of each arm's model on ``batch`` (0 = perfectly balanced).
+    counted), the mean over MoE layers, of one eval-mode forward of each arm's model on ``batch`` (0 = perfectly
+    balanced; the model's train/eval mode is restored).
 
     Untimed. It uses the package's router capture and expert-load functions, so it routes as the monitoring does.
     """
@@ -168,6 +169,8 @@ def routing_balance(models: dict, batch: dict) -> dict[str, float]:
     out: dict[str, float] = {}
     for arm, model in models.items():
         capture = RouterCapture.acquire(model)
+        training = model.training
+        model.eval()  # no dropout or router jitter: the routing of the weights, the same for equal weights
         try:
             model(**batch)
             cvs = [
@@ -175,6 +178,7 @@ def routing_balance(models: dict, batch: dict) -> dict[str, float]:
                 for layer, logits, mask in capture.layer_items()
             ]
         finally:
+            model.train(training)
             capture.release()
         cvs = [cv for cv in cvs if cv is not None]
         out[arm] = sum(cvs) / len(cvs) if cvs else float("nan")
