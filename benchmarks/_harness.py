@@ -157,13 +157,14 @@ def adamw(params, opts: argparse.Namespace) -> torch.optim.AdamW:
 
 @torch.no_grad()
 def routing_balance(models: dict, batch: dict) -> dict[str, float]:
-    """``{arm: load CV}``: the coefficient of variation of the tokens per expert (padding and ignored labels not
-    counted), the mean over MoE layers, of one eval-mode forward of each arm's model on ``batch`` (0 = perfectly
-    balanced; the model's train/eval mode is restored).
+    """``{arm: load CV}``: the package's ``moe/load_cv_mean`` (the coefficient of variation of the tokens per
+    expert, padding and ignored labels not counted, mean over MoE layers) of one eval-mode forward of each arm's
+    model on ``batch`` (0 = perfectly balanced; the model's train/eval mode is restored).
 
-    Untimed. It uses the package's router capture and expert-load functions, so it routes as the monitoring does.
+    Untimed. It counts the router's own choice where the router returns one (else the top-k of its logits) through
+    the package's router capture and expert-load functions, so it measures what the monitoring logs.
     """
-    from hf_moe_tuning.metrics.expert_load import coefficient_of_variation, expert_counts, select_experts
+    from hf_moe_tuning.metrics.expert_load import LayerLoad, expert_counts, select_experts, summarize_load
     from hf_moe_tuning.routing.capture import RouterCapture
 
     out: dict[str, float] = {}
@@ -173,15 +174,17 @@ def routing_balance(models: dict, batch: dict) -> dict[str, float]:
         model.eval()  # no dropout or router jitter: the routing of the weights, the same for equal weights
         try:
             model(**batch)
-            cvs = [
-                coefficient_of_variation(expert_counts(select_experts(logits, layer.top_k), mask, layer.num_experts))
-                for layer, logits, mask in capture.layer_items()
-            ]
+            loads = []
+            for layer, logits, mask in capture.layer_items():
+                chosen = capture.choice(layer)
+                chosen = select_experts(logits, layer.top_k) if chosen is None else chosen
+                counts = expert_counts(chosen, mask, layer.num_experts)
+                loads.append(LayerLoad(layer.index, layer.path, layer.num_experts, layer.top_k,
+                                       int(mask.sum()), counts.tolist()))
         finally:
             model.train(training)
             capture.release()
-        cvs = [cv for cv in cvs if cv is not None]
-        out[arm] = sum(cvs) / len(cvs) if cvs else float("nan")
+        out[arm] = summarize_load(loads).get("moe/load_cv_mean", float("nan"))
     return out
 
 
