@@ -191,7 +191,7 @@ def test_constant_answer_wording_follows_the_data(variant, says):
             "wall_seconds": 1.0, "machine": "m", "threads": 1}
     text = render_markdown(rows, [], info)
     section = text.split("## Constant answers", 1)[1]
-    assert says in section and "**1 arm–task cells**" in section and "- t5, yesno: seed 0" in section
+    assert says in section and "**1 arm–task cell**" in section and "- t5, yesno: seed 0" in section
 
 
 def test_results_csv_keeps_the_learning_rate_exact(tmp_path):

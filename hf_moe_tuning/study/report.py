@@ -323,7 +323,7 @@ def render_markdown(results: list[dict[str, str]], deltas: list[dict[str, str]],
                 "most frequent label; Hub splits are not label-balanced, so a constant minority answer scores less "
                 "and is not listed): "
             )
-            + ("none." if not constant else f"**{len(constant)} arm–task cells**:"),
+            + ("none." if not constant else f"**{len(constant)} arm–task cell{'' if len(constant) == 1 else 's'}**:"),
         ]
         if constant:
             lines.append("")
