@@ -161,10 +161,13 @@ def routing_balance(models: dict, batch: dict) -> dict[str, float]:
     expert, padding and ignored labels not counted, mean over MoE layers) of one eval-mode forward of each arm's
     model on ``batch`` (0 = perfectly balanced; the model's train/eval mode is restored).
 
-    Untimed. It counts the router's own choice where the router returns one (else the top-k of its logits) through
-    the package's router capture and expert-load functions, so it measures what the monitoring logs.
+    Untimed. It counts the router's own choice where the router returns one, else the experts
+    ``ExpertLoadCallback`` derives from the logits (``select_routed``: the family's scoring, correction bias and
+    group limits), through the package's router capture and expert-load functions, so it measures what the
+    monitoring logs.
     """
-    from hf_moe_tuning.metrics.expert_load import LayerLoad, expert_counts, select_experts, summarize_load
+    from hf_moe_tuning.callbacks.expert_load import LayerRouting, select_routed
+    from hf_moe_tuning.metrics.expert_load import LayerLoad, expert_counts, summarize_load
     from hf_moe_tuning.routing.capture import RouterCapture
 
     out: dict[str, float] = {}
@@ -177,7 +180,9 @@ def routing_balance(models: dict, batch: dict) -> dict[str, float]:
             loads = []
             for layer, logits, mask in capture.layer_items():
                 chosen = capture.choice(layer)
-                chosen = select_experts(logits, layer.top_k) if chosen is None else chosen
+                if chosen is None:
+                    routing = LayerRouting(layer, model.get_submodule(layer.router_path))
+                    chosen = select_routed([routing], logits.unsqueeze(0))[0]
                 counts = expert_counts(chosen, mask, layer.num_experts)
                 loads.append(LayerLoad(layer.index, layer.path, layer.num_experts, layer.top_k,
                                        int(mask.sum()), counts.tolist()))
