@@ -9,7 +9,12 @@ Arms (see ``benchmarks/_harness.py``: one process, interleaved step by step, med
   the events a ``Trainer`` fires (``on_train_begin`` builds the drift probe and its reference; every step
   ``on_step_begin``, ``on_pre_optimizer_step``, ``on_step_end``; every ``--logging-steps`` the reductions, the
   metrics, the JSONL line, the drift probe when due, and the log merge);
-* ``control``: ``plain`` again: ``control / plain`` is the noise floor.
+* ``control``: ``plain`` again: ``control / plain`` is the noise floor;
+* ``router_loss`` (only with ``--decompose``): ``plain`` plus the same ``RouterLossCallback`` and nothing else.
+  It trains on the monitored arm's objective, so its routing drifts the way the monitored arm's does:
+  ``router_loss / plain`` is the router loss together with what its balancing does to the model's expert work,
+  and ``monitored / router_loss`` is the expert-load logging at matched training (see the harness docstring on
+  same weights against training).
 
 A repeat spans whole logging and drift intervals (``lcm(logging_steps, drift_every_steps)`` steps), so the
 amortised work lands in every repeat alike. One-off work at train start (the anatomy, the drift reference,
@@ -49,7 +54,8 @@ def measure(model_name: str, opts: argparse.Namespace) -> h.Figure:
     base = h.build(model_name, opts.size, opts.device)
     share = h.check_expert_share(base, opts.size)
     print(h.describe(model_name, base, opts.size))
-    models = h.copies(base, ["plain", "monitored", "control"])
+    arms = ["plain", "monitored", "control"] + (["router_loss"] if opts.decompose else [])
+    models = h.copies(base, arms)
     del base
     optimizers = {arm: h.adamw(m.parameters(), opts) for arm, m in models.items()}
     block = math.lcm(opts.logging_steps, opts.drift_every_steps if opts.probe_size else 1)
@@ -59,61 +65,70 @@ def measure(model_name: str, opts: argparse.Namespace) -> h.Figure:
 
     out = tempfile.mkdtemp(prefix="monitoring_bench_")
     targs = TrainingArguments(out, report_to=[], use_cpu=opts.device == "cpu", logging_steps=opts.logging_steps)
-    state, control = TrainerState(), TrainerControl()
-    state.max_steps = 10**9
-    model = models["monitored"]
-    router = RouterLossCallback(aux_coef=opts.aux_coef, z_coef=opts.z_coef)
     load = ExpertLoadCallback(
         write_jsonl=DEFAULTS["moe_expert_load_jsonl"], write_heatmap=DEFAULTS["moe_expert_load_heatmap"],
         probe_size=opts.probe_size, drift_every_steps=opts.drift_every_steps, tensorboard=False,
     )
-    callbacks = [router, load]
-    for cb in callbacks:
-        cb.on_init_end(targs, state, control, model=model)
-    for cb in callbacks:
-        cb.on_train_begin(targs, state, control, model=model, train_dataloader=loader)
+    callbacks = {"monitored": [RouterLossCallback(aux_coef=opts.aux_coef, z_coef=opts.z_coef), load]}
+    if opts.decompose:
+        callbacks["router_loss"] = [RouterLossCallback(aux_coef=opts.aux_coef, z_coef=opts.z_coef)]
+    states = {arm: (TrainerState(max_steps=10**9), TrainerControl()) for arm in callbacks}
+    for arm, arm_callbacks in callbacks.items():
+        state, control = states[arm]
+        for cb in arm_callbacks:
+            cb.on_init_end(targs, state, control, model=models[arm])
+        for cb in arm_callbacks:
+            cb.on_train_begin(targs, state, control, model=models[arm], train_dataloader=loader)
     load.wait_for_heatmaps()  # one-off: matplotlib's import on the heatmap thread, not a per-step cost
-    logged: dict[str, float] = {}
+    logged: dict[str, dict[str, float]] = {arm: {} for arm in callbacks}
 
     def step(arm: str, batch: dict) -> None:
         m, optimizer = models[arm], optimizers[arm]
-        if arm != "monitored":
+        if arm not in callbacks:
             m(**batch).loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             return
-        for cb in callbacks:
+        arm_callbacks, (state, control) = callbacks[arm], states[arm]
+        for cb in arm_callbacks:
             cb.on_step_begin(targs, state, control)
         m(**batch).loss.backward()  # RouterLossCallback's forward hook added aux + z
-        for cb in callbacks:
+        for cb in arm_callbacks:
             cb.on_pre_optimizer_step(targs, state, control, model=m)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state.global_step += 1
         control.should_log = state.global_step % opts.logging_steps == 0
-        for cb in callbacks:
+        for cb in arm_callbacks:
             cb.on_step_end(targs, state, control)
         if control.should_log:
-            for cb in callbacks:
-                logged.update(cb.pop_metrics("train"))  # what Trainer.log merges
+            for cb in arm_callbacks:
+                logged[arm].update(cb.pop_metrics("train"))  # what Trainer.log merges
             control.should_log = False
 
     times = h.interleave({arm: functools.partial(step, arm) for arm in models}, batches, opts.repeats,
                          opts.device, warmup=opts.warmup)
-    for cb in callbacks:
-        cb.on_train_end(targs, state, control)
+    for arm, arm_callbacks in callbacks.items():
+        for cb in arm_callbacks:
+            cb.on_train_end(targs, *states[arm])
     load.close()
     h.print_routing_balance(models, batches[0])
-    missing = [k for k in ("router/aux_loss", "router/z_loss", "moe/load_cv_mean") if k not in logged]
-    if opts.probe_size and state.global_step >= opts.drift_every_steps:
-        missing += [k for k in ("moe/routing_drift",) if k not in logged]
+    expected = {"monitored": ["router/aux_loss", "router/z_loss", "moe/load_cv_mean"],
+                "router_loss": ["router/aux_loss", "router/z_loss"]}
+    if opts.probe_size and states["monitored"][0].global_step >= opts.drift_every_steps:
+        expected["monitored"].append("moe/routing_drift")
+    missing = [f"{arm}: {key}" for arm in callbacks for key in expected[arm] if key not in logged[arm]]
     if missing or not os.path.isfile(os.path.join(out, "expert_load.jsonl")):
-        raise RuntimeError(f"the monitored arm did not log {missing} (or wrote no expert_load.jsonl)")
+        raise RuntimeError(f"the arms did not log {missing} (or the monitored arm wrote no expert_load.jsonl)")
 
     steps = opts.repeats * block
     print(f"  routed experts {100 * share:.1f}%; {block} steps per repeat, logging every {opts.logging_steps}, "
           f"drift probe {opts.probe_size} every {opts.drift_every_steps}; {steps} timed steps per arm")
-    return h.report_arms(times, steps, "monitored", "plain")
+    figure = h.report_arms(times, steps, "monitored", "plain")
+    if opts.decompose:
+        print(f"  router_loss/plain: {h.ratio(times, 'router_loss', 'plain')}")
+        print(f"  monitored/router_loss: {h.ratio(times, 'monitored', 'router_loss')}")
+    return figure
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -124,6 +139,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--drift-every-steps", type=int, default=DEFAULTS["moe_drift_every_steps"])
     parser.add_argument("--aux-coef", type=float, default=0.01)
     parser.add_argument("--z-coef", type=float, default=0.001)
+    parser.add_argument("--decompose", action="store_true",
+                        help="add a router_loss arm (RouterLossCallback alone) and print router_loss/plain and "
+                             "monitored/router_loss: what the router loss's balancing costs against what the "
+                             "expert-load logging costs at matched training")
     h.run("monitoring_overhead", parser.parse_args(argv), measure, "monitored/plain step time")
 
 

@@ -73,6 +73,21 @@ def test_lr_zero_keeps_every_arm_on_the_same_weights_and_routing():
     assert bad.returncode != 0 and "the learning rate must be >= 0" in bad.stderr
 
 
+def test_monitoring_decompose_adds_a_router_loss_arm_that_trains_like_the_monitored_one():
+    """``--decompose``: the ``router_loss`` arm has the monitored arm's objective, so after training its routing is
+    the monitored arm's (expert-load logging does not change training), and the two extra ratios are printed."""
+    done = _run("monitoring_overhead.py", "--size", "tiny", "--repeats", "3", "--model", "switch",
+                "--logging-steps", "2", "--drift-every-steps", "4", "--decompose")
+    assert done.returncode == 0, done.stderr[-3000:]
+    balance = _routing_balance(done.stdout)
+    assert set(balance) == {"plain", "monitored", "control", "router_loss"}
+    assert balance["router_loss"] == balance["monitored"] and balance["control"] == balance["plain"], balance
+    for name in ("router_loss/plain", "monitored/router_loss"):
+        line = next(line for line in done.stdout.splitlines() if line.strip().startswith(name + ":"))
+        (median, low, high), = _figures(line)
+        assert 0 < low <= median <= high
+
+
 def test_expert_subset_state_ratio_equals_the_trainable_share_once_every_expert_got_tokens():
     done = _run("expert_subset_state.py", "--size", "tiny", "--repeats", "3")
     assert done.returncode == 0, done.stderr[-3000:]
