@@ -17,6 +17,12 @@
   arithmetic), so the routing and the expert work stay identical and a ratio is the cost of the arm's own extra
   computation. After the timed steps every script prints each arm's routing balance (:func:`routing_balance`:
   the coefficient of variation of the expert load, mean over layers, on the first batch), so a drift shows.
+* **Processes.** One process's repeats share its memory layout, allocator state and the machine's load at
+  the time, so a rerun can land outside their range. ``--processes P`` runs the whole measurement in ``P``
+  fresh processes one after another (each with its own warmup and ``--repeats``), echoes each one's output,
+  prints every process's median, and reports the median and range over all ``P x repeats`` per-repeat ratios
+  pooled: a range that includes the spread between processes. ``--processes 3 --repeats 1`` costs what
+  ``--repeats 3`` does, plus three model builds and warmups.
 * **Clocks.** On CPU: process CPU time (``time.process_time``, all threads of the process) with one torch
   thread by default, robust on a machine shared with other jobs. On CUDA (``--device cuda``): CUDA events
   around every step, summed per repeat after one synchronisation; memory from ``torch.cuda.max_memory_allocated``.
@@ -27,12 +33,16 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import inspect
+import json
 import logging
+import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
@@ -66,7 +76,12 @@ def add_common_args(parser: argparse.ArgumentParser, repeats: int = 3) -> None:
     parser.add_argument("--model", choices=["mixtral", "switch", "both"], default="both")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="cuda: CUDA events and torch.cuda.max_memory_allocated (fails clearly without a GPU)")
-    parser.add_argument("--repeats", type=int, default=repeats, help="repeats (>= 3: median and range)")
+    parser.add_argument("--repeats", type=int, default=repeats,
+                        help="repeats per process (>= 3 in all over --processes: median and range)")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="run the measurement in this many fresh processes, one after another, and pool their "
+                             "repeats (default 1; see the harness docstring)")
+    parser.add_argument("--pool-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 avoids oversubscription noise)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps of every arm before the first repeat")
     parser.add_argument("--lr", type=float, default=1e-4,
@@ -76,8 +91,11 @@ def add_common_args(parser: argparse.ArgumentParser, repeats: int = 3) -> None:
 
 def setup(opts: argparse.Namespace) -> None:
     """Check the options, the device and the thread count; quiet transformers."""
-    if opts.repeats < 3:
-        raise SystemExit(f"--repeats {opts.repeats}: at least 3 repeats are needed for a median and a range")
+    if opts.processes < 1:
+        raise SystemExit(f"--processes {opts.processes}: at least one process is needed")
+    if opts.repeats < 1 or (opts.repeats * opts.processes < 3 and not opts.pool_child):
+        raise SystemExit(f"--repeats {opts.repeats} x --processes {opts.processes}: at least 3 repeats in all are "
+                         "needed for a median and a range")
     if opts.lr < 0:
         raise SystemExit(f"--lr {opts.lr}: the learning rate must be >= 0")
     if opts.device == "cuda" and not torch.cuda.is_available():
@@ -265,15 +283,22 @@ def interleave(
 # --------------------------------------------------------------------------------------------- reporting
 @dataclass
 class Figure:
-    """Median and range over repeats of a ratio."""
+    """Median and range over repeats of a ratio (``values``: the per-repeat ratios)."""
 
     median: float
     low: float
     high: float
+    values: tuple[float, ...] = field(default=(), repr=False, compare=False)
 
     @classmethod
     def of(cls, ratios: Sequence[float]) -> Figure:
-        return cls(statistics.median(ratios), min(ratios), max(ratios))
+        ratios = tuple(ratios)
+        return cls(statistics.median(ratios), min(ratios), max(ratios), ratios)
+
+    @classmethod
+    def pool(cls, figures: Sequence[Figure]) -> Figure:
+        """One figure over the repeats of all ``figures`` (e.g. the same figure from several processes)."""
+        return cls.of([value for figure in figures for value in figure.values])
 
     def __str__(self) -> str:
         return f"{self.median:.3f} [{self.low:.3f}, {self.high:.3f}]"
@@ -289,9 +314,17 @@ def clock_name(device: str) -> str:
 
 
 def header(script: str, opts: argparse.Namespace, extra: str = "") -> None:
-    print(f"{script}: size={opts.size} device={opts.device} repeats={opts.repeats} threads={opts.threads} "
+    processes = f" processes={opts.processes}" if opts.processes > 1 else ""
+    print(f"{script}: size={opts.size} device={opts.device} repeats={opts.repeats}{processes} threads={opts.threads} "
           f"lr={opts.lr:g} clock={clock_name(opts.device)} torch={torch.__version__} {extra}".rstrip())
     sys.stdout.flush()
+
+
+def repeats_label(opts: argparse.Namespace) -> str:
+    """How many repeats a pooled figure spans: ``repeats`` or ``N repeats in P processes``."""
+    if opts.processes > 1:
+        return f"{opts.processes * opts.repeats} repeats in {opts.processes} processes"
+    return "repeats"
 
 
 def report_arms(times: dict[str, list[float]], steps: int, arm: str, baseline: str) -> Figure:
@@ -305,11 +338,72 @@ def report_arms(times: dict[str, list[float]], steps: int, arm: str, baseline: s
 
 
 # --------------------------------------------------------------------------------------------- driving a script
-def measure_models(script: str, opts: argparse.Namespace, measure: Callable[[str, argparse.Namespace], T]) -> dict[str, T]:
-    """Check the options (:func:`setup`), print the header and ``{model: measure(model, opts)}`` of every model asked for."""
+#: what :func:`measure_models` pools across processes: a Figure, or a named tuple of them (field name -> Figure)
+Measured = Figure | tuple
+_POOL_MARK = "@pool-figures "
+
+
+def _figures_of(result: Measured) -> dict[str, Figure]:
+    if isinstance(result, Figure):
+        return {"": result}
+    if not hasattr(result, "_fields"):
+        raise TypeError(f"a measurement pooled across processes is a Figure or a named tuple of them, not {result!r}")
+    return dict(zip(result._fields, result))
+
+
+def _rebuild(figures: dict[str, Figure]) -> Measured:
+    return figures[""] if list(figures) == [""] else tuple(figures.values())
+
+
+def _measure_in_processes(opts: argparse.Namespace, script_file: str, argv: Sequence[str]) -> dict[str, Measured]:
+    """Run the script ``opts.processes`` times in fresh processes, echo their output indented, and pool."""
+    per_process: list[dict[str, dict[str, Figure]]] = []
+    cmd = [sys.executable, script_file, *argv, "--processes", "1", "--pool-child"]
+    for k in range(opts.processes):
+        print(f"process {k + 1}/{opts.processes}:", flush=True)
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as child:
+            marked = None
+            for line in child.stdout:
+                if line.startswith(_POOL_MARK):
+                    marked = json.loads(line[len(_POOL_MARK):])
+                else:
+                    print("  | " + line.rstrip("\n"), flush=True)
+        if child.returncode or marked is None:
+            raise SystemExit(f"process {k + 1}/{opts.processes} failed (exit {child.returncode}); its output is above")
+        per_process.append({model: {name: Figure.of(values) for name, values in figures.items()}
+                            for model, figures in marked.items()})
+    pooled: dict[str, Measured] = {}
+    for model in per_process[0]:
+        names = per_process[0][model]
+        medians = "; ".join(f"{name + ' ' if name else ''}" + ", ".join(f"{run[model][name].median:.3f}" for run in per_process)
+                            for name in names)
+        print(f"  {model}: median of each process: {medians}")
+        pooled[model] = _rebuild({name: Figure.pool([run[model][name] for run in per_process]) for name in names})
+    return pooled
+
+
+def measure_models(
+    script: str,
+    opts: argparse.Namespace,
+    measure: Callable[[str, argparse.Namespace], T],
+    argv: Sequence[str] | None = None,
+) -> dict[str, T]:
+    """Check the options (:func:`setup`), print the header and ``{model: measure(model, opts)}`` of every model asked for.
+
+    With ``--processes P > 1`` the measurement runs in ``P`` fresh processes of the script (``argv``: its
+    arguments, default ``sys.argv[1:]``) and every figure is pooled over their repeats; ``measure`` must then
+    return a :class:`Figure` or a named tuple of them.
+    """
     setup(opts)
     header(script, opts)
-    return {name: measure(name, opts) for name in models_of(opts)}
+    if opts.processes > 1:
+        return _measure_in_processes(opts, os.path.abspath(inspect.getfile(measure)),
+                                     list(sys.argv[1:] if argv is None else argv))
+    results = {name: measure(name, opts) for name in models_of(opts)}
+    if opts.pool_child:
+        marked = {model: {name: list(f.values) for name, f in _figures_of(r).items()} for model, r in results.items()}
+        print(_POOL_MARK + json.dumps(marked), flush=True)
+    return results
 
 
 def run(
@@ -318,11 +412,13 @@ def run(
     measure: Callable[[str, argparse.Namespace], Figure],
     label: str,
     digits: int = 4,
+    argv: Sequence[str] | None = None,
 ) -> dict[str, Figure]:
     """A benchmark whose figure per model is one :class:`Figure`: measure every model (:func:`measure_models`),
     then print the line ``<label>, median [range] over repeats: <model> <figure>; ...`` and, last, the largest
     median with ``digits`` decimals."""
-    figures = measure_models(script, opts, measure)
-    print(f"{label}, median [range] over repeats: " + "; ".join(f"{name} {figure}" for name, figure in figures.items()))
+    figures = measure_models(script, opts, measure, argv)
+    print(f"{label}, median [range] over {repeats_label(opts)}: "
+          + "; ".join(f"{name} {figure}" for name, figure in figures.items()))
     print(f"{max(f.median for f in figures.values()):.{digits}f}")
     return figures

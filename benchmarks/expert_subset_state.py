@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     h.add_common_args(parser)
     parser.add_argument("--subset-share", type=float, default=0.10, help="trainable experts per layer (at least 1)")
     parser.add_argument("--max-steps", type=int, default=50, help="give up when an expert is still unreached")
-    h.run("expert_subset_state", parser.parse_args(argv), measure, "subset/full optimizer state", digits=5)
+    h.run("expert_subset_state", parser.parse_args(argv), measure, "subset/full optimizer state", digits=5, argv=argv)
 
 
 if __name__ == "__main__":

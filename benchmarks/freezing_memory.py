@@ -29,11 +29,20 @@ import resource
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 import _harness as h
 import torch
 
 STRATEGIES = ("all", "non_moe")
+
+
+class FreezingFigures(NamedTuple):
+    """``non_moe / all`` ratios of one model."""
+
+    net: h.Figure
+    raw: h.Figure
+    step: h.Figure
 
 
 def _optimizer(model, report, opts: argparse.Namespace) -> torch.optim.Optimizer:
@@ -106,7 +115,7 @@ def step_times(model_name: str, opts: argparse.Namespace) -> dict[str, list[floa
     return times
 
 
-def measure(model_name: str, opts: argparse.Namespace) -> tuple[h.Figure, h.Figure, h.Figure]:
+def measure(model_name: str, opts: argparse.Namespace) -> FreezingFigures:
     model = h.build(model_name, opts.size)
     h.check_expert_share(model, opts.size)
     print(h.describe(model_name, model, opts.size))
@@ -131,7 +140,7 @@ def measure(model_name: str, opts: argparse.Namespace) -> tuple[h.Figure, h.Figu
     print(f"  non_moe/all: net {unit} {net} | raw {unit} {raw} | step time {step}  "
           f"({opts.memory_steps} steps per memory run, {opts.steps} timed steps per repeat, "
           f"{time.perf_counter() - started:.0f} s)")
-    return net, raw, step
+    return FreezingFigures(net, raw, step)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -147,8 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     if opts.worker_model:
         print(json.dumps(worker(opts)))
         return
-    figures = h.measure_models("freezing_memory", opts, measure)
-    print("non_moe/all, median [range] over repeats: " + "; ".join(
+    figures = h.measure_models("freezing_memory", opts, measure, argv)
+    print(f"non_moe/all, median [range] over {h.repeats_label(opts)}: " + "; ".join(
         f"{name}: net peak {net}, raw peak {raw}, step time {step}" for name, (net, raw, step) in figures.items()))
     net, _, step = list(figures.values())[-1]
     print(f"{net.median:.4f} {step.median:.4f}")

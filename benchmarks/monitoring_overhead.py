@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="add a router_loss arm (RouterLossCallback alone) and print router_loss/plain and "
                              "monitored/router_loss: what the router loss's balancing costs against what the "
                              "expert-load logging costs at matched training")
-    h.run("monitoring_overhead", parser.parse_args(argv), measure, "monitored/plain step time")
+    h.run("monitoring_overhead", parser.parse_args(argv), measure, "monitored/plain step time", argv=argv)
 
 
 if __name__ == "__main__":

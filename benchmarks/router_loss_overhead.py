@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--logging-steps", type=int, default=10, help="steps per repeat; metrics logged once a repeat")
     parser.add_argument("--aux-coef", type=float, default=0.01)
     parser.add_argument("--z-coef", type=float, default=0.001)
-    h.run("router_loss_overhead", parser.parse_args(argv), measure, "callback/builtin step time")
+    h.run("router_loss_overhead", parser.parse_args(argv), measure, "callback/builtin step time", argv=argv)
 
 
 if __name__ == "__main__":

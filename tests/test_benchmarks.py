@@ -35,7 +35,6 @@ def _figures(line: str) -> list[tuple[float, float, float]]:
     "script, args",
     [
         ("monitoring_overhead.py", ["--model", "mixtral", "--logging-steps", "2", "--drift-every-steps", "4"]),
-        ("router_loss_overhead.py", ["--model", "switch", "--logging-steps", "3"]),
         ("freezing_memory.py", ["--model", "switch", "--steps", "2", "--memory-steps", "2"]),
     ],
 )
@@ -88,6 +87,28 @@ def test_monitoring_decompose_adds_a_router_loss_arm_that_trains_like_the_monito
         assert 0 < low <= median <= high
 
 
+def test_processes_pool_the_repeats_of_fresh_processes_and_show_each_process_median():
+    """``--processes 2 --repeats 2``: the measurement runs twice in fresh processes (their output echoed), each
+    process's median is printed, and the summary figure is the median [range] over all 2 x 2 repeats."""
+    done = _run("router_loss_overhead.py", "--size", "tiny", "--repeats", "2", "--model", "switch",
+                "--logging-steps", "3", "--processes", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert " processes=2 " in lines[0]
+    assert [line for line in lines if line.startswith("process ")] == ["process 1/2:", "process 2/2:"]
+    per_process = [_figures(line)[0] for line in lines if line.startswith("  |   callback/builtin:")]
+    assert len(per_process) == 2
+    medians = next(line for line in lines if "median of each process" in line)
+    assert [float(x) for x in medians.split(":")[-1].split(",")] == [round(m, 3) for m, _, _ in per_process]
+    assert "over 4 repeats in 2 processes" in lines[-2]
+    (median, low, high), = _figures(lines[-2])
+    assert low == min(lo for _, lo, _ in per_process) and high == max(hi for _, _, hi in per_process)
+    assert low <= median <= high
+    assert float(lines[-1]) == pytest.approx(median, abs=5e-4)  # 4 decimals against the 3 of the summary
+    bad = _run("router_loss_overhead.py", "--size", "tiny", "--processes", "0")
+    assert bad.returncode != 0 and "at least one process is needed" in bad.stderr
+
+
 def test_expert_subset_state_ratio_equals_the_trainable_share_once_every_expert_got_tokens():
     done = _run("expert_subset_state.py", "--size", "tiny", "--repeats", "3")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -136,5 +157,8 @@ def test_harness_interleaves_rotating_the_first_arm_and_reports_median_and_range
     figure = h.ratio(times, "b", "a")
     assert figure.low <= figure.median <= figure.high and 1.3 < figure.median < 3.0
     assert str(h.Figure.of([1.0, 3.0, 2.0])) == "2.000 [1.000, 3.000]"
-    with pytest.raises(SystemExit, match="at least 3 repeats"):
-        h.setup(type("Opts", (), {"repeats": 2, "device": "cpu", "threads": 1})())
+    for repeats, processes in [(2, 1), (1, 2)]:  # 3 repeats in all are needed, over the processes
+        opts = type("Opts", (), {"repeats": repeats, "processes": processes, "pool_child": False, "device": "cpu",
+                                 "threads": 1, "lr": 0.0})()
+        with pytest.raises(SystemExit, match="at least 3 repeats in all"):
+            h.setup(opts)
