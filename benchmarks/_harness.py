@@ -219,6 +219,34 @@ def print_routing_balance(models: dict, batch: dict) -> dict[str, float]:
     return balance
 
 
+def train_step(model, optimizer, batch: dict) -> None:
+    """One plain training step: forward, backward, optimizer step, ``zero_grad``."""
+    model(**batch).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def trainer_step(model, optimizer, batch: dict, callbacks: Sequence, args, state, control, logged: dict) -> None:
+    """:func:`train_step` with ``callbacks`` driven through the events a ``Trainer`` fires around it
+    (``on_step_begin``, ``on_pre_optimizer_step``, ``on_step_end``); every ``args.logging_steps`` their train
+    metrics are popped into ``logged`` (what ``Trainer.log`` merges)."""
+    for cb in callbacks:
+        cb.on_step_begin(args, state, control)
+    model(**batch).loss.backward()  # a RouterLossCallback's forward hook added its losses
+    for cb in callbacks:
+        cb.on_pre_optimizer_step(args, state, control, model=model)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    state.global_step += 1
+    control.should_log = state.global_step % args.logging_steps == 0
+    for cb in callbacks:
+        cb.on_step_end(args, state, control)
+    if control.should_log:
+        for cb in callbacks:
+            logged.update(cb.pop_metrics("train"))
+        control.should_log = False
+
+
 # --------------------------------------------------------------------------------------------- timing
 class StepClock:
     """Times one step: process CPU time on CPU, a pair of CUDA events on CUDA (read at :meth:`collect`)."""

@@ -51,12 +51,6 @@ def _optimizer(model, report, opts: argparse.Namespace) -> torch.optim.Optimizer
     return optimizer
 
 
-def _train_step(model, optimizer, batch) -> None:
-    model(**batch).loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
 # --------------------------------------------------------------------------------------------- memory worker
 def worker(opts: argparse.Namespace) -> dict:
     """One (model, strategy) run in this fresh process: raw and net peak memory."""
@@ -76,7 +70,7 @@ def worker(opts: argparse.Namespace) -> dict:
     report = apply_freezing(model, opts.strategy)
     optimizer = _optimizer(model, report, opts)
     for batch in batches:
-        _train_step(model, optimizer, batch)
+        h.train_step(model, optimizer, batch)
     if opts.device == "cuda":
         torch.cuda.synchronize()
         raw = torch.cuda.max_memory_allocated()
@@ -108,7 +102,7 @@ def step_times(model_name: str, opts: argparse.Namespace) -> dict[str, list[floa
         report = apply_freezing(model, "all" if arm == "control" else arm)
         optimizers[arm] = _optimizer(model, report, opts)
     batches = h.make_batches(model_name, opts.size, opts.steps, opts.device)
-    steps = {arm: functools.partial(lambda arm, batch: _train_step(models[arm], optimizers[arm], batch), arm)
+    steps = {arm: functools.partial(lambda arm, batch: h.train_step(models[arm], optimizers[arm], batch), arm)
              for arm in models}
     times = h.interleave(steps, batches, opts.repeats, opts.device, warmup=opts.warmup)
     h.print_routing_balance(models, batches[0])

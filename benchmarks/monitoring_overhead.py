@@ -83,28 +83,10 @@ def measure(model_name: str, opts: argparse.Namespace) -> h.Figure:
     logged: dict[str, dict[str, float]] = {arm: {} for arm in callbacks}
 
     def step(arm: str, batch: dict) -> None:
-        m, optimizer = models[arm], optimizers[arm]
         if arm not in callbacks:
-            m(**batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return
-        arm_callbacks, (state, control) = callbacks[arm], states[arm]
-        for cb in arm_callbacks:
-            cb.on_step_begin(targs, state, control)
-        m(**batch).loss.backward()  # RouterLossCallback's forward hook added aux + z
-        for cb in arm_callbacks:
-            cb.on_pre_optimizer_step(targs, state, control, model=m)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.global_step += 1
-        control.should_log = state.global_step % opts.logging_steps == 0
-        for cb in arm_callbacks:
-            cb.on_step_end(targs, state, control)
-        if control.should_log:
-            for cb in arm_callbacks:
-                logged[arm].update(cb.pop_metrics("train"))  # what Trainer.log merges
-            control.should_log = False
+            h.train_step(models[arm], optimizers[arm], batch)
+        else:
+            h.trainer_step(models[arm], optimizers[arm], batch, callbacks[arm], targs, *states[arm], logged[arm])
 
     times = h.interleave({arm: functools.partial(step, arm) for arm in models}, batches, opts.repeats,
                          opts.device, warmup=opts.warmup)

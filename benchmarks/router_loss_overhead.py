@@ -49,23 +49,10 @@ def measure(model_name: str, opts: argparse.Namespace) -> h.Figure:
     logged: dict[str, float] = {}
 
     def step(arm: str, batch: dict) -> None:
-        model, optimizer = models[arm], optimizers[arm]
         if arm != "callback":
-            model(**batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return
-        callback.on_step_begin(targs, state, control)
-        model(**batch).loss.backward()  # the callback's forward hook added aux + z to the loss
-        callback.on_pre_optimizer_step(targs, state, control, model=model)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.global_step += 1
-        control.should_log = state.global_step % opts.logging_steps == 0
-        callback.on_step_end(targs, state, control)
-        if control.should_log:
-            logged.update(callback.pop_metrics("train"))
-            control.should_log = False
+            h.train_step(models[arm], optimizers[arm], batch)
+        else:
+            h.trainer_step(models[arm], optimizers[arm], batch, [callback], targs, state, control, logged)
 
     times = h.interleave({arm: functools.partial(step, arm) for arm in models}, batches, opts.repeats,
                          opts.device, warmup=opts.warmup)
