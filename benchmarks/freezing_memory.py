@@ -10,6 +10,12 @@
   optimizer state, activations, allocator slack). On CUDA (``--device cuda``) raw is
   ``torch.cuda.max_memory_allocated()`` and net subtracts what was allocated before the model was built.
   The figures are the median [range] over repeats of the per-repeat ratios ``non_moe / all``.
+* **Tensor bytes**: after its memory steps each worker runs one more step and counts the bytes of the tensors
+  a training step holds (unique storages): parameters, gradients, AdamW state, and the activations autograd
+  saved for backward (``torch.autograd.graph.saved_tensors_hooks``, parameters excluded). Unlike a peak RSS
+  this is exact and the same on every machine and device, and its parts show where the rest of the memory
+  goes: freezing removes gradients and AdamW state of the frozen parameters, and the activations that only
+  a frozen weight's gradient needed (a frozen linear layer does not keep its input).
 
 Issue 18's targets at the realistic size: net peak <= 0.60x and step time <= 0.75x of ``all``. The last line
 is ``<net peak ratio> <step-time ratio>`` of the last model measured.
@@ -43,6 +49,7 @@ class FreezingFigures(NamedTuple):
     net: h.Figure
     raw: h.Figure
     step: h.Figure
+    tensors: h.Figure
 
 
 def _optimizer(model, report, opts: argparse.Namespace) -> torch.optim.Optimizer:
@@ -52,6 +59,46 @@ def _optimizer(model, report, opts: argparse.Namespace) -> torch.optim.Optimizer
 
 
 # --------------------------------------------------------------------------------------------- memory worker
+TENSOR_KINDS = ("params", "grads", "adamw", "saved")
+
+
+def _storage_bytes(tensors, skip: frozenset[int] = frozenset()) -> int:
+    """Bytes of the distinct storages under ``tensors`` (views share theirs), leaving out the ``skip`` data pointers."""
+    sizes = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            sizes[storage.data_ptr()] = storage.nbytes()
+    return sum(sizes.values())
+
+
+def tensor_bytes(model, optimizer, batch: dict) -> dict[str, int]:
+    """One training step on ``batch`` with its tensors counted (bytes of distinct storages), by kind:
+    ``params``, ``grads`` and ``adamw`` (the optimizer's state) after the optimizer step, before ``zero_grad``;
+    ``saved``: what autograd kept for backward during the forward, parameters (and views of them) excluded."""
+    param_ptrs = frozenset(p.untyped_storage().data_ptr() for p in model.parameters())
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**batch).loss
+    saved_bytes = _storage_bytes(saved, skip=param_ptrs)
+    saved.clear()
+    loss.backward()
+    optimizer.step()
+    counts = {
+        "params": _storage_bytes(model.parameters()),
+        "grads": _storage_bytes(p.grad for p in model.parameters() if p.grad is not None),
+        "adamw": _storage_bytes(t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)),
+        "saved": saved_bytes,
+    }
+    optimizer.zero_grad(set_to_none=True)
+    return counts
+
+
 def worker(opts: argparse.Namespace) -> dict:
     """One (model, strategy) run in this fresh process: raw and net peak memory."""
     import psutil
@@ -59,7 +106,7 @@ def worker(opts: argparse.Namespace) -> dict:
     from hf_moe_tuning import apply_freezing
 
     torch.set_num_threads(opts.threads)
-    batches = h.make_batches(opts.worker_model, opts.size, opts.memory_steps, opts.device)
+    batches = h.make_batches(opts.worker_model, opts.size, opts.memory_steps + 1, opts.device)
     if opts.device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -69,14 +116,16 @@ def worker(opts: argparse.Namespace) -> dict:
     model = h.build(opts.worker_model, opts.size, opts.device)
     report = apply_freezing(model, opts.strategy)
     optimizer = _optimizer(model, report, opts)
-    for batch in batches:
+    for batch in batches[:-1]:
         h.train_step(model, optimizer, batch)
     if opts.device == "cuda":
         torch.cuda.synchronize()
         raw = torch.cuda.max_memory_allocated()
     else:
         raw = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
-    return {"strategy": opts.strategy, "raw": raw, "net": raw - before, "trainable_frac": report.plan.trainable_frac}
+    tensors = tensor_bytes(model, optimizer, batches[-1])  # after the peak was read: it cannot raise it
+    return {"strategy": opts.strategy, "raw": raw, "net": raw - before, "trainable_frac": report.plan.trainable_frac,
+            "tensors": tensors}
 
 
 def run_worker(opts: argparse.Namespace, model_name: str, strategy: str) -> dict:
@@ -121,6 +170,8 @@ def measure(model_name: str, opts: argparse.Namespace) -> FreezingFigures:
             runs[strategy].append(run_worker(opts, model_name, strategy))
     raw = h.Figure.of([n["raw"] / a["raw"] for n, a in zip(runs["non_moe"], runs["all"])])
     net = h.Figure.of([n["net"] / a["net"] for n, a in zip(runs["non_moe"], runs["all"])])
+    tensors = h.Figure.of([sum(n["tensors"].values()) / sum(a["tensors"].values())
+                           for n, a in zip(runs["non_moe"], runs["all"])])
     times = step_times(model_name, opts)
     step = h.ratio(times, "non_moe", "all")
     unit = "peak allocated (CUDA)" if opts.device == "cuda" else "peak RSS"
@@ -130,11 +181,15 @@ def measure(model_name: str, opts: argparse.Namespace) -> FreezingFigures:
               f"{h.statistics.median(x['raw'] for x in r) / 2**20:8.1f} MiB  net "
               f"{h.statistics.median(x['net'] for x in r) / 2**20:8.1f} MiB  step "
               f"{1000 * sum(times[strategy]) / (opts.repeats * opts.steps):8.1f} ms")
+    for strategy in STRATEGIES:
+        parts = runs[strategy][-1]["tensors"]
+        print(f"  {strategy:<8} tensor MiB: " + ", ".join(f"{kind} {parts[kind] / 2**20:.1f}" for kind in TENSOR_KINDS)
+              + f", total {sum(parts.values()) / 2**20:.1f}")
     print(f"  noise floor control/all step time: {h.ratio(times, 'control', 'all')}")
-    print(f"  non_moe/all: net {unit} {net} | raw {unit} {raw} | step time {step}  "
+    print(f"  non_moe/all: net {unit} {net} | raw {unit} {raw} | step time {step} | tensor bytes {tensors}  "
           f"({opts.memory_steps} steps per memory run, {opts.steps} timed steps per repeat, "
           f"{time.perf_counter() - started:.0f} s)")
-    return FreezingFigures(net, raw, step)
+    return FreezingFigures(net, raw, step, tensors)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -152,8 +207,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     figures = h.measure_models("freezing_memory", opts, measure, argv)
     print(f"non_moe/all, median [range] over {h.repeats_label(opts)}: " + "; ".join(
-        f"{name}: net peak {net}, raw peak {raw}, step time {step}" for name, (net, raw, step) in figures.items()))
-    net, _, step = list(figures.values())[-1]
+        f"{name}: net peak {net}, raw peak {raw}, step time {step}, tensor bytes {tensors}"
+        for name, (net, raw, step, tensors) in figures.items()))
+    net, _, step, _ = list(figures.values())[-1]
     print(f"{net.median:.4f} {step.median:.4f}")
 
 

@@ -162,3 +162,40 @@ def test_harness_interleaves_rotating_the_first_arm_and_reports_median_and_range
                                  "threads": 1, "lr": 0.0})()
         with pytest.raises(SystemExit, match="at least 3 repeats in all"):
             h.setup(opts)
+
+
+def test_tensor_bytes_counts_params_grads_adamw_and_what_backward_keeps():
+    """``freezing_memory.tensor_bytes``: exact bytes by kind; freezing a linear layer drops its gradient, its AdamW
+    moments and its saved input (a frozen weight needs no input for its gradient), and parameters that autograd
+    saves are not counted again as activations."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import freezing_memory as fm
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+
+        def forward(self, x):
+            return type("Out", (), {"loss": self.second(torch.relu(self.first(x))).pow(2).mean()})()
+
+    def count(freeze_first: bool) -> dict[str, int]:
+        torch.manual_seed(0)
+        net = Net()
+        net.first.requires_grad_(not freeze_first)
+        optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad])
+        return fm.tensor_bytes(net, optimizer, {"x": torch.randn(5, 8)})
+
+    full, frozen = count(False), count(True)
+    f32 = 4
+    first, second = (8 * 16 + 16) * f32, (16 * 4 + 4) * f32
+    assert full["params"] == frozen["params"] == first + second
+    assert full["grads"] == first + second and frozen["grads"] == second
+    steps = 4 * f32  # AdamW keeps a one-element float32 step count per parameter
+    assert full["adamw"] == 2 * (first + second) + steps and frozen["adamw"] == 2 * second + 2 * f32
+    assert full["saved"] - frozen["saved"] == 5 * 8 * f32  # the first layer's input, kept only for its weight's grad
+    assert frozen["saved"] > 0
+    assert set(full) == set(fm.TENSOR_KINDS)
