@@ -7,7 +7,12 @@
   subprocess (strategies alternating), ``--memory-steps`` steps after building the model. On CPU it reports
   the **raw** peak resident set size (``getrusage`` ``ru_maxrss``: everything, the interpreter and torch
   included) and the **net** peak (raw minus the RSS right before the model is built: parameters, gradients,
-  optimizer state, activations, allocator slack). On CUDA (``--device cuda``) raw is
+  optimizer state, activations, allocator slack). The workers run with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed
+  at 128 KiB (unless it is set already): by default glibc raises that threshold whenever a large block is
+  freed, so later tensors may land on the heap, whose freed memory the process keeps; the peak RSS then
+  depended on the allocation history, and the Switch's net ratio came out anywhere from 0.60 to 0.72 between
+  runs. With the threshold fixed every tensor of 128 KiB or more is its own mapping, returned when freed, and
+  two runs of a worker agree within 0.1 %. On CUDA (``--device cuda``) raw is
   ``torch.cuda.max_memory_allocated()`` and net subtracts what was allocated before the model was built.
   The figures are the median [range] over repeats of the per-repeat ratios ``non_moe / all``.
 * **Tensor bytes**: after its memory steps each worker runs one more step and counts the bytes of the tensors
@@ -128,12 +133,23 @@ def worker(opts: argparse.Namespace) -> dict:
             "tensors": tensors}
 
 
+#: glibc's mmap threshold in the memory workers (bytes): fixed, so that the peak RSS does not depend on the
+#: allocation history (see the module docstring); other C libraries ignore the variable
+MMAP_THRESHOLD = 128 * 1024
+
+
+def worker_env() -> dict[str, str]:
+    """The environment of a memory worker: this one, quiet and offline, with the mmap threshold fixed."""
+    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1")
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
+    return env
+
+
 def run_worker(opts: argparse.Namespace, model_name: str, strategy: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker-model", model_name, "--strategy", strategy,
            "--size", opts.size, "--device", opts.device, "--threads", str(opts.threads),
            "--memory-steps", str(opts.memory_steps), "--lr", repr(opts.lr)]
-    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1")
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=worker_env())
     if done.returncode:
         raise RuntimeError(f"memory worker {model_name}/{strategy} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

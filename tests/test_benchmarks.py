@@ -199,3 +199,17 @@ def test_tensor_bytes_counts_params_grads_adamw_and_what_backward_keeps():
     assert full["saved"] - frozen["saved"] == 5 * 8 * f32  # the first layer's input, kept only for its weight's grad
     assert frozen["saved"] > 0
     assert set(full) == set(fm.TENSOR_KINDS)
+
+
+def test_memory_workers_fix_the_mmap_threshold_unless_it_is_set(monkeypatch):
+    """glibc's dynamic mmap threshold made the peak RSS depend on the allocation history; the workers fix it."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import freezing_memory as fm
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    env = fm.worker_env()
+    assert env["MALLOC_MMAP_THRESHOLD_"] == "131072" and env["HF_HUB_OFFLINE"] == "1"
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert fm.worker_env()["MALLOC_MMAP_THRESHOLD_"] == "65536"
