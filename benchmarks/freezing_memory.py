@@ -10,15 +10,18 @@
   optimizer state, activations, allocator slack). The workers run with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed
   at 128 KiB (unless it is set already): by default glibc raises that threshold whenever a large block is
   freed, so later tensors may land on the heap, whose freed memory the process keeps; the peak RSS then
-  depended on the allocation history, and the Switch's net ratio came out anywhere from 0.60 to 0.72 between
+  depended on the allocation history, and the Switch's net ratio came out anywhere from 0.57 to 0.72 between
   runs. With the threshold fixed every tensor of 128 KiB or more is its own mapping, returned when freed, and
-  two runs of a worker agree within 0.1 %. On CUDA (``--device cuda``) raw is
+  two runs of a worker agree within 0.1 % (but the realistic Switch's ``non_moe`` worker peaks ~200 MiB higher
+  when this script starts it than when started by hand with the same arguments: not explained, see the README;
+  read the tensor bytes there). On CUDA (``--device cuda``) raw is
   ``torch.cuda.max_memory_allocated()`` and net subtracts what was allocated before the model was built.
   The figures are the median [range] over repeats of the per-repeat ratios ``non_moe / all``.
 * **Tensor bytes**: after its memory steps each worker runs one more step and counts the bytes of the tensors
   a training step holds (unique storages): parameters, gradients, AdamW state, and the activations autograd
   saved for backward (``torch.autograd.graph.saved_tensors_hooks``, parameters excluded). Unlike a peak RSS
-  this is exact and the same on every machine and device, and its parts show where the rest of the memory
+  this is exact and the same in every run of one command (it still depends on the routing: an expert that
+  got no token has no gradient), and its parts show where the rest of the memory
   goes: freezing removes gradients and AdamW state of the frozen parameters, and the activations that only
   a frozen weight's gradient needed (a frozen linear layer does not keep its input).
 
