@@ -5,16 +5,14 @@
   0.01) on the trainable parameters; the figure is the median [range] over repeats of ``non_moe / all``.
 * **Peak memory**: a peak is a property of a whole process, so each (strategy, repeat) trains in a fresh
   subprocess (strategies alternating), ``--memory-steps`` steps after building the model. On CPU it reports
-  the **raw** peak resident set size (``getrusage`` ``ru_maxrss``: everything, the interpreter and torch
+  the **raw** peak resident set size (``VmHWM``, see :func:`peak_rss`: everything, the interpreter and torch
   included) and the **net** peak (raw minus the RSS right before the model is built: parameters, gradients,
   optimizer state, activations, allocator slack). The workers run with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed
   at 128 KiB (unless it is set already): by default glibc raises that threshold whenever a large block is
   freed, so later tensors may land on the heap, whose freed memory the process keeps; the peak RSS then
   depended on the allocation history, and the Switch's net ratio came out anywhere from 0.57 to 0.72 between
   runs. With the threshold fixed every tensor of 128 KiB or more is its own mapping, returned when freed, and
-  two runs of a worker agree within 0.1 % (but the realistic Switch's ``non_moe`` worker peaks ~200 MiB higher
-  when this script starts it than when started by hand with the same arguments: not explained, see the README;
-  read the tensor bytes there). On CUDA (``--device cuda``) raw is
+  two runs of a worker agree within 0.1 %. On CUDA (``--device cuda``) raw is
   ``torch.cuda.max_memory_allocated()`` and net subtracts what was allocated before the model was built.
   The figures are the median [range] over repeats of the per-repeat ratios ``non_moe / all``.
 * **Tensor bytes**: after its memory steps each worker runs one more step and counts the bytes of the tensors
@@ -107,6 +105,25 @@ def tensor_bytes(model, optimizer, batch: dict) -> dict[str, int]:
     return counts
 
 
+def peak_rss() -> int:
+    """This process's peak resident set size in bytes, since its last ``exec``.
+
+    Linux's ``VmHWM`` (``/proc/self/status``) belongs to the process's own address space. ``getrusage``'s
+    ``ru_maxrss`` does not: it keeps the high-water mark of the address space the process had before ``exec``,
+    which for a worker spawned by ``subprocess`` is the parent's, so a worker whose own peak is below the parent's
+    RSS reported the parent's (the realistic Switch's ``non_moe`` worker: 1,110 MiB, its own peak 912).
+    ``ru_maxrss`` is the fallback where ``/proc`` is absent.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+
+
 def worker(opts: argparse.Namespace) -> dict:
     """One (model, strategy) run in this fresh process: raw and net peak memory."""
     import psutil
@@ -130,7 +147,7 @@ def worker(opts: argparse.Namespace) -> dict:
         torch.cuda.synchronize()
         raw = torch.cuda.max_memory_allocated()
     else:
-        raw = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+        raw = peak_rss()
     tensors = tensor_bytes(model, optimizer, batches[-1])  # after the peak was read: it cannot raise it
     return {"strategy": opts.strategy, "raw": raw, "net": raw - before, "trainable_frac": report.plan.trainable_frac,
             "tensors": tensors}

@@ -213,3 +213,19 @@ def test_memory_workers_fix_the_mmap_threshold_unless_it_is_set(monkeypatch):
     assert env["MALLOC_MMAP_THRESHOLD_"] == "131072" and env["HF_HUB_OFFLINE"] == "1"
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert fm.worker_env()["MALLOC_MMAP_THRESHOLD_"] == "65536"
+
+
+def test_a_worker_peak_is_its_own_not_the_spawning_parents():
+    """``ru_maxrss`` survives ``exec`` (a child spawned by a large parent reported the parent's RSS); the workers'
+    ``peak_rss`` is the child's own high-water mark."""
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import freezing_memory as fm, resource; "
+            "print(fm.peak_rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    ballast = bytearray(400 * 2**20)  # the parent holds 400 MiB when it spawns the child
+    ballast[:: 4096] = b"x" * len(ballast[:: 4096])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    del ballast
+    own, inherited = map(int, done.stdout.split())
+    assert own < 300 * 2**20, own  # importing torch alone stays well below the parent's 400 MiB
+    assert own <= inherited
+    if sys.platform == "linux":
+        assert inherited >= 400 * 2**20  # what ru_maxrss reported: the parent's RSS at the spawn
