@@ -7,6 +7,7 @@ expert-subset ratio, which is not a timing, against the trainable share). The RE
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import subprocess
@@ -25,6 +26,15 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
                           capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+
+
+def _benchmark_module(name: str):
+    """Import ``benchmarks/<name>.py`` (the scripts import ``_harness`` as a sibling, so the folder goes on the path)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
 
 
 def _figures(line: str) -> list[tuple[float, float, float]]:
@@ -132,11 +142,7 @@ def test_cuda_variant_fails_clearly_without_a_gpu(script):
 
 
 def test_harness_interleaves_rotating_the_first_arm_and_reports_median_and_range():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import _harness as h
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    h = _benchmark_module("_harness")
     calls = []
 
     def arm(name, work):
@@ -168,11 +174,7 @@ def test_tensor_bytes_counts_params_grads_adamw_and_what_backward_keeps():
     """``freezing_memory.tensor_bytes``: exact bytes by kind; freezing a linear layer drops its gradient, its AdamW
     moments and its saved input (a frozen weight needs no input for its gradient), and parameters that autograd
     saves are not counted again as activations."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import freezing_memory as fm
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    fm = _benchmark_module("freezing_memory")
 
     class Net(torch.nn.Module):
         def __init__(self):
@@ -203,11 +205,7 @@ def test_tensor_bytes_counts_params_grads_adamw_and_what_backward_keeps():
 
 def test_memory_workers_fix_the_mmap_threshold_unless_it_is_set(monkeypatch):
     """glibc's dynamic mmap threshold made the peak RSS depend on the allocation history; the workers fix it."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import freezing_memory as fm
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    fm = _benchmark_module("freezing_memory")
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     env = fm.worker_env()
     assert env["MALLOC_MMAP_THRESHOLD_"] == "131072" and env["HF_HUB_OFFLINE"] == "1"
