@@ -112,7 +112,7 @@ def peak_rss() -> int:
     ``ru_maxrss`` does not: it keeps the high-water mark of the address space the process had before ``exec``,
     which for a worker spawned by ``subprocess`` is the parent's, so a worker whose own peak is below the parent's
     RSS reported the parent's (the realistic Switch's ``non_moe`` worker: 1,110 MiB, its own peak 912).
-    ``ru_maxrss`` is the fallback where ``/proc`` is absent.
+    ``ru_maxrss`` is the fallback where ``/proc`` is absent (kilobytes, but bytes on macOS).
     """
     try:
         with open("/proc/self/status") as status:
@@ -121,7 +121,7 @@ def peak_rss() -> int:
                     return int(line.split()[1]) * 1024  # kB
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def worker(opts: argparse.Namespace) -> dict:
