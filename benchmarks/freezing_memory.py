@@ -187,9 +187,14 @@ def step_times(model_name: str, opts: argparse.Namespace) -> dict[str, list[floa
         report = apply_freezing(model, "all" if arm == "control" else arm)
         optimizers[arm] = _optimizer(model, report, opts)
     batches = h.make_batches(model_name, opts.size, opts.steps, opts.device)
-    steps = {arm: functools.partial(lambda arm, batch: h.train_step(models[arm], optimizers[arm], batch), arm)
-             for arm in models}
+    phases: dict[str, dict[str, float]] = {arm: {} for arm in models}
+    on_cpu = opts.device == "cpu"  # a CUDA step's phases would need a synchronisation each: not timed
+    steps = {arm: functools.partial(
+        lambda arm, batch: h.train_step(models[arm], optimizers[arm], batch, phases[arm] if on_cpu else None), arm)
+        for arm in models}
     times = h.interleave(steps, batches, opts.repeats, opts.device, warmup=opts.warmup)
+    if on_cpu:
+        print(h.phase_breakdown(phases, "non_moe", "all"))
     h.print_routing_balance(models, batches[0])
     return times
 

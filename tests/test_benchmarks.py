@@ -61,6 +61,9 @@ def test_timing_benchmarks_run_at_tiny_size_and_print_median_range_and_noise_flo
     assert summary and all(0 < low <= median <= high for median, low, high in summary), lines[-2]
     balance = _routing_balance(done.stdout)
     assert len(balance) == 3 and all(cv >= 0 for cv in balance.values())  # every arm's routing is shown
+    if script == "freezing_memory.py":  # where the step time goes: forward, backward, optimizer of both arms
+        assert any(line.startswith("  phases (CPU ms per step): all ") and "non_moe/all: forward" in line
+                   for line in lines)
 
 
 def _routing_balance(stdout: str) -> dict[str, float]:
@@ -227,3 +230,38 @@ def test_a_worker_peak_is_its_own_not_the_spawning_parents():
     assert own <= inherited
     if sys.platform == "linux":
         assert inherited >= 400 * 2**20  # what ru_maxrss reported: the parent's RSS at the spawn
+
+
+def test_train_step_times_its_phases_and_the_breakdown_shows_where_freezing_saves():
+    """``train_step(..., phases)`` adds the CPU time of forward, backward and optimizer per step; with the whole
+    model frozen but the last layer, the backward and the optimizer shrink while the forward stays the same work."""
+    h = _benchmark_module("_harness")
+    torch.manual_seed(0)
+    full = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(6)])
+    frozen = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(6)])
+    frozen.load_state_dict(full.state_dict())
+    for p in frozen[:-1].parameters():
+        p.requires_grad_(False)
+
+    class Out:
+        def __init__(self, loss):
+            self.loss = loss
+
+    def wrap(net):
+        return lambda x: Out(net(x).pow(2).mean())
+
+    phases = {"all": {}, "frozen": {}}
+    optimizers = {"all": torch.optim.AdamW(full.parameters()),
+                  "frozen": torch.optim.AdamW([p for p in frozen.parameters() if p.requires_grad])}
+    for _ in range(20):
+        for name, net in [("all", full), ("frozen", frozen)]:
+            h.train_step(wrap(net), optimizers[name], {"x": torch.randn(64, 256)}, phases[name])
+    assert phases["all"]["steps"] == phases["frozen"]["steps"] == 20
+    assert set(phases["all"]) == {*h.PHASES, "steps"} and all(phases["all"][p] > 0 for p in h.PHASES)
+    assert phases["frozen"]["optimizer"] < phases["all"]["optimizer"]
+    assert full[-1].weight.grad is None and frozen[0].weight.grad is None  # zero_grad(set_to_none) ran
+    line = h.phase_breakdown(phases, "frozen", "all")
+    assert line.startswith("  phases (CPU ms per step): all ")
+    ratios = dict(re.findall(r"(forward|backward|optimizer) (\d+\.\d{3})", line.split("frozen/all: ")[1]))
+    assert set(ratios) == set(h.PHASES)
+    assert float(ratios["optimizer"]) < 1
