@@ -28,7 +28,9 @@ from hf_moe_tuning.anatomy import (
     describe_moe,
     get_family,
 )
+from hf_moe_tuning.callbacks.expert_load import probe_inputs
 from hf_moe_tuning.models import build_from_config, build_tiny_model, tiny_config
+from hf_moe_tuning.routing.capture import RouterCapture
 
 #: Config attributes holding the number of routed experts.
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
@@ -384,3 +386,33 @@ def test_family_captured_logits_are_the_router_logits(model_type):
         assert got.dtype == torch.float32 and got.shape == want.shape, (model_type, layer.index, got.shape)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, equal_nan=True,
                                    msg=lambda m, i=layer.index: f"{model_type} layer {i}: {m}")
+
+
+@pytest.mark.parametrize("model_type", CHECKED)
+def test_drift_probe_inputs_route_as_a_forward_with_labels(model_type):
+    """The expert-load drift probe leaves the labels out of its forward (no loss; a causal LM keeps only the last
+    position's logits): every family still routes every token as in a forward with the labels."""
+    model, anatomy = _built(model_type)
+    inputs = _text_inputs(model, model_type, seed=2)
+    labels = (inputs["decoder_input_ids"] if model.config.is_encoder_decoder else inputs.get("input_ids"))
+    if labels is None:
+        labels = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(2))
+    labels = labels.clone()
+    labels[:, :2] = -100
+    batch = {**inputs, "labels": labels}
+    capture = RouterCapture.acquire(model)
+    try:
+        with torch.no_grad():
+            model(**batch)
+        want = {index: logits.clone() for index, logits in capture.logits.items()}
+        probe, kept = probe_inputs(model, batch)
+        with torch.no_grad():
+            model(**probe)
+        got = dict(capture.logits)
+    finally:
+        capture.release()
+    assert "labels" not in probe and kept is labels
+    assert want.keys() == got.keys()
+    assert want or all(layer.scoring == "product_key" for layer in anatomy.layers)  # those capture no logits
+    for index, logits in want.items():
+        torch.testing.assert_close(got[index], logits)

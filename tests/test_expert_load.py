@@ -394,6 +394,43 @@ def test_routing_drift_zero_for_unchanged_model_and_exact_after_swap(tmp_path):
     assert logs[1]["moe/layer0/routing_drift"] > 0
 
 
+@pytest.mark.parametrize("model_name", ["mixtral", "switch"])
+def test_drift_probe_computes_no_loss_and_counts_the_same_tokens(model_name):
+    """The probe forward gets no labels (no loss); a causal LM computes only the last position's logits and an
+    encoder-decoder gets the decoder inputs its labels imply. The routing it reads, with the labels' token mask,
+    equals that of a plain forward of the whole batch, labels included."""
+    model = build_tiny_model(model_name).eval()
+    collator = DataCollatorForSeq2Seq(ByT5Tokenizer(), label_pad_token_id=-100)
+    probe = {k: v for k, v in collator(variable_length_rows(model_name, 6)).items()}
+    assert (probe["labels"] == -100).any()
+    callback = ExpertLoadCallback(probe_size=6, write_jsonl=False, write_heatmap=False, tensorboard=False)
+    callback.bind(model)
+    callback._probe = probe
+    seen = {}
+    handle = model.register_forward_pre_hook(lambda mod, args, kwargs: seen.update(kwargs), with_kwargs=True)
+    try:
+        got = callback._probe_routing(model)
+    finally:
+        handle.remove()
+    assert "labels" not in seen
+    if model_name == "mixtral":
+        assert seen["logits_to_keep"] == 1
+    else:
+        assert torch.equal(seen["decoder_input_ids"], model.prepare_decoder_input_ids_from_labels(labels=probe["labels"]))
+
+    with torch.no_grad():
+        model(**probe)  # the old probe: the batch as it is, loss and full logits included
+    expected = {}
+    for routings, indices, mask, _ in callback._routed(with_dropped=False, top1_first=True):
+        for routing, layer_indices in zip(routings, indices):
+            expected[routing.layer.index] = (layer_indices[:, 0], mask)
+    assert set(got) == set(expected) and got
+    for index, (top1, mask) in expected.items():
+        assert torch.equal(got[index][0], top1) and torch.equal(got[index][1], mask)
+        assert not bool(mask.all())  # the labels' -100 (and the padding) are left out in both
+    callback.close()
+
+
 # ---------------------------------------------------------------------------------------------- reporters
 def test_tensorboard_histograms(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -74,6 +74,7 @@ index, height = tokens), written by transformers' own ``TensorBoardCallback`` wr
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -183,6 +184,31 @@ def _capacity_owner(model: nn.Module, layer: MoELayer) -> nn.Module | None:
 
 def _fits_int16(values: torch.Tensor) -> bool:
     return values.numel() == 0 or int(values.max()) <= torch.iinfo(torch.int16).max
+
+
+def probe_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[dict[str, Any], torch.Tensor | None]:
+    """The drift probe's forward inputs and its labels, kept apart: the probe needs the routing, not a loss.
+
+    Without ``labels`` the model computes no loss; an encoder-decoder gets the ``decoder_input_ids`` its labels
+    would have produced (``prepare_decoder_input_ids_from_labels``), and a causal LM whose forward takes
+    ``logits_to_keep`` computes the logits of the last position only, so the probe never holds
+    ``[probe_size, seq, vocab]`` logits (10 GB in float32 at 8 x 2,048 tokens of a 151k vocabulary). The labels
+    come back separately: they still mark which tokens count (:meth:`RouterCapture.set_token_labels`). Where
+    neither applies (an encoder-decoder without that method), the batch is passed as it is.
+    """
+    inputs = dict(batch)
+    labels = inputs.pop("labels", None)
+    if labels is None:
+        return inputs, None
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        if "decoder_input_ids" not in inputs:
+            prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+            if prepare is None:
+                return dict(batch), None
+            inputs["decoder_input_ids"] = prepare(labels=labels)
+    elif "logits_to_keep" in inspect.signature(model.forward).parameters:
+        inputs["logits_to_keep"] = 1
+    return inputs, labels
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -519,13 +545,16 @@ class ExpertLoadCallback(MoEMetricsCallback):
         batch = {k: v.to(device) for k, v in self._probe.items()}
         was_training = model.training
         model.eval()
+        inputs, labels = probe_inputs(model, batch)
         self.capture.probing = True  # not an evaluation batch: the router-loss callback leaves it alone
         try:
             with torch.no_grad():
-                model(**batch)
+                model(**inputs)
         finally:
             self.capture.probing = False
             model.train(was_training)
+        if labels is not None:
+            self.capture.set_token_labels(labels)
         out = {}
         for routings, indices, mask, _ in self._routed(with_dropped=False, top1_first=True):
             for routing, layer_indices in zip(routings, indices):

@@ -121,6 +121,15 @@ class RouterCapture:
             batch["input_ids"] = args[0]
         self.batch = batch
 
+    def set_token_labels(self, labels: torch.Tensor) -> None:
+        """Count only the tokens ``labels`` marks (``-100``: ignored) in the last forward, as if they had been passed.
+
+        For a forward that left its labels out so as not to compute a loss (the expert-load drift probe): the
+        token masks come out as they would have with the labels. Clears the masks already built.
+        """
+        self.batch["labels"] = labels
+        self._masks = {}
+
     def _make_router_hook(self, layer: MoELayer, module: nn.Module):
         weight = module.get_parameter("weight")
         bias = module.get_parameter("bias") if layer.router_bias else None
