@@ -321,14 +321,20 @@ def interleave(
     repeats: int,
     device: str = "cpu",
     warmup: int = 0,
+    prepare: dict[str, Callable[[], None]] | None = None,
 ) -> dict[str, list[float]]:
     """``{arm: [seconds of each repeat]}``: ``repeats`` blocks of ``len(batches)`` steps of every arm, interleaved.
 
     Every arm sees the same batches; within a block the arm that goes first rotates every step.
+    ``prepare[arm]``, where given, runs untimed right before each of that arm's steps (e.g. copying another
+    arm's current weights into it).
     """
     names = list(steps)
+    prepare = prepare or {}
     for batch in list(batches)[:warmup]:
         for name in names:
+            if name in prepare:
+                prepare[name]()
             steps[name](batch)
     clock = StepClock(device)
     times: dict[str, list[float]] = {name: [] for name in names}
@@ -337,6 +343,8 @@ def interleave(
         for i, batch in enumerate(batches):
             for j in range(len(names)):
                 name = names[(i + j) % len(names)]
+                if name in prepare:
+                    prepare[name]()
                 block[name] += clock.time(name, functools.partial(steps[name], batch))
         for name, value in clock.collect().items():
             block[name] += value

@@ -14,7 +14,11 @@ Arms (see ``benchmarks/_harness.py``: one process, interleaved step by step, med
   It trains on the monitored arm's objective, so its routing drifts the way the monitored arm's does:
   ``router_loss / plain`` is the router loss together with what its balancing does to the model's expert work,
   and ``monitored / router_loss`` is the expert-load logging at matched training (see the harness docstring on
-  same weights against training).
+  same weights against training);
+* ``plain_on_router_loss`` (only with ``--decompose``): a ``plain`` step on the ``router_loss`` arm's current
+  weights (copied in, untimed, before each of its steps). It routes as the router-loss arm does but computes no
+  router loss, so ``router_loss / plain`` splits into ``plain_on_router_loss / plain`` (what the routing change
+  alone does to the model's own work) and ``router_loss / plain_on_router_loss`` (computing the router loss).
 
 A repeat spans whole logging and drift intervals (``lcm(logging_steps, drift_every_steps)`` steps), so the
 amortised work lands in every repeat alike. One-off work at train start (the anatomy, the drift reference,
@@ -54,7 +58,7 @@ def measure(model_name: str, opts: argparse.Namespace) -> h.Figure:
     base = h.build(model_name, opts.size, opts.device)
     share = h.check_expert_share(base, opts.size)
     print(h.describe(model_name, base, opts.size))
-    arms = ["plain", "monitored", "control"] + (["router_loss"] if opts.decompose else [])
+    arms = ["plain", "monitored", "control"] + (["router_loss", "plain_on_router_loss"] if opts.decompose else [])
     models = h.copies(base, arms)
     del base
     optimizers = {arm: h.adamw(m.parameters(), opts) for arm, m in models.items()}
@@ -88,8 +92,20 @@ def measure(model_name: str, opts: argparse.Namespace) -> h.Figure:
         else:
             h.trainer_step(models[arm], optimizers[arm], batch, callbacks[arm], targs, *states[arm], logged[arm])
 
+    prepare = {}
+    if opts.decompose:
+        shadow, source = models["plain_on_router_loss"], models["router_loss"]
+
+        @torch.no_grad()
+        def copy_router_loss_weights() -> None:
+            for mine, theirs in zip(shadow.parameters(), source.parameters()):
+                mine.copy_(theirs)
+
+        prepare["plain_on_router_loss"] = copy_router_loss_weights
     times = h.interleave({arm: functools.partial(step, arm) for arm in models}, batches, opts.repeats,
-                         opts.device, warmup=opts.warmup)
+                         opts.device, warmup=opts.warmup, prepare=prepare)
+    for refresh in prepare.values():
+        refresh()  # the routing printed below is the router_loss arm's after its last step
     for arm, arm_callbacks in callbacks.items():
         for cb in arm_callbacks:
             cb.on_train_end(targs, *states[arm])
@@ -109,6 +125,10 @@ def measure(model_name: str, opts: argparse.Namespace) -> h.Figure:
     figure = h.report_arms(times, steps, "monitored", "plain")
     if opts.decompose:
         print(f"  router_loss/plain: {h.ratio(times, 'router_loss', 'plain')}")
+        print(f"    of which the routing change, plain_on_router_loss/plain: "
+              f"{h.ratio(times, 'plain_on_router_loss', 'plain')}")
+        print(f"    and computing the router loss, router_loss/plain_on_router_loss: "
+              f"{h.ratio(times, 'router_loss', 'plain_on_router_loss')}")
         print(f"  monitored/router_loss: {h.ratio(times, 'monitored', 'router_loss')}")
     return figure
 
@@ -122,9 +142,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--aux-coef", type=float, default=0.01)
     parser.add_argument("--z-coef", type=float, default=0.001)
     parser.add_argument("--decompose", action="store_true",
-                        help="add a router_loss arm (RouterLossCallback alone) and print router_loss/plain and "
-                             "monitored/router_loss: what the router loss's balancing costs against what the "
-                             "expert-load logging costs at matched training")
+                        help="add a router_loss arm (RouterLossCallback alone) and a plain_on_router_loss arm (a "
+                             "plain step on the router_loss arm's weights) and print router_loss/plain, split into "
+                             "the routing change and the loss computation, and monitored/router_loss (the "
+                             "expert-load logging at matched training)")
     h.run("monitoring_overhead", parser.parse_args(argv), measure, "monitored/plain step time", argv=argv)
 
 

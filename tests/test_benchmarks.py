@@ -87,14 +87,17 @@ def test_lr_zero_keeps_every_arm_on_the_same_weights_and_routing():
 
 def test_monitoring_decompose_adds_a_router_loss_arm_that_trains_like_the_monitored_one():
     """``--decompose``: the ``router_loss`` arm has the monitored arm's objective, so after training its routing is
-    the monitored arm's (expert-load logging does not change training), and the two extra ratios are printed."""
+    the monitored arm's (expert-load logging does not change training); the ``plain_on_router_loss`` arm steps on
+    the router_loss arm's weights, so it routes as that arm does; the extra ratios are printed."""
     done = _run("monitoring_overhead.py", "--size", "tiny", "--repeats", "3", "--model", "switch",
                 "--logging-steps", "2", "--drift-every-steps", "4", "--decompose")
     assert done.returncode == 0, done.stderr[-3000:]
     balance = _routing_balance(done.stdout)
-    assert set(balance) == {"plain", "monitored", "control", "router_loss"}
+    assert set(balance) == {"plain", "monitored", "control", "router_loss", "plain_on_router_loss"}
     assert balance["router_loss"] == balance["monitored"] and balance["control"] == balance["plain"], balance
-    for name in ("router_loss/plain", "monitored/router_loss"):
+    assert balance["plain_on_router_loss"] == balance["router_loss"], balance
+    for name in ("router_loss/plain", "monitored/router_loss", "of which the routing change, plain_on_router_loss/plain",
+                 "and computing the router loss, router_loss/plain_on_router_loss"):
         line = next(line for line in done.stdout.splitlines() if line.strip().startswith(name + ":"))
         (median, low, high), = _figures(line)
         assert 0 < low <= median <= high
@@ -156,9 +159,18 @@ def test_harness_interleaves_rotating_the_first_arm_and_reports_median_and_range
                 pass
         return step
 
-    times = h.interleave({"a": arm("a", 0.002), "b": arm("b", 0.004)}, batches=[0, 1, 2], repeats=3, warmup=1)
-    assert calls[:2] == [("a", 0), ("b", 0)]  # warm-up
-    timed = calls[2:]
+    def prepare_b():
+        calls.append(("prepare b", None))
+        end = time.process_time() + 0.02  # untimed: must not show in b's time
+        while time.process_time() < end:
+            pass
+
+    times = h.interleave({"a": arm("a", 0.002), "b": arm("b", 0.004)}, batches=[0, 1, 2], repeats=3, warmup=1,
+                         prepare={"b": prepare_b})
+    assert calls[:3] == [("a", 0), ("prepare b", None), ("b", 0)]  # warm-up
+    prepared = [calls[i + 1] for i, call in enumerate(calls) if call == ("prepare b", None)]
+    assert len(prepared) == 1 + 3 * 3 and all(name == "b" for name, _ in prepared)  # right before every b step
+    timed = [call for call in calls[3:] if call[0] != "prepare b"]
     assert len(timed) == 3 * 3 * 2
     assert [name for name, _ in timed[:6]] == ["a", "b", "b", "a", "a", "b"]  # the first arm rotates
     assert [batch for _, batch in timed[:6]] == [0, 0, 1, 1, 2, 2]  # both arms see every batch in turn
