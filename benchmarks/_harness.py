@@ -47,6 +47,12 @@ from typing import TypeVar
 
 import torch
 
+#: the checkout these scripts belong to: its package is the one measured, whatever else is installed (imported
+#: after ``_harness``, which every script imports first; the header prints the package's location)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
 VOCAB = 384
 T = TypeVar("T")
 
@@ -387,9 +393,12 @@ def clock_name(device: str) -> str:
 
 
 def header(script: str, opts: argparse.Namespace, extra: str = "") -> None:
+    import hf_moe_tuning
+
     processes = f" processes={opts.processes}" if opts.processes > 1 else ""
     print(f"{script}: size={opts.size} device={opts.device} repeats={opts.repeats}{processes} threads={opts.threads} "
           f"lr={opts.lr:g} clock={clock_name(opts.device)} torch={torch.__version__} {extra}".rstrip())
+    print(f"  package: {os.path.dirname(os.path.dirname(os.path.abspath(hf_moe_tuning.__file__)))}")
     sys.stdout.flush()
 
 

@@ -53,6 +53,7 @@ def test_timing_benchmarks_run_at_tiny_size_and_print_median_range_and_noise_flo
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
     assert lines[0].startswith(script.removesuffix(".py")) and "size=tiny" in lines[0] and "repeats=3" in lines[0]
+    assert lines[1] == f"  package: {ROOT}"  # the checkout's own package is the one measured
     assert all(float(x) > 0 for x in lines[-1].split())
     noise = next(line for line in lines if "noise floor" in line)
     (median, low, high), = _figures(noise)
@@ -277,3 +278,17 @@ def test_train_step_times_its_phases_and_the_breakdown_shows_where_freezing_save
     ratios = dict(re.findall(r"(forward|backward|optimizer) (\d+\.\d{3})", line.split("frozen/all: ")[1]))
     assert set(ratios) == set(h.PHASES)
     assert float(ratios["optimizer"]) < 1
+
+
+def test_a_benchmark_measures_its_own_checkout_not_another_installed_package(tmp_path):
+    """A decoy ``hf_moe_tuning`` first on ``PYTHONPATH`` (as an editable install of another checkout would be) is
+    not imported: the harness puts its own checkout first, and the header names it."""
+    decoy = tmp_path / "hf_moe_tuning"
+    decoy.mkdir()
+    (decoy / "__init__.py").write_text("raise ImportError('the decoy package was imported')\n")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "router_loss_overhead.py"), "--size", "tiny",
+                           "--repeats", "3", "--model", "switch", "--logging-steps", "2"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[1] == f"  package: {ROOT}"
