@@ -37,6 +37,7 @@ import functools
 import math
 import os
 import tempfile
+import time
 
 import _harness as h
 import torch
@@ -52,6 +53,25 @@ DEFAULTS = {name: f.default for name, f in MoETrainingArguments.__dataclass_fiel
 
 def _collate(rows: list[dict]) -> dict:
     return {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
+
+
+class ProbeClock:
+    """Process CPU time of an ``ExpertLoadCallback``'s drift-probe forwards, from the moment it is attached (the
+    probe runs inside the monitored arm's timed steps, so this is a part of that arm's time; CPU only)."""
+
+    def __init__(self, callback: ExpertLoadCallback) -> None:
+        self.seconds, self.calls = 0.0, 0
+        probe = callback._probe_routing
+
+        def timed(model):
+            start = time.process_time()
+            try:
+                return probe(model)
+            finally:
+                self.seconds += time.process_time() - start
+                self.calls += 1
+
+        callback._probe_routing = timed
 
 
 def measure(model_name: str, opts: argparse.Namespace) -> h.Figure:
@@ -84,6 +104,7 @@ def measure(model_name: str, opts: argparse.Namespace) -> h.Figure:
         for cb in arm_callbacks:
             cb.on_train_begin(targs, state, control, model=models[arm], train_dataloader=loader)
     load.wait_for_heatmaps()  # one-off: matplotlib's import on the heatmap thread, not a per-step cost
+    probe_clock = ProbeClock(load) if opts.device == "cpu" else None  # after the start reference was taken
     logged: dict[str, dict[str, float]] = {arm: {} for arm in callbacks}
 
     def step(arm: str, batch: dict) -> None:
@@ -123,6 +144,10 @@ def measure(model_name: str, opts: argparse.Namespace) -> h.Figure:
     print(f"  routed experts {100 * share:.1f}%; {block} steps per repeat, logging every {opts.logging_steps}, "
           f"drift probe {opts.probe_size} every {opts.drift_every_steps}; {steps} timed steps per arm")
     figure = h.report_arms(times, steps, "monitored", "plain")
+    if probe_clock is not None and probe_clock.calls:
+        print(f"  drift probe: {probe_clock.calls} forward(s) of {opts.probe_size} sequences in the timed steps, "
+              f"{1000 * probe_clock.seconds / probe_clock.calls:.0f} ms each, "
+              f"{100 * probe_clock.seconds / sum(times['monitored']):.1f}% of the monitored arm's time")
     if opts.decompose:
         print(f"  router_loss/plain: {h.ratio(times, 'router_loss', 'plain')}")
         print(f"    of which the routing change, plain_on_router_loss/plain: "

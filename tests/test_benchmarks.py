@@ -62,6 +62,10 @@ def test_timing_benchmarks_run_at_tiny_size_and_print_median_range_and_noise_flo
     assert summary and all(0 < low <= median <= high for median, low, high in summary), lines[-2]
     balance = _routing_balance(done.stdout)
     assert len(balance) == 3 and all(cv >= 0 for cv in balance.values())  # every arm's routing is shown
+    if script == "monitoring_overhead.py":  # the drift probe's part of the monitored arm's time
+        probe = next(line for line in lines if line.startswith("  drift probe: "))
+        calls, share = re.match(r"  drift probe: (\d+) forward\(s\) of 8 sequences .*, (\d+\.\d)% of", probe).groups()
+        assert int(calls) == 3 and 0 < float(share) < 100  # steps 4, 8 and 12 of 2 warmup + 3 x 4 timed steps
     if script == "freezing_memory.py":  # where the step time goes: forward, backward, optimizer of both arms
         assert any(line.startswith("  phases (CPU ms per step): all ") and "non_moe/all: forward" in line
                    for line in lines)
