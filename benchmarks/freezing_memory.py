@@ -4,7 +4,8 @@
   model in one process, interleaved step by step (``benchmarks/_harness.py``), AdamW (``--lr``, weight decay
   0.01) on the trainable parameters; the figure is the median [range] over repeats of ``non_moe / all``.
 * **Peak memory**: a peak is a property of a whole process, so each (strategy, repeat) trains in a fresh
-  subprocess (strategies alternating), ``--memory-steps`` steps after building the model. On CPU it reports
+  subprocess (strategies alternating; ``--memory-repeats``, default ``--repeats``, per strategy), ``--memory-steps``
+  steps after building the model. On CPU it reports
   the **raw** peak resident set size (``VmHWM``, see :func:`peak_rss`: everything, the interpreter and torch
   included) and the **net** peak (raw minus the RSS right before the model is built: parameters, gradients,
   optimizer state, activations, allocator slack). The workers run with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed
@@ -206,7 +207,7 @@ def measure(model_name: str, opts: argparse.Namespace) -> FreezingFigures:
     del model
     started = time.perf_counter()
     runs: dict[str, list[dict]] = {s: [] for s in STRATEGIES}
-    for repeat in range(opts.repeats):
+    for repeat in range(opts.memory_repeats or opts.repeats):
         for strategy in STRATEGIES if repeat % 2 == 0 else reversed(STRATEGIES):
             runs[strategy].append(run_worker(opts, model_name, strategy))
     raw = h.Figure.of([n["raw"] / a["raw"] for n, a in zip(runs["non_moe"], runs["all"])])
@@ -228,7 +229,8 @@ def measure(model_name: str, opts: argparse.Namespace) -> FreezingFigures:
               + f", total {sum(parts.values()) / 2**20:.1f}")
     print(f"  noise floor control/all step time: {h.ratio(times, 'control', 'all')}")
     print(f"  non_moe/all: net {unit} {net} | raw {unit} {raw} | step time {step} | tensor bytes {tensors}  "
-          f"({opts.memory_steps} steps per memory run, {opts.steps} timed steps per repeat, "
+          f"({opts.memory_repeats or opts.repeats} memory run(s) per strategy of {opts.memory_steps} steps, "
+          f"{opts.steps} timed steps per repeat, "
           f"{time.perf_counter() - started:.0f} s)")
     return FreezingFigures(net, raw, step, tensors)
 
@@ -240,9 +242,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="timed steps per repeat and arm (default 20: at 4, the noise floor of the realistic Mixtral"
                              " spanned 0.97-1.17)")
     parser.add_argument("--memory-steps", type=int, default=3, help="training steps in each memory subprocess")
+    parser.add_argument("--memory-repeats", type=int, default=0,
+                        help="memory subprocesses per strategy (default: --repeats; the peaks are deterministic "
+                             "within 0.1 %%, so 1 gives the same figure faster)")
     parser.add_argument("--worker-model", help=argparse.SUPPRESS)
     parser.add_argument("--strategy", default="all", help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
+    if opts.memory_repeats < 0:
+        parser.error(f"--memory-repeats {opts.memory_repeats}: 0 (as many as --repeats) or more")
     if opts.worker_model:
         print(json.dumps(worker(opts)))
         return

@@ -155,6 +155,8 @@ def measure(model_name: str, opts: argparse.Namespace) -> h.Figure:
         print(f"    and computing the router loss, router_loss/plain_on_router_loss: "
               f"{h.ratio(times, 'router_loss', 'plain_on_router_loss')}")
         print(f"  monitored/router_loss: {h.ratio(times, 'monitored', 'router_loss')}")
+        print(f"  monitored/plain_on_router_loss (all the monitoring computes, at the monitored arm's routing): "
+              f"{h.ratio(times, 'monitored', 'plain_on_router_loss')}")
     return figure
 
 
