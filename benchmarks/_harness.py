@@ -327,21 +327,23 @@ def interleave(
     repeats: int,
     device: str = "cpu",
     warmup: int = 0,
-    prepare: dict[str, Callable[[], None]] | None = None,
+    refresh: dict[str, Callable[[], None]] | None = None,
 ) -> dict[str, list[float]]:
     """``{arm: [seconds of each repeat]}``: ``repeats`` blocks of ``len(batches)`` steps of every arm, interleaved.
 
     Every arm sees the same batches; within a block the arm that goes first rotates every step.
-    ``prepare[arm]``, where given, runs untimed right before each of that arm's steps (e.g. copying another
-    arm's current weights into it).
+    ``refresh[arm]``, where given, runs untimed right after each of that arm's steps (e.g. copying another arm's
+    current weights in for its next step). After, not before: work run right before a timed step (a copy of
+    every weight) leaves that step's caches in a state the other arms' steps do not start from; between an arm's
+    refresh and its next step the other arms take their steps, so the next step starts like theirs.
     """
     names = list(steps)
-    prepare = prepare or {}
+    refresh = refresh or {}
     for batch in list(batches)[:warmup]:
         for name in names:
-            if name in prepare:
-                prepare[name]()
             steps[name](batch)
+            if name in refresh:
+                refresh[name]()
     clock = StepClock(device)
     times: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(repeats):
@@ -349,9 +351,9 @@ def interleave(
         for i, batch in enumerate(batches):
             for j in range(len(names)):
                 name = names[(i + j) % len(names)]
-                if name in prepare:
-                    prepare[name]()
                 block[name] += clock.time(name, functools.partial(steps[name], batch))
+                if name in refresh:
+                    refresh[name]()
         for name, value in clock.collect().items():
             block[name] += value
         for name, value in block.items():

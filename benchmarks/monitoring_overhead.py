@@ -15,8 +15,8 @@ Arms (see ``benchmarks/_harness.py``: one process, interleaved step by step, med
   ``router_loss / plain`` is the router loss together with what its balancing does to the model's expert work,
   and ``monitored / router_loss`` is the expert-load logging at matched training (see the harness docstring on
   same weights against training);
-* ``plain_on_router_loss`` (only with ``--decompose``): a ``plain`` step on the ``router_loss`` arm's current
-  weights (copied in, untimed, before each of its steps). It routes as the router-loss arm does but computes no
+* ``plain_on_router_loss`` (only with ``--decompose``): a ``plain`` step on the ``router_loss`` arm's weights
+  (copied in, untimed, after each of its steps, so at most one step old). It routes as the router-loss arm does but computes no
   router loss, so ``router_loss / plain`` splits into ``plain_on_router_loss / plain`` (what the routing change
   alone does to the model's own work) and ``router_loss / plain_on_router_loss`` (computing the router loss).
 
@@ -113,7 +113,7 @@ def measure(model_name: str, opts: argparse.Namespace) -> h.Figure:
         else:
             h.trainer_step(models[arm], optimizers[arm], batch, callbacks[arm], targs, *states[arm], logged[arm])
 
-    prepare = {}
+    refresh = {}
     if opts.decompose:
         shadow, source = models["plain_on_router_loss"], models["router_loss"]
 
@@ -122,11 +122,11 @@ def measure(model_name: str, opts: argparse.Namespace) -> h.Figure:
             for mine, theirs in zip(shadow.parameters(), source.parameters()):
                 mine.copy_(theirs)
 
-        prepare["plain_on_router_loss"] = copy_router_loss_weights
+        refresh["plain_on_router_loss"] = copy_router_loss_weights
     times = h.interleave({arm: functools.partial(step, arm) for arm in models}, batches, opts.repeats,
-                         opts.device, warmup=opts.warmup, prepare=prepare)
-    for refresh in prepare.values():
-        refresh()  # the routing printed below is the router_loss arm's after its last step
+                         opts.device, warmup=opts.warmup, refresh=refresh)
+    for copy_in in refresh.values():
+        copy_in()  # the routing printed below is the router_loss arm's after its last step
     for arm, arm_callbacks in callbacks.items():
         for cb in arm_callbacks:
             cb.on_train_end(targs, *states[arm])

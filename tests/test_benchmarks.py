@@ -165,18 +165,18 @@ def test_harness_interleaves_rotating_the_first_arm_and_reports_median_and_range
                 pass
         return step
 
-    def prepare_b():
-        calls.append(("prepare b", None))
+    def refresh_b():
+        calls.append(("refresh b", None))
         end = time.process_time() + 0.02  # untimed: must not show in b's time
         while time.process_time() < end:
             pass
 
     times = h.interleave({"a": arm("a", 0.002), "b": arm("b", 0.004)}, batches=[0, 1, 2], repeats=3, warmup=1,
-                         prepare={"b": prepare_b})
-    assert calls[:3] == [("a", 0), ("prepare b", None), ("b", 0)]  # warm-up
-    prepared = [calls[i + 1] for i, call in enumerate(calls) if call == ("prepare b", None)]
-    assert len(prepared) == 1 + 3 * 3 and all(name == "b" for name, _ in prepared)  # right before every b step
-    timed = [call for call in calls[3:] if call[0] != "prepare b"]
+                         refresh={"b": refresh_b})
+    assert calls[:3] == [("a", 0), ("b", 0), ("refresh b", None)]  # warm-up
+    refreshed = [calls[i - 1] for i, call in enumerate(calls) if call == ("refresh b", None)]
+    assert len(refreshed) == 1 + 3 * 3 and all(name == "b" for name, _ in refreshed)  # right after every b step
+    timed = [call for call in calls[3:] if call[0] != "refresh b"]
     assert len(timed) == 3 * 3 * 2
     assert [name for name, _ in timed[:6]] == ["a", "b", "b", "a", "a", "b"]  # the first arm rotates
     assert [batch for _, batch in timed[:6]] == [0, 0, 1, 1, 2, 2]  # both arms see every batch in turn
