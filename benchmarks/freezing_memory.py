@@ -207,7 +207,7 @@ def measure(model_name: str, opts: argparse.Namespace) -> FreezingFigures:
     del model
     started = time.perf_counter()
     runs: dict[str, list[dict]] = {s: [] for s in STRATEGIES}
-    for repeat in range(opts.memory_repeats or opts.repeats):
+    for repeat in range(opts.memory_repeats):
         for strategy in STRATEGIES if repeat % 2 == 0 else reversed(STRATEGIES):
             runs[strategy].append(run_worker(opts, model_name, strategy))
     raw = h.Figure.of([n["raw"] / a["raw"] for n, a in zip(runs["non_moe"], runs["all"])])
@@ -229,7 +229,7 @@ def measure(model_name: str, opts: argparse.Namespace) -> FreezingFigures:
               + f", total {sum(parts.values()) / 2**20:.1f}")
     print(f"  noise floor control/all step time: {h.ratio(times, 'control', 'all')}")
     print(f"  non_moe/all: net {unit} {net} | raw {unit} {raw} | step time {step} | tensor bytes {tensors}  "
-          f"({opts.memory_repeats or opts.repeats} memory run(s) per strategy of {opts.memory_steps} steps, "
+          f"({opts.memory_repeats} memory run(s) per strategy of {opts.memory_steps} steps, "
           f"{opts.steps} timed steps per repeat, "
           f"{time.perf_counter() - started:.0f} s)")
     return FreezingFigures(net, raw, step, tensors)
@@ -250,6 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     opts = parser.parse_args(argv)
     if opts.memory_repeats < 0:
         parser.error(f"--memory-repeats {opts.memory_repeats}: 0 (as many as --repeats) or more")
+    opts.memory_repeats = opts.memory_repeats or opts.repeats
     if opts.worker_model:
         print(json.dumps(worker(opts)))
         return
