@@ -401,7 +401,7 @@ def test_drift_probe_computes_no_loss_and_counts_the_same_tokens(model_name):
     equals that of a plain forward of the whole batch, labels included."""
     model = build_tiny_model(model_name).eval()
     collator = DataCollatorForSeq2Seq(ByT5Tokenizer(), label_pad_token_id=-100)
-    probe = {k: v for k, v in collator(variable_length_rows(model_name, 6)).items()}
+    probe = dict(collator(variable_length_rows(model_name, 6)))
     assert (probe["labels"] == -100).any()
     callback = ExpertLoadCallback(probe_size=6, write_jsonl=False, write_heatmap=False, tensorboard=False)
     callback.bind(model)
