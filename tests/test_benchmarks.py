@@ -131,10 +131,18 @@ def test_processes_pool_the_repeats_of_fresh_processes_and_show_each_process_med
     assert bad.returncode != 0 and "at least one process is needed" in bad.stderr
 
 
-def test_expert_subset_state_ratio_equals_the_trainable_share_once_every_expert_got_tokens():
-    done = _run("expert_subset_state.py", "--size", "tiny", "--repeats", "3")
+def test_expert_subset_state_ratio_equals_the_trainable_share_once_every_expert_got_tokens(tmp_path):
+    # run through reproduce.py, which reruns the README table's commands and collects their figures
+    done = _run("reproduce.py", "--size", "tiny", "--only", "expert_subset", "--out", str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.strip().splitlines()
+    output = (tmp_path / "expert_subset.txt").read_text()
+    summary = (tmp_path / "summary.md").read_text()
+    assert summary in done.stdout + "\n"
+    row = next(line for line in summary.splitlines() if "expert_subset_state.py" in line)
+    assert row.startswith("| `python benchmarks/expert_subset_state.py --size tiny` | subset/full optimizer state | ")
+    reproduce = _benchmark_module("reproduce")
+    assert reproduce.figures_of(output)[1] == dict(zip(["mixtral", "switch"], re.findall(r"\d\.\d+ \[[^]]+\]", row)))
+    lines = output.strip().splitlines()
     results = [line for line in lines if "optimizer state subset/full" in line]
     assert len(results) == 2  # mixtral (fused experts) and switch (per-expert modules)
     for line in results:
@@ -144,9 +152,22 @@ def test_expert_subset_state_ratio_equals_the_trainable_share_once_every_expert_
     assert all("every expert reached after" in line for line in lines if line.startswith("  subset:"))
 
 
+def test_reproduce_runs_the_commands_of_the_readme_table():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Benchmarks"):readme.index("## Recipes and studies")]
+    listed = set(re.findall(r"`(python benchmarks/(?!reproduce)[^`]*)`", section))
+    reproduce = _benchmark_module("reproduce")
+    assert listed == {command.shown("realistic", "cpu") for command in reproduce.COMMANDS}
+    assert reproduce.figures_of("no figure here\n") is None
+    assert reproduce.figures_of("x\nnon_moe/all, median [range] over 6 repeats in 2 processes: mixtral: net peak 0.603 "
+                                "[0.602, 0.603], step time 0.739 [0.731, 0.774]; switch: net peak 0.594 [0.594, 0.595]\n0.59\n") == (
+        "non_moe/all", {"mixtral": "net peak 0.603 [0.602, 0.603], step time 0.739 [0.731, 0.774]",
+                        "switch": "net peak 0.594 [0.594, 0.595]"})
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where CUDA is absent")
 @pytest.mark.parametrize("script", ["monitoring_overhead.py", "router_loss_overhead.py", "freezing_memory.py",
-                                    "expert_subset_state.py"])
+                                    "expert_subset_state.py", "reproduce.py"])
 def test_cuda_variant_fails_clearly_without_a_gpu(script):
     done = _run(script, "--size", "tiny", "--device", "cuda")
     assert done.returncode != 0
