@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -85,22 +86,29 @@ def run_all(commands: list[Command], size: str, device: str, jobs: int, out: Pat
 
     out.mkdir(parents=True, exist_ok=True)
     pending, running, done = list(commands), {}, {}
-    with tqdm(total=len(commands), desc="benchmark commands", unit="command") as bar:
-        while pending or running:
-            while pending and len(running) < jobs:
-                command = pending.pop(0)
-                log = open(out / f"{command.name}.txt", "w")  # closed when its process has ended
-                process = subprocess.Popen(command.argv(size, device), stdout=log, stderr=subprocess.STDOUT, cwd=HERE.parent)
-                running[command.name] = (process, log, time.monotonic())
-                bar.set_postfix_str("running: " + ", ".join(running))
-            time.sleep(0.5)
-            for name, (process, log, start) in list(running.items()):
-                if process.poll() is not None:
-                    log.close()
-                    done[name] = (process.returncode, time.monotonic() - start)
-                    del running[name]
-                    bar.set_postfix_str("running: " + ", ".join(running), refresh=False)
-                    bar.update(1)
+    try:
+        with tqdm(total=len(commands), desc="benchmark commands", unit="command") as bar:
+            while pending or running:
+                while pending and len(running) < jobs:
+                    command = pending.pop(0)
+                    log = open(out / f"{command.name}.txt", "w")  # closed when its process has ended
+                    process = subprocess.Popen(command.argv(size, device), stdout=log, stderr=subprocess.STDOUT,
+                                               cwd=HERE.parent)
+                    running[command.name] = (process, log, time.monotonic())
+                    bar.set_postfix_str("running: " + ", ".join(running))
+                time.sleep(0.5)
+                for name, (process, log, start) in list(running.items()):
+                    if process.poll() is not None:
+                        log.close()
+                        done[name] = (process.returncode, time.monotonic() - start)
+                        del running[name]
+                        bar.set_postfix_str("running: " + ", ".join(running), refresh=False)
+                        bar.update(1)
+    finally:  # interrupted (Ctrl-C, SIGTERM): stop the benchmarks still running rather than leave them behind
+        for process, log, _ in running.values():
+            process.terminate()
+            process.wait()
+            log.close()
     return done
 
 
@@ -144,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if not torch.cuda.is_available():
             parser.error("--device cuda: CUDA is not available on this machine (torch.cuda.is_available() is False)")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # so that run_all stops its benchmarks
     start = time.monotonic()
     results = run_all(commands, opts.size, opts.device, opts.jobs, opts.out)
     table = summary(commands, results, opts.size, opts.device, opts.out)

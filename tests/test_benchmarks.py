@@ -165,6 +165,33 @@ def test_reproduce_runs_the_commands_of_the_readme_table():
                         "switch": "net peak 0.594 [0.594, 0.595]"})
 
 
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (Linux ``/proc``)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads child processes from /proc")
+def test_reproduce_stops_its_benchmarks_when_it_is_terminated(tmp_path):
+    parent = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "reproduce.py"), "--size", "tiny", "--only",
+                               "router_loss_training", "router_loss_same_weights", "--out", str(tmp_path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while len(children := _children(parent.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(children) == 2, "both benchmarks should run at once (--jobs 2)"
+    parent.terminate()
+    assert parent.wait(timeout=60) == 128 + 15
+    assert [pid for pid in children if Path(f"/proc/{pid}").exists()] == []
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where CUDA is absent")
 @pytest.mark.parametrize("script", ["monitoring_overhead.py", "router_loss_overhead.py", "freezing_memory.py",
                                     "expert_subset_state.py", "reproduce.py"])
