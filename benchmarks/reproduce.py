@@ -3,7 +3,7 @@
     python benchmarks/reproduce.py                     # realistic size, CPU, two commands at a time (about 45 min, 2 cores)
     python benchmarks/reproduce.py --device cuda --jobs 1 --out gpu_figures     # the GPU figures, one command at a time
     python benchmarks/reproduce.py --size tiny --only expert_subset             # a few seconds
-    python benchmarks/reproduce.py --dry-run           # the commands it would run
+    python benchmarks/reproduce.py --dry-run           # the commands it would run, with their names
 
 Each command runs as its own process (``python benchmarks/<script> --size S --device D ...``) with its full output in
 ``OUT/<name>.txt``; ``--jobs`` of them run at a time (the README's figures were taken two at a time on a 2-core
@@ -38,13 +38,15 @@ class Command:
     args: tuple[str, ...]
     what: str
 
+    def options(self, size: str, device: str) -> list[str]:
+        return ["--size", size, *self.args, *(["--device", device] if device != "cpu" else [])]
+
     def argv(self, size: str, device: str) -> list[str]:
-        return [sys.executable, str(HERE / self.script), "--size", size, *self.args, *(["--device", device] if device != "cpu" else [])]
+        return [sys.executable, str(HERE / self.script), *self.options(size, device)]
 
     def shown(self, size: str, device: str) -> str:
         """The command as the README writes it."""
-        return " ".join(["python", f"benchmarks/{self.script}", "--size", size, *self.args,
-                         *(["--device", device] if device != "cpu" else [])])
+        return " ".join(["python", f"benchmarks/{self.script}", *self.options(size, device)])
 
 
 #: the README's table, longest first so that ``--jobs 2`` finishes soonest
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = [BY_NAME[name] for name in opts.only] if opts.only else list(COMMANDS)
     if opts.dry_run:
         for command in commands:
-            print(command.shown(opts.size, opts.device))
+            print(f"{command.shown(opts.size, opts.device)}  # {command.name}: {command.what}")
         return 0
     if opts.device == "cuda":  # fail before starting anything, as each benchmark would
         import torch

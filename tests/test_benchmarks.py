@@ -158,6 +158,10 @@ def test_reproduce_runs_the_commands_of_the_readme_table():
     listed = set(re.findall(r"`(python benchmarks/(?!reproduce)[^`]*)`", section))
     reproduce = _benchmark_module("reproduce")
     assert listed == {command.shown("realistic", "cpu") for command in reproduce.COMMANDS}
+    dry = _run("reproduce.py", "--dry-run", "--device", "cuda", "--only", "expert_subset", "freezing_training")
+    assert dry.returncode == 0 and [line.split("  # ")[0] for line in dry.stdout.splitlines()] == [
+        "python benchmarks/expert_subset_state.py --size realistic --device cuda",
+        "python benchmarks/freezing_memory.py --size realistic --device cuda"]
     assert reproduce.figures_of("no figure here\n") is None
     assert reproduce.figures_of("x\nnon_moe/all, median [range] over 6 repeats in 2 processes: mixtral: net peak 0.603 "
                                 "[0.602, 0.603], step time 0.739 [0.731, 0.774]; switch: net peak 0.594 [0.594, 0.595]\n0.59\n") == (
