@@ -1,6 +1,6 @@
 """Rerun every command of the README's benchmark table and print their figures side by side.
 
-    python benchmarks/reproduce.py                     # realistic size, CPU, two commands at a time (about 45 min, 2 cores)
+    python benchmarks/reproduce.py                     # realistic size, CPU, two commands at a time (about 50 min, 2 cores)
     python benchmarks/reproduce.py --device cuda --jobs 1 --out gpu_figures     # the GPU figures, one command at a time
     python benchmarks/reproduce.py --size tiny --only expert_subset             # a few seconds
     python benchmarks/reproduce.py --dry-run           # the commands it would run, with their names
@@ -55,6 +55,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("monitoring_same_weights", "monitoring_overhead.py", ("--lr", "0"), "full monitoring / plain step, same weights"),
     Command("monitoring_switch_decompose", "monitoring_overhead.py", ("--model", "switch", "--decompose"),
             "the Switch's training monitoring cost, split into routing change and computation"),
+    Command("monitoring_switch_decompose_same_weights", "monitoring_overhead.py",
+            ("--model", "switch", "--decompose", "--lr", "0"), "the same split with every arm on the initial weights"),
     Command("freezing_training", "freezing_memory.py", (), "non_moe / all: memory and step time, training"),
     Command("freezing_same_weights", "freezing_memory.py", ("--lr", "0"), "non_moe / all: memory and step time, same weights"),
     Command("router_loss_training", "router_loss_overhead.py", (), "RouterLossCallback / built-in router loss, training"),
