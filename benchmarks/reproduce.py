@@ -17,6 +17,7 @@ the two name the same commands). The exit status is 1 when a command failed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import signal
@@ -96,8 +97,9 @@ def run_all(commands: list[Command], size: str, device: str, jobs: int, out: Pat
                 while pending and len(running) < jobs:
                     command = pending.pop(0)
                     log = open(out / f"{command.name}.txt", "w")  # closed when its process has ended
+                    # a session of its own: stopping it below reaches the memory workers a benchmark spawns, too
                     process = subprocess.Popen(command.argv(size, device), stdout=log, stderr=subprocess.STDOUT,
-                                               cwd=HERE.parent)
+                                               cwd=HERE.parent, start_new_session=os.name == "posix")
                     running[command.name] = (process, log, time.monotonic())
                     bar.set_postfix_str("running: " + ", ".join(running))
                 time.sleep(0.5)
@@ -110,7 +112,11 @@ def run_all(commands: list[Command], size: str, device: str, jobs: int, out: Pat
                         bar.update(1)
     finally:  # interrupted (Ctrl-C, SIGTERM): stop the benchmarks still running rather than leave them behind
         for process, log, _ in running.values():
-            process.terminate()
+            if os.name == "posix":
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGTERM)
+            else:
+                process.terminate()
             process.wait()
             log.close()
     return done

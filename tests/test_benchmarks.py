@@ -169,6 +169,23 @@ def test_reproduce_runs_the_commands_of_the_readme_table():
                         "switch": "net peak 0.594 [0.594, 0.595]"})
 
 
+def test_reproduce_reports_a_command_that_failed(tmp_path):
+    reproduce = _benchmark_module("reproduce")
+    commands = [reproduce.Command("missing", "no_such_benchmark.py", (), "a script that is not there"),
+                reproduce.BY_NAME["expert_subset"]]
+    results = reproduce.run_all(commands[:1], "tiny", "cpu", 1, tmp_path)
+    assert results["missing"][0] != 0
+    results["expert_subset"] = (0, 1.0)
+    (tmp_path / "expert_subset.txt").write_text("subset/full optimizer state, median [range] over repeats: "
+                                                "mixtral 0.105 [0.105, 0.105]; switch 0.092 [0.092, 0.092]\n0.105\n")
+    rows = reproduce.summary(commands, results, "tiny", "cpu", tmp_path).splitlines()[2:]
+    assert rows[0].startswith(f"| `python benchmarks/no_such_benchmark.py --size tiny` | failed (exit status "
+                              f"{results['missing'][0]}): see `{tmp_path / 'missing.txt'}`")
+    assert "can't open file" in (tmp_path / "missing.txt").read_text()
+    assert rows[1] == ("| `python benchmarks/expert_subset_state.py --size tiny` | subset/full optimizer state | "
+                       "0.105 [0.105, 0.105] | 0.092 [0.092, 0.092] | 0.0 min |")
+
+
 def _children(pid: int) -> list[int]:
     """Processes whose parent is ``pid`` (Linux ``/proc``)."""
     out = []
