@@ -195,6 +195,10 @@ _FAMILY_SHRINK: dict[str, dict[str, Any]] = {
     ),
     # Step-3.5 has sliding-window layers but no default window.
     "step3p5": dict(sliding_window=16),
+    # Kolibri 1.1 (transformers 5.25) validates NVFP4 key/value rounding (head_dim a multiple of 16) and at most
+    # num_attention_heads // num_key_value_heads indexer heads; mlp_only_layers defaults to the first two layers,
+    # the whole tiny depth, so the rejected kwargs left no MoE layer
+    "kolibri1_1": dict(head_dim=16, index_num_heads=2, mlp_only_intermediate_size=64),
     # The talker's MoE reads shared_expert_intermediate_size, which its config only gets from the parent config.
     "qwen3_omni_moe_talker_text": dict(shared_expert_intermediate_size=32),
     # LFM2-MoE has no default layer pattern (checkpoints carry it): one conv layer, one attention layer.
