@@ -2,6 +2,7 @@
 
     python benchmarks/reproduce.py                     # realistic size, CPU, two commands at a time (about 50 min, 2 cores)
     python benchmarks/reproduce.py --device cuda --jobs 1 --out gpu_figures     # the GPU figures, one command at a time
+    python benchmarks/reproduce.py --size gpu --device cuda --jobs 1            # sized for a GPU to compute, not wait
     python benchmarks/reproduce.py --size tiny --only expert_subset             # a few seconds
     python benchmarks/reproduce.py --dry-run           # the commands it would run, with their names
 
@@ -140,8 +141,9 @@ def summary(commands: list[Command], results: dict[str, tuple[int, float]], size
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=["tiny", "realistic"], default="realistic",
-                        help="the benchmarks' model size (default realistic: the README's figures)")
+    parser.add_argument("--size", choices=["tiny", "realistic", "gpu"], default="realistic",
+                        help="the benchmarks' model size (default realistic: the README's figures; gpu needs "
+                             "--device cuda)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="passed to every benchmark")
     parser.add_argument("--jobs", type=int, default=2, help="commands run at a time (default 2; on one GPU use 1)")
     parser.add_argument("--out", type=Path, default=Path("benchmark_outputs"),
@@ -157,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         for command in commands:
             print(f"{command.shown(opts.size, opts.device)}  # {command.name}: {command.what}")
         return 0
+    if opts.size == "gpu" and opts.device != "cuda":
+        parser.error("--size gpu is sized for a GPU (a CPU step takes minutes): add --device cuda")
     if opts.device == "cuda":  # fail before starting anything, as each benchmark would
         import torch
 

@@ -222,6 +222,25 @@ def test_cuda_variant_fails_clearly_without_a_gpu(script):
     assert "CUDA is not available" in done.stderr
 
 
+@pytest.mark.parametrize("script", ["monitoring_overhead.py", "reproduce.py"])
+def test_gpu_size_refuses_to_run_on_cpu(script):
+    done = _run(script, "--size", "gpu")
+    assert done.returncode != 0
+    assert "--size gpu is sized for a GPU" in done.stderr and "--device cuda" in done.stderr
+
+
+@pytest.mark.parametrize("size", ["realistic", "gpu"])
+@pytest.mark.parametrize("model", ["mixtral", "switch"])
+def test_realistic_and_gpu_sizes_keep_routed_experts_at_80_percent(size, model):
+    h = _benchmark_module("_harness")
+    with torch.device("meta"):  # shapes only: the gpu size holds 0.4-0.7 B parameters
+        built = h.build(model, size, device="meta")
+    assert h.expert_share(built) >= h.MIN_EXPERT_SHARE[size] == 0.80
+    assert h.BATCH[size]["batch"] >= 4 and h.BATCH[size]["seq"] >= 256
+    hidden = built.config.hidden_size if model == "mixtral" else built.config.d_model
+    assert hidden >= (1024 if size == "gpu" else 256)
+
+
 def test_harness_interleaves_rotating_the_first_arm_and_reports_median_and_range():
     h = _benchmark_module("_harness")
     calls = []
