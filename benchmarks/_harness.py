@@ -302,6 +302,26 @@ def trainer_step(model, optimizer, batch: dict, callbacks: Sequence, args, state
         control.should_log = False
 
 
+def count_ops(fn: Callable[[], None]) -> int:
+    """How many aten operators ``fn`` dispatches (forward, backward and optimizer alike, views included).
+
+    Deterministic, and the same on every device: on a GPU each non-view operator is a kernel the host must issue,
+    so where a step is launch-bound (the realistic size on an H200) the step time follows this count.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Counter(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            _Counter.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Counter():
+        fn()
+    return _Counter.calls
+
+
 # --------------------------------------------------------------------------------------------- timing
 class StepClock:
     """Times one step: process CPU time on CPU, a pair of CUDA events on CUDA (read at :meth:`collect`)."""

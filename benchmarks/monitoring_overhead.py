@@ -38,6 +38,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 
 import _harness as h
 import torch
@@ -127,6 +128,7 @@ def measure(model_name: str, opts: argparse.Namespace) -> h.Figure:
                          opts.device, warmup=opts.warmup, refresh=refresh)
     for copy_in in refresh.values():
         copy_in()  # the routing printed below is the router_loss arm's after its last step
+    ops = count_step_ops(step, states["monitored"][0], targs.logging_steps, batches)
     for arm, arm_callbacks in callbacks.items():
         for cb in arm_callbacks:
             cb.on_train_end(targs, *states[arm])
@@ -144,6 +146,8 @@ def measure(model_name: str, opts: argparse.Namespace) -> h.Figure:
     print(f"  routed experts {100 * share:.1f}%; {block} steps per repeat, logging every {opts.logging_steps}, "
           f"drift probe {opts.probe_size} every {opts.drift_every_steps}; {steps} timed steps per arm")
     figure = h.report_arms(times, steps, "monitored", "plain")
+    print(f"  aten ops in one non-logging step (forward, backward, AdamW; on a GPU, kernels the host issues): "
+          f"plain {ops['plain']}, monitored {ops['monitored']} ({ops['monitored'] / ops['plain']:.3f}x)")
     if probe_clock is not None and probe_clock.calls:
         print(f"  drift probe: {probe_clock.calls} forward(s) of {opts.probe_size} sequences in the timed steps, "
               f"{1000 * probe_clock.seconds / probe_clock.calls:.0f} ms each, "
@@ -158,6 +162,16 @@ def measure(model_name: str, opts: argparse.Namespace) -> h.Figure:
         print(f"  monitored/plain_on_router_loss (all the monitoring computes, at the monitored arm's routing): "
               f"{h.ratio(times, 'monitored', 'plain_on_router_loss')}")
     return figure
+
+
+def count_step_ops(step: Callable[[str, dict], None], state: TrainerState, logging_steps: int,
+                   batches: list[dict]) -> dict[str, int]:
+    """Aten ops of one step of the plain and the monitored arm, after the timed steps, at a step that neither logs
+    nor probes (an untimed step of both arms first where the next one would log)."""
+    if (state.global_step + 1) % logging_steps == 0:
+        for arm in ("plain", "monitored"):
+            step(arm, batches[0])
+    return {arm: h.count_ops(functools.partial(step, arm, batches[0])) for arm in ("plain", "monitored")}
 
 
 def main(argv: list[str] | None = None) -> None:

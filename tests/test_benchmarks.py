@@ -66,6 +66,9 @@ def test_timing_benchmarks_run_at_tiny_size_and_print_median_range_and_noise_flo
         probe = next(line for line in lines if line.startswith("  drift probe: "))
         calls, share = re.match(r"  drift probe: (\d+) forward\(s\) of 8 sequences .*, (\d+\.\d)% of", probe).groups()
         assert int(calls) == 3 and 0 < float(share) < 100  # steps 4, 8 and 12 of 2 warmup + 3 x 4 timed steps
+        ops = next(line for line in lines if line.startswith("  aten ops in one non-logging step"))
+        plain, monitored, ratio = re.search(r"plain (\d+), monitored (\d+) \((\d+\.\d+)x\)", ops).groups()
+        assert int(monitored) > int(plain) > 0 and float(ratio) == pytest.approx(int(monitored) / int(plain), abs=1e-3)
     if script == "freezing_memory.py":  # where the step time goes: forward, backward, optimizer of both arms
         assert any(line.startswith("  phases (CPU ms per step): all ") and "non_moe/all: forward" in line
                    for line in lines)
@@ -239,6 +242,14 @@ def test_realistic_and_gpu_sizes_keep_routed_experts_at_80_percent(size, model):
     assert h.BATCH[size]["batch"] >= 4 and h.BATCH[size]["seq"] >= 256
     hidden = built.config.hidden_size if model == "mixtral" else built.config.d_model
     assert hidden >= (1024 if size == "gpu" else 256)
+
+
+def test_count_ops_counts_every_dispatched_aten_operator_forward_and_backward():
+    h = _benchmark_module("_harness")
+    x = torch.ones(3, requires_grad=True)
+    assert h.count_ops(lambda: (x * 2).sum()) == 2  # mul, sum
+    assert h.count_ops(lambda: None) == 0
+    assert h.count_ops(lambda: (x * 2).sum().backward()) > 2  # the backward's operators are counted too
 
 
 def test_harness_interleaves_rotating_the_first_arm_and_reports_median_and_range():
