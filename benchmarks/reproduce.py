@@ -12,7 +12,9 @@ machine; on one GPU run one at a time, or the commands share the GPU). When all 
 benchmark prints last (``<figure>, median [range] over repeats: mixtral ...; switch ...``) is collected into one
 Markdown table, printed and written to ``OUT/summary.md``, with every command's wall time. Compare it with the
 README's table, whose cells list the earlier runs of the same commands (``tests/test_benchmarks.py`` checks that
-the two name the same commands). The exit status is 1 when a command failed.
+the two name the same commands). The exit status is 1 when a command failed. Stopped early (a time limit's SIGTERM,
+Ctrl-C), it stops the benchmarks still running and writes the summary all the same: the finished commands' figures,
+the stopped and the unstarted commands named as such (a lease of GPU time ends mid-run).
 """
 
 from __future__ import annotations
@@ -86,12 +88,18 @@ def figures_of(output: str) -> tuple[str, dict[str, str]] | None:
     return lines[-1]["figure"], per_model
 
 
-def run_all(commands: list[Command], size: str, device: str, jobs: int, out: Path) -> dict[str, tuple[int, float]]:
-    """Run ``commands``, ``jobs`` at a time, each into ``out/<name>.txt``; ``{name: (exit status, wall seconds)}``."""
+def run_all(commands: list[Command], size: str, device: str, jobs: int, out: Path,
+            done: dict[str, tuple[int | None, float]] | None = None) -> dict[str, tuple[int | None, float]]:
+    """Run ``commands``, ``jobs`` at a time, each into ``out/<name>.txt``; ``{name: (exit status, wall seconds)}``.
+
+    ``done`` (filled in place, also returned) holds what finished even when the run is interrupted; a command
+    stopped by the interruption has the status ``None``, one that never started no entry.
+    """
     from tqdm.auto import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
-    pending, running, done = list(commands), {}, {}
+    pending, running = list(commands), {}
+    done = {} if done is None else done
     try:
         with tqdm(total=len(commands), desc="benchmark commands", unit="command") as bar:
             while pending or running:
@@ -112,7 +120,7 @@ def run_all(commands: list[Command], size: str, device: str, jobs: int, out: Pat
                         bar.set_postfix_str("running: " + ", ".join(running), refresh=False)
                         bar.update(1)
     finally:  # interrupted (Ctrl-C, SIGTERM): stop the benchmarks still running rather than leave them behind
-        for process, log, _ in running.values():
+        for name, (process, log, start) in running.items():
             if os.name == "posix":
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGTERM)
@@ -120,17 +128,24 @@ def run_all(commands: list[Command], size: str, device: str, jobs: int, out: Pat
                 process.terminate()
             process.wait()
             log.close()
+            done[name] = (None, time.monotonic() - start)
     return done
 
 
-def summary(commands: list[Command], results: dict[str, tuple[int, float]], size: str, device: str, out: Path) -> str:
-    """The Markdown table of every command's figures (or why it has none)."""
+def summary(commands: list[Command], results: dict[str, tuple[int | None, float]], size: str, device: str,
+            out: Path) -> str:
+    """The Markdown table of every command's figures (or why it has none: failed, stopped, not started)."""
     rows = ["| command | figure | mixtral | switch | wall time |", "|---|---|---|---|---|"]
     for command in commands:
+        if command.name not in results:
+            rows.append(f"| `{command.shown(size, device)}` | not started (the run was interrupted) | | | |")
+            continue
         status, seconds = results[command.name]
         text = (out / f"{command.name}.txt").read_text()
         found = figures_of(text) if status == 0 else None
-        if found is None:
+        if status is None:
+            cells = [f"stopped by the interruption: see `{out / (command.name + '.txt')}`", "", ""]
+        elif found is None:
             cells = [f"failed (exit status {status}): see `{out / (command.name + '.txt')}`", "", ""]
         else:
             figure, per_model = found
@@ -167,13 +182,17 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             parser.error("--device cuda: CUDA is not available on this machine (torch.cuda.is_available() is False)")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # so that run_all stops its benchmarks
-    start = time.monotonic()
-    results = run_all(commands, opts.size, opts.device, opts.jobs, opts.out)
-    table = summary(commands, results, opts.size, opts.device, opts.out)
-    header = (f"benchmark commands at size={opts.size} device={opts.device}, {opts.jobs} at a time, "
-              f"{(time.monotonic() - start) / 60:.1f} min on {os.cpu_count()} logical CPUs")
-    (opts.out / "summary.md").write_text(header + "\n\n" + table + "\n")
-    print(header, table, sep="\n\n")
+    start, results, interrupted = time.monotonic(), {}, True
+    try:
+        run_all(commands, opts.size, opts.device, opts.jobs, opts.out, done=results)
+        interrupted = False
+    finally:  # interrupted too (a time limit's SIGTERM, Ctrl-C): what finished still gets its summary
+        table = summary(commands, results, opts.size, opts.device, opts.out)
+        header = (f"benchmark commands at size={opts.size} device={opts.device}, {opts.jobs} at a time, "
+                  f"{(time.monotonic() - start) / 60:.1f} min on {os.cpu_count()} logical CPUs"
+                  + (", interrupted" if interrupted else ""))
+        (opts.out / "summary.md").write_text(header + "\n\n" + table + "\n")
+        print(header, table, sep="\n\n")
     return int(any(status != 0 for status, _ in results.values()))
 
 
