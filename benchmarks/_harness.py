@@ -305,8 +305,9 @@ def trainer_step(model, optimizer, batch: dict, callbacks: Sequence, args, state
 def count_ops(fn: Callable[[], None]) -> int:
     """How many aten operators ``fn`` dispatches (forward, backward and optimizer alike, views included).
 
-    Deterministic, and the same on every device: on a GPU each non-view operator is a kernel the host must issue,
-    so where a step is launch-bound (the realistic size on an H200) the step time follows this count.
+    Deterministic for a device and a routing; on a GPU each non-view operator is a kernel the host must issue, so
+    where a step is launch-bound (the realistic size on an H200) the step time follows this count. The optimizer's
+    share depends on the device: :func:`adamw` loops over the parameters on CPU and runs for-each kernels on CUDA.
     """
     from torch.utils._python_dispatch import TorchDispatchMode
 

@@ -160,7 +160,12 @@ def test_reproduce_runs_the_commands_of_the_readme_table():
     section = readme[readme.index("### Benchmarks"):readme.index("## Recipes and studies")]
     listed = set(re.findall(r"`(python benchmarks/(?!reproduce)[^`]*)`", section))
     reproduce = _benchmark_module("reproduce")
-    assert listed == {command.shown("realistic", "cpu") for command in reproduce.COMMANDS}
+    on_cpu = {command for command in listed if "--device cuda" not in command}
+    assert on_cpu == {command.shown("realistic", "cpu") for command in reproduce.COMMANDS}
+    # the GPU figures' commands: a table command at the realistic or gpu size, on CUDA, for both models or one
+    on_gpu = {command.shown(size, "cuda") + model for command in reproduce.COMMANDS for size in ("realistic", "gpu")
+              for model in ("", " --model mixtral", " --model switch")}
+    assert listed - on_cpu <= on_gpu
     dry = _run("reproduce.py", "--dry-run", "--device", "cuda", "--only", "expert_subset", "freezing_training")
     assert dry.returncode == 0 and [line.split("  # ")[0] for line in dry.stdout.splitlines()] == [
         "python benchmarks/expert_subset_state.py --size realistic --device cuda",
@@ -214,6 +219,22 @@ def test_reproduce_stops_its_benchmarks_when_it_is_terminated(tmp_path):
     parent.terminate()
     assert parent.wait(timeout=60) == 128 + 15
     assert [pid for pid in children if Path(f"/proc/{pid}").exists()] == []
+    summary = (tmp_path / "summary.md").read_text()  # written all the same, naming what was stopped
+    assert summary.splitlines()[0].endswith(", interrupted")
+    assert summary.count("stopped by the interruption") == 2
+
+
+def test_reproduce_summary_names_finished_stopped_and_unstarted_commands(tmp_path):
+    reproduce = _benchmark_module("reproduce")
+    first, second, third = reproduce.COMMANDS[:3]
+    for command in (first, second):
+        (tmp_path / f"{command.name}.txt").write_text("x\nmonitored/plain step time, median [range] over repeats: "
+                                                       "mixtral 1.010 [1.000, 1.020]\n1.01\n")
+    table = reproduce.summary([first, second, third], {first.name: (0, 60.0), second.name: (None, 30.0)},
+                              "tiny", "cpu", tmp_path).splitlines()
+    assert "| 1.010 [1.000, 1.020] | – | 1.0 min |" in table[2]
+    assert "stopped by the interruption" in table[3] and "1.010" not in table[3]
+    assert table[4] == f"| `{third.shown('tiny', 'cpu')}` | not started (the run was interrupted) | | | |"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where CUDA is absent")
