@@ -4,7 +4,7 @@
   256, batch 4, routed experts >= 80 % of the parameters): a Mixtral-style decoder (fused experts, 8 experts,
   top-2) and a Switch-style encoder-decoder (per-expert modules, 8 experts, top-1, MoE every other layer).
   On a GPU the realistic size is launch-bound (an H200 runs a realistic Mixtral step in about 27 ms, most of
-  it the host issuing about 1,300 small kernels), so a ratio there counts kernels rather than arithmetic. ``gpu``
+  it the host issuing some 1,300–1,600 small operators), so a ratio there counts kernels rather than arithmetic. ``gpu``
   (CUDA only) is sized for a GPU to compute rather than wait: hidden 1024, sequence 1024, batch 8, a 0.42 B
   Mixtral (8 layers) and a 0.65 B Switch (d_ff 8192), routed experts again >= 80 %.
   Batches are right-padded (lengths 1, 7/8, 6/8, 5/8 of the sequence) with ``-100`` labels on the padding,

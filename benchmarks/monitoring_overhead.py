@@ -23,7 +23,9 @@ Arms (see ``benchmarks/_harness.py``: one process, interleaved step by step, med
 A repeat spans whole logging and drift intervals (``lcm(logging_steps, drift_every_steps)`` steps), so the
 amortised work lands in every repeat alike. One-off work at train start (the anatomy, the drift reference,
 matplotlib's import on the heatmap thread) and train end (the heatmap) is outside the timed steps. The last
-line is the median ratio monitored / plain [range] (issue 18's target at the realistic size: <= 1.03).
+line is the median ratio monitored / plain [range] (issue 18's target at the realistic size: <= 1.03). After the
+timed steps the script counts the aten operators of one non-logging step of ``plain`` and ``monitored``
+(:func:`_harness.count_ops`): where a GPU is launch-bound, the step time follows that count, not the arithmetic.
 
     python benchmarks/monitoring_overhead.py --size tiny                   # seconds
     python benchmarks/monitoring_overhead.py --size realistic --model mixtral
@@ -126,9 +128,9 @@ def measure(model_name: str, opts: argparse.Namespace) -> h.Figure:
         refresh["plain_on_router_loss"] = copy_router_loss_weights
     times = h.interleave({arm: functools.partial(step, arm) for arm in models}, batches, opts.repeats,
                          opts.device, warmup=opts.warmup, refresh=refresh)
+    ops = count_step_ops(step, list(models), states["monitored"][0], targs.logging_steps, batches[0])
     for copy_in in refresh.values():
         copy_in()  # the routing printed below is the router_loss arm's after its last step
-    ops = count_step_ops(step, states["monitored"][0], targs.logging_steps, batches)
     for arm, arm_callbacks in callbacks.items():
         for cb in arm_callbacks:
             cb.on_train_end(targs, *states[arm])
@@ -164,14 +166,21 @@ def measure(model_name: str, opts: argparse.Namespace) -> h.Figure:
     return figure
 
 
-def count_step_ops(step: Callable[[str, dict], None], state: TrainerState, logging_steps: int,
-                   batches: list[dict]) -> dict[str, int]:
+def count_step_ops(step: Callable[[str, dict], None], arms: list[str], state: TrainerState, logging_steps: int,
+                   batch: dict) -> dict[str, int]:
     """Aten ops of one step of the plain and the monitored arm, after the timed steps, at a step that neither logs
-    nor probes (an untimed step of both arms first where the next one would log)."""
+    nor probes (an untimed step first where the next one would log). Every arm takes the same extra steps, so the
+    arms that train alike (``--decompose``'s ``router_loss`` and ``monitored``) still end on the same weights."""
     if (state.global_step + 1) % logging_steps == 0:
-        for arm in ("plain", "monitored"):
-            step(arm, batches[0])
-    return {arm: h.count_ops(functools.partial(step, arm, batches[0])) for arm in ("plain", "monitored")}
+        for arm in arms:
+            step(arm, batch)
+    counts = {}
+    for arm in arms:
+        if arm in ("plain", "monitored"):
+            counts[arm] = h.count_ops(functools.partial(step, arm, batch))
+        else:
+            step(arm, batch)
+    return counts
 
 
 def main(argv: list[str] | None = None) -> None:
