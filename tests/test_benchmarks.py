@@ -90,8 +90,8 @@ def test_lr_zero_keeps_every_arm_on_the_same_weights_and_routing():
     balance = _routing_balance(done.stdout)
     assert set(balance) == {"builtin", "callback", "control"}
     assert len(set(balance.values())) == 1, balance
-    bad = _run("router_loss_overhead.py", "--size", "tiny", "--lr", "-1")
-    assert bad.returncode != 0 and "the learning rate must be >= 0" in bad.stderr
+    with pytest.raises(SystemExit, match="the learning rate must be >= 0"):  # in-process: a script checks first
+        _benchmark_module("router_loss_overhead").main(["--size", "tiny", "--lr", "-1"])
 
 
 def test_monitoring_decompose_adds_a_router_loss_arm_that_trains_like_the_monitored_one():
@@ -131,8 +131,8 @@ def test_processes_pool_the_repeats_of_fresh_processes_and_show_each_process_med
     assert low == min(lo for _, lo, _ in per_process) and high == max(hi for _, _, hi in per_process)
     assert low <= median <= high
     assert float(lines[-1]) == pytest.approx(median, abs=5e-4)  # 4 decimals against the 3 of the summary
-    bad = _run("router_loss_overhead.py", "--size", "tiny", "--processes", "0")
-    assert bad.returncode != 0 and "at least one process is needed" in bad.stderr
+    with pytest.raises(SystemExit, match="at least one process is needed"):
+        _benchmark_module("router_loss_overhead").main(["--size", "tiny", "--processes", "0"])
 
 
 def test_expert_subset_state_ratio_equals_the_trainable_share_once_every_expert_got_tokens(tmp_path):
@@ -239,10 +239,17 @@ def test_reproduce_summary_names_finished_stopped_and_unstarted_commands(tmp_pat
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where CUDA is absent")
-@pytest.mark.parametrize("script", ["monitoring_overhead.py", "router_loss_overhead.py", "freezing_memory.py",
-                                    "expert_subset_state.py", "reproduce.py"])
+@pytest.mark.parametrize("script", ["monitoring_overhead", "router_loss_overhead", "freezing_memory",
+                                    "expert_subset_state"])
 def test_cuda_variant_fails_clearly_without_a_gpu(script):
-    done = _run(script, "--size", "tiny", "--device", "cuda")
+    # in-process (each script's main checks its options before it builds anything); reproduce.py below as a process
+    with pytest.raises(SystemExit, match="CUDA is not available"):
+        _benchmark_module(script).main(["--size", "tiny", "--device", "cuda"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where CUDA is absent")
+def test_reproduce_cuda_fails_clearly_without_a_gpu():
+    done = _run("reproduce.py", "--size", "tiny", "--device", "cuda")
     assert done.returncode != 0
     assert "CUDA is not available" in done.stderr
 
