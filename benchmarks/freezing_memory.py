@@ -2,7 +2,9 @@
 
 * **Step time**: arms ``all``, ``non_moe`` and ``control`` (``all`` again: the noise floor) train copies of one
   model in one process, interleaved step by step (``benchmarks/_harness.py``), AdamW (``--lr``, weight decay
-  0.01) on the trainable parameters; the figure is the median [range] over repeats of ``non_moe / all``.
+  0.01) on the trainable parameters; the figure is the median [range] over repeats of ``non_moe / all``. After
+  the timed steps one more step of each arm is counted in aten operators (``_harness.count_ops``): where a GPU is
+  launch-bound, freezing saves step time in proportion to the operators it removes, not the arithmetic.
 * **Peak memory**: a peak is a property of a whole process, so each (strategy, repeat) trains in a fresh
   subprocess (strategies alternating; ``--memory-repeats``, default ``--repeats``, per strategy), ``--memory-steps``
   steps after building the model. On CPU it reports
@@ -196,6 +198,10 @@ def step_times(model_name: str, opts: argparse.Namespace) -> dict[str, list[floa
     times = h.interleave(steps, batches, opts.repeats, opts.device, warmup=opts.warmup)
     if on_cpu:
         print(h.phase_breakdown(phases, "non_moe", "all"))
+    # one more step of every arm, counted (all arms alike, so they stay comparable): what a launch-bound GPU pays
+    ops = {arm: h.count_ops(functools.partial(steps[arm], batches[0])) for arm in models}
+    print(f"  aten ops in one step (forward, backward, AdamW; on a GPU, kernels the host issues): all {ops['all']}, "
+          f"non_moe {ops['non_moe']} ({ops['non_moe'] / ops['all']:.3f}x)")
     h.print_routing_balance(models, batches[0])
     return times
 

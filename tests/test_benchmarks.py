@@ -73,6 +73,9 @@ def test_timing_benchmarks_run_at_tiny_size_and_print_median_range_and_noise_flo
     if script == "freezing_memory.py":  # where the step time goes: forward, backward, optimizer of both arms
         assert any(line.startswith("  phases (CPU ms per step): all ") and "non_moe/all: forward" in line
                    for line in lines)
+        ops = next(line for line in lines if line.startswith("  aten ops in one step"))
+        every, frozen = map(int, re.search(r"all (\d+), non_moe (\d+) ", ops).groups())
+        assert 0 < frozen < every  # no weight gradients and no AdamW update for the frozen experts
 
 
 def _routing_balance(stdout: str) -> dict[str, float]:
