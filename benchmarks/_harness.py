@@ -454,6 +454,12 @@ def report_arms(times: dict[str, list[float]], steps: int, arm: str, baseline: s
     return figure
 
 
+def report_ops(ops: dict[str, int], baseline: str, arm: str, step: str = "one step") -> None:
+    """Print the :func:`count_ops` of ``baseline`` and ``arm`` in ``step`` and their ratio."""
+    print(f"  aten ops in {step} (forward, backward, AdamW; on a GPU, kernels the host issues): "
+          f"{baseline} {ops[baseline]}, {arm} {ops[arm]} ({ops[arm] / ops[baseline]:.3f}x)")
+
+
 # --------------------------------------------------------------------------------------------- driving a script
 #: what :func:`measure_models` pools across processes: a Figure, or a named tuple of them (field name -> Figure)
 Measured = Figure | tuple

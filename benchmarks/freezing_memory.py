@@ -200,8 +200,7 @@ def step_times(model_name: str, opts: argparse.Namespace) -> dict[str, list[floa
         print(h.phase_breakdown(phases, "non_moe", "all"))
     # one more step of every arm, counted (all arms alike, so they stay comparable): what a launch-bound GPU pays
     ops = {arm: h.count_ops(functools.partial(steps[arm], batches[0])) for arm in models}
-    print(f"  aten ops in one step (forward, backward, AdamW; on a GPU, kernels the host issues): all {ops['all']}, "
-          f"non_moe {ops['non_moe']} ({ops['non_moe'] / ops['all']:.3f}x)")
+    h.report_ops(ops, "all", "non_moe")
     h.print_routing_balance(models, batches[0])
     return times
 

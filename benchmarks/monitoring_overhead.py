@@ -148,8 +148,7 @@ def measure(model_name: str, opts: argparse.Namespace) -> h.Figure:
     print(f"  routed experts {100 * share:.1f}%; {block} steps per repeat, logging every {opts.logging_steps}, "
           f"drift probe {opts.probe_size} every {opts.drift_every_steps}; {steps} timed steps per arm")
     figure = h.report_arms(times, steps, "monitored", "plain")
-    print(f"  aten ops in one non-logging step (forward, backward, AdamW; on a GPU, kernels the host issues): "
-          f"plain {ops['plain']}, monitored {ops['monitored']} ({ops['monitored'] / ops['plain']:.3f}x)")
+    h.report_ops(ops, "plain", "monitored", step="one non-logging step")
     if probe_clock is not None and probe_clock.calls:
         print(f"  drift probe: {probe_clock.calls} forward(s) of {opts.probe_size} sequences in the timed steps, "
               f"{1000 * probe_clock.seconds / probe_clock.calls:.0f} ms each, "
