@@ -75,6 +75,13 @@ def test_compare_end_to_end_and_cache(tmp_path, one_thread):
     assert {r["kind"] for r in primary if r["arm"] in ("t5", "flan_t5")} == {"dense"}
     for r in primary:
         assert 0.0 <= float(r["score"]) <= 100.0
+    # classification runs record how many items got the most frequent answer; baselines too (majority: all of them)
+    for r in primary:
+        share = r["top_answer_share"]
+        if r["task_kind"] == "classification":
+            assert (float(share) == 100.0) if r["arm"] == "baseline:majority" else 0.0 < float(share) <= 100.0
+        else:
+            assert share == ""
     for r in (r for r in primary if r["arm"] in trained - {"flan_t5_0shot", "flan_moe_0shot"}):
         assert int(r["optimizer_steps"]) == 2 and 1 <= int(r["best_step"]) <= 2 and int(r["train_tokens"]) > 0
         assert r["finetuned"] == "1" and math.isfinite(float(r["validation_score"]))

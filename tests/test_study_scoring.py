@@ -178,6 +178,42 @@ def test_report_lists_scores_equal_to_a_constant_answer():
     assert constant_answer_cells(_Table(rows)) == [("t5", "yesno", ["0"])]
 
 
+def test_top_answer_share():
+    from hf_moe_tuning.study.scoring import top_answer_share
+
+    assert top_answer_share(["no"] * 4) == 1.0
+    assert top_answer_share(["yes", "no", "no", "maybe"]) == 0.5
+    with pytest.raises(ValueError, match="no predictions"):
+        top_answer_share([])
+
+
+def test_constant_answers_are_read_from_the_answers_where_results_csv_records_them():
+    """With ``top_answer_share`` in results.csv a constant answer is one answer to every item, not a score: a model at
+    chance that lands exactly on the majority score with varied answers is named separately, with its answer share."""
+    from hf_moe_tuning.study.report import _Table, one_answer_cells, records_answers, render_markdown
+
+    def row(arm, seed, score, share):
+        return {"arm": arm, "label": arm, "task": "yesno", "task_kind": "classification", "seed": str(seed),
+                "metric": "accuracy", "primary": "1", "score": str(score), "top_answer_share": str(share),
+                "finetuned": "0", "freeze_strategy": "all"}
+
+    rows = [row("baseline:majority", s, 50.0, 100.0) for s in (0, 1)]
+    rows += [row("t5", 0, 50.0, 66.0), row("t5", 1, 88.3, 51.0), row("moe", 0, 50.0, 100.0), row("moe", 1, 71.0, 80.0)]
+    table = _Table(rows)
+    assert records_answers(table)
+    assert one_answer_cells(table) == [("moe", "yesno", ["0"])]
+    info = {"study": "flan_moe", "variant": "tiny", "command": "c", "recipe": "r", "seeds": [0, 1], "split": "test",
+            "wall_seconds": 1.0, "machine": "m", "threads": 1}
+    section = render_markdown(rows, [], info).split("## Constant answers", 1)[1].split("\n## ", 1)[0]
+    assert "gave every item the same answer (`top_answer_share` 100 in `results.csv`): **1 arm–task cell**" in section
+    assert "- moe, yesno: seed 0\n" in section
+    assert "although the answers vary" in section and "- t5, yesno: seed 0 (most frequent answer on 66.0 % of items)" in section
+    # a results.csv without the column (written before it existed) falls back to the scores
+    old = [{k: v for k, v in r.items() if k != "top_answer_share"} for r in rows]
+    assert not records_answers(_Table(old))
+    assert "label-balanced, so that is" in render_markdown(old, [], info)
+
+
 @pytest.mark.parametrize("variant, says", [("tiny", "label-balanced, so that is"), ("real", "not label-balanced")])
 def test_constant_answer_wording_follows_the_data(variant, says):
     """Embedded splits are label-balanced (the majority score is any constant answer's); Hub splits are not, and the

@@ -22,6 +22,7 @@ column              meaning
 ``optimizer_steps`` optimizer steps run before early stopping; ``best_step`` the step whose weights were kept
 ``train_tokens``    non-padding source tokens seen in fine-tuning
 ``validation_score`` best validation primary score (percent)
+``top_answer_share`` classification runs: percent of items given the most frequent answer (100: one answer to all)
 ==================  ================================================================================
 
 ``deltas.csv``: ``delta, paper, mean, ci_low, ci_high, verdict, task`` (task ``average`` first), see
@@ -53,7 +54,7 @@ CI_HALF_WIDTH_TARGET = 2.5
 RESULT_FIELDS = (
     "study", "arm", "label", "task", "task_kind", "seed", "metric", "primary", "score", "split", "finetuned",
     "instruct", "kind", "model", "freeze_strategy", "learning_rate", "batch_size", "optimizer_steps", "best_step",
-    "train_tokens", "validation_score", "train_loss", "train_seconds", "eval_seconds",
+    "train_tokens", "validation_score", "train_loss", "train_seconds", "eval_seconds", "top_answer_share",
 )
 DELTA_FIELDS = ("delta", "paper", "mean", "ci_low", "ci_high", "verdict", "task", "expr", "paper_value", "source")
 ITEM_FIELDS = ("arm", "task", "seed", "metric", "item", "score")
@@ -124,9 +125,14 @@ class _Table:
         self.task_kind = {r["task"]: r["task_kind"] for r in primary}
         self.metric = {r["task"]: r["metric"] for r in primary}
         self.scores: dict[str, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+        #: ``answer_share[arm][task][seed]``: percent of items given the most frequent answer (files written since
+        #: the column was added; older ``results.csv`` files lack it)
+        self.answer_share: dict[str, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
         self.first: dict[str, dict[str, str]] = {}
         for r in primary:
             self.scores[r["arm"]][r["task"]][r["seed"]] = float(r["score"])
+            if r.get("top_answer_share"):
+                self.answer_share[r["arm"]][r["task"]][r["seed"]] = float(r["top_answer_share"])
             self.first.setdefault(r["arm"], r)
 
     def cell(self, arm: str, task: str) -> tuple[float, float]:
@@ -182,6 +188,72 @@ def constant_answer_cells(table: _Table) -> list[tuple[str, str, list[str]]]:
             if seeds:
                 out.append((arm, task, seeds))
     return out
+
+
+def _classification_cells(table: _Table) -> list[tuple[str, str]]:
+    return [(arm, task) for task in table.tasks if table.task_kind[task] == "classification"
+            for arm in table.arms if not table.is_baseline(arm) and task in table.scores[arm]]
+
+
+def records_answers(table: _Table) -> bool:
+    """Whether ``results.csv`` has the ``top_answer_share`` of every non-baseline classification run."""
+    cells = _classification_cells(table)
+    return bool(cells) and all(set(table.answer_share[a][t]) == set(table.scores[a][t]) for a, t in cells)
+
+
+def one_answer_cells(table: _Table) -> list[tuple[str, str, list[str]]]:
+    """``(arm, task, seeds)`` of every non-baseline classification run that gave all items the same answer
+    (``top_answer_share`` 100), read from the answers, not from the score (see :func:`constant_answer_cells`)."""
+    out = []
+    for arm, task in _classification_cells(table):
+        seeds = [seed for seed, share in table.answer_share[arm][task].items() if share >= 100.0 - 1e-9]
+        if seeds:
+            out.append((arm, task, seeds))
+    return out
+
+
+def _constant_answer_lines(table: _Table, real: bool) -> list[str]:
+    """The ``## Constant answers`` section: runs that answered every item alike, read from ``top_answer_share``
+    where ``results.csv`` has it (also naming scores that equal a constant answer's by chance), else from the score."""
+    def listed(cells: list[tuple[str, str, list[str]]], note=lambda arm, task, seeds: "") -> list[str]:
+        return [f"- {table.labels[arm]}, {task}: seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)}"
+                f"{note(arm, task, seeds)}" for arm, task, seeds in cells]
+
+    def count(cells: list) -> str:
+        return "none." if not cells else f"**{len(cells)} arm–task cell{'' if len(cells) == 1 else 's'}**:"
+
+    equal = constant_answer_cells(table)
+    if not records_answers(table):
+        lines = [
+            "",
+            "## Constant answers",
+            "",
+            (
+                "Classification scores equal to the score of giving every item one answer (the embedded splits are "
+                "label-balanced, so that is the majority baseline's score): "
+                if not real
+                else "Classification scores equal to the majority baseline's (every item given the training split's "
+                "most frequent label; Hub splits are not label-balanced, so a constant minority answer scores less "
+                "and is not listed): "
+            )
+            + count(equal),
+        ]
+        return lines + ([""] + listed(equal) if equal else [])
+    constant = one_answer_cells(table)
+    lines = ["", "## Constant answers", "",
+             "Classification runs that gave every item the same answer (`top_answer_share` 100 in `results.csv`): "
+             + count(constant)]
+    lines += [""] + listed(constant) if constant else []
+    flagged = {(arm, task) for arm, task, _seeds in constant}
+    chance = [(arm, task, [s for s in seeds if table.answer_share[arm][task][s] < 100.0 - 1e-9])
+              for arm, task, seeds in equal if (arm, task) not in flagged]
+    chance = [cell for cell in chance if cell[2]]
+    if chance:
+        lines += ["", "Scores equal to the majority baseline's although the answers vary (a model near chance can land "
+                  "on it exactly): " + count(chance), ""]
+        lines += listed(chance, lambda arm, task, seeds: " (most frequent answer on "
+                        + ", ".join(f"{table.answer_share[arm][task][s]:.1f}" for s in seeds) + " % of items)")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------- render
@@ -309,26 +381,8 @@ def render_markdown(results: list[dict[str, str]], deltas: list[dict[str, str]],
                 row.append(text if ok else f"**{text}**")
             lines.append(f"| {table.labels[arm]} | " + " | ".join(row) + " |")
 
-    constant = constant_answer_cells(table)
     if any(table.task_kind[t] == "classification" for t in table.tasks):
-        lines += [
-            "",
-            "## Constant answers",
-            "",
-            (
-                "Classification scores equal to the score of giving every item one answer (the embedded splits are "
-                "label-balanced, so that is the majority baseline's score): "
-                if info.get("variant") != "real"
-                else "Classification scores equal to the majority baseline's (every item given the training split's "
-                "most frequent label; Hub splits are not label-balanced, so a constant minority answer scores less "
-                "and is not listed): "
-            )
-            + ("none." if not constant else f"**{len(constant)} arm–task cell{'' if len(constant) == 1 else 's'}**:"),
-        ]
-        if constant:
-            lines.append("")
-            lines += [f"- {table.labels[arm]}, {task}: seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)}"
-                      for arm, task, seeds in constant]
+        lines += _constant_answer_lines(table, real=info.get("variant") == "real")
 
     if deltas:
         average = [d for d in deltas if d["task"] == AVERAGE]

@@ -26,11 +26,12 @@ import datasets
 import torch
 from tqdm.auto import tqdm
 
+from ..data.heldout import CLASSIFICATION
 from .backends import backend_for, backend_name, parameter_summary
 from .cache import StageCache, library_versions, process_state, source_hash
 from .config import StudyConfig, delta_arms, evaluate_delta, load_study_config
 from .report import AVERAGE, render, write_deltas_csv, write_items, write_results_csv, write_run_info
-from .scoring import BASELINE_PREFIX, baseline_predictions, baselines_for, score_predictions
+from .scoring import BASELINE_PREFIX, baseline_predictions, baselines_for, score_predictions, top_answer_share
 from .stages import ensure_instructed, ensure_pretrained, finetune_and_evaluate, load_task_splits
 from .statistics import delta_items, paired_bootstrap, verdict
 
@@ -162,6 +163,7 @@ def _baseline_records(config: StudyConfig, tasks: dict, seeds: list[int]) -> lis
                 records.append({
                     "arm": f"{BASELINE_PREFIX}{name}", "task": task, "seed": seed, "kind": "baseline", "split": split,
                     "metrics": means, "items": items, "primary_metric": metrics[0],
+                    "top_answer_share": top_answer_share(predictions) if kind == CLASSIFICATION else None,
                 })
     return records
 
@@ -177,6 +179,7 @@ def _result_rows(config: StudyConfig, records: list[dict[str, Any]], task_kinds:
             "kind": r.get("kind"), "model": config.models[arm.model].init if arm else "",
             **{k: r.get(k) for k in ("freeze_strategy", "learning_rate", "batch_size", "optimizer_steps", "best_step",
                                      "train_tokens", "validation_score", "train_loss", "train_seconds", "eval_seconds")},
+            "top_answer_share": None if r.get("top_answer_share") is None else 100.0 * r["top_answer_share"],
         }
         for metric in sorted(r["metrics"], key=lambda m: (m != r["primary_metric"], m)):  # primary first, then by name
             rows.append({**base, "metric": metric, "primary": int(metric == r["primary_metric"]), "score": 100.0 * r["metrics"][metric]})

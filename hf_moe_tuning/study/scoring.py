@@ -24,6 +24,13 @@ Trivial baselines
 :func:`baseline_predictions` gives the predictions of the baselines every results table shows:
 ``majority`` (the most frequent training answer), ``random`` (a uniformly random candidate, seeded),
 and for generation tasks ``copy_input`` (the input verbatim) and ``copy_first_sentence``.
+
+Constant answers
+----------------
+:func:`top_answer_share` is the share of items given the most frequent prediction: 1.0 for a model that
+gives every item one answer. ``results.csv`` records it per classification run, so a constant answer is
+read from the answers themselves; on label-balanced data a model at chance can also land exactly on the
+constant answer's score (500 of 1,000 right) while its answers vary.
 """
 
 from __future__ import annotations
@@ -79,6 +86,13 @@ def score_predictions(
     """``(metric -> mean, metric -> per-item scores)`` of ``predictions``."""
     items = {name: item_scores(name, predictions, references) for name in metrics}
     return {name: (sum(v) / len(v) if v else math.nan) for name, v in items.items()}, items
+
+
+def top_answer_share(predictions: Sequence[str]) -> float:
+    """Share of ``predictions`` equal to the most frequent one (1.0: every item got the same answer)."""
+    if not predictions:
+        raise ValueError("no predictions")
+    return max(collections.Counter(predictions).values()) / len(predictions)
 
 
 def best_candidates(logliks: torch.Tensor, lengths: torch.Tensor, choices: Sequence[Sequence[str]]) -> list[int]:

@@ -33,9 +33,11 @@ from transformers import TrainerCallback
 
 from ..data import get_task, heldout_task, instruction_mixture, pretraining_corpus
 from ..data.fingerprint import content_fingerprint
+from ..data.heldout import CLASSIFICATION
 from .backends import SEQ2SEQ, STAGE_DEFAULTS, Backend, backend_for, model_kind, parameter_summary
 from .cache import StageCache, config_hash, config_key, process_state
 from .config import ModelSpec, StudyConfig, global_batch
+from .scoring import top_answer_share
 
 logger = logging.getLogger(__name__)
 
@@ -329,7 +331,6 @@ def load_task_splits(config: StudyConfig, task: str):
     """Train/validation/test splits and ``(kind, metrics)`` of a task of the recipe."""
     data = config.data
     if data.get("source") == "hub":
-        from ..data.heldout import CLASSIFICATION
         from ..data.hub import superglue_task
 
         splits = superglue_task(task, data["task_dataset"], seed=data.get("seed", 0), train_size=data.get("train_size"),
@@ -427,6 +428,7 @@ def finetune_and_evaluate(
             "metrics": result.metrics,
             "items": result.items,
             "primary_metric": metrics[0],
+            "top_answer_share": top_answer_share(result.predictions) if kind == CLASSIFICATION else None,
             "eval_seconds": time.perf_counter() - start_eval,
             "freeze_strategy": args.get("moe_freeze_strategy", "all") if arm.finetune else "none",
         }
