@@ -52,7 +52,7 @@ def test_quick_recipe_is_tiny_with_a_smaller_budget():
     own = yaml.safe_load((RECIPES / "flan_moe" / "quick.yaml").read_text())
     assert own["extends"] == "tiny.yaml"
     assert set(own) == {"extends", "variant", "description", "seeds", "output_dir", "finetune"}
-    assert own["finetune"] == {"early_stopping": {"min_steps": 0}, "args": {"max_steps": 500}}
+    assert own["finetune"] == {"early_stopping": {"min_steps": 0}, "args": {"max_steps": 400}}
     tiny = read_recipe_yaml(TINY)
     quick = read_recipe_yaml(RECIPES / "flan_moe" / "quick.yaml")
     assert (quick.pop("variant"), quick.pop("seeds"), quick.pop("output_dir")) == ("quick", 1, "runs/quick/flan_moe")
