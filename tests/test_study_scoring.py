@@ -199,15 +199,18 @@ def test_constant_answers_are_read_from_the_answers_where_results_csv_records_th
 
     rows = [row("baseline:majority", s, 50.0, 100.0) for s in (0, 1)]
     rows += [row("t5", 0, 50.0, 66.0), row("t5", 1, 88.3, 51.0), row("moe", 0, 50.0, 100.0), row("moe", 1, 71.0, 80.0)]
+    rows += [row("ffn", 0, 50.0, 100.0), row("ffn", 1, 50.0, 55.0)]  # one seed constant, the other at chance
     table = _Table(rows)
     assert records_answers(table)
-    assert one_answer_cells(table) == [("moe", "yesno", ["0"])]
+    assert one_answer_cells(table) == [("moe", "yesno", ["0"]), ("ffn", "yesno", ["0"])]
     info = {"study": "flan_moe", "variant": "tiny", "command": "c", "recipe": "r", "seeds": [0, 1], "split": "test",
             "wall_seconds": 1.0, "machine": "m", "threads": 1}
     section = render_markdown(rows, [], info).split("## Constant answers", 1)[1].split("\n## ", 1)[0]
-    assert "gave every item the same answer (`top_answer_share` 100 in `results.csv`): **1 arm–task cell**" in section
-    assert "- moe, yesno: seed 0\n" in section
-    assert "although the answers vary" in section and "- t5, yesno: seed 0 (most frequent answer on 66.0 % of items)" in section
+    assert "gave every item the same answer (`top_answer_share` 100 in `results.csv`): **2 arm–task cells**" in section
+    assert "- moe, yesno: seed 0\n- ffn, yesno: seed 0\n" in section
+    chance = section.split("although the answers vary", 1)[1]
+    assert "**2 arm–task cells**" in chance and "- t5, yesno: seed 0 (most frequent answer on 66.0 % of items)" in chance
+    assert "- ffn, yesno: seed 1 (most frequent answer on 55.0 % of items)" in chance
     # a results.csv without the column (written before it existed) falls back to the scores
     old = [{k: v for k, v in r.items() if k != "top_answer_share"} for r in rows]
     assert not records_answers(_Table(old))

@@ -243,10 +243,9 @@ def _constant_answer_lines(table: _Table, real: bool) -> list[str]:
     lines = ["", "## Constant answers", "",
              "Classification runs that gave every item the same answer (`top_answer_share` 100 in `results.csv`): "
              + count(constant)]
-    lines += [""] + listed(constant) if constant else []
-    flagged = {(arm, task) for arm, task, _seeds in constant}
-    chance = [(arm, task, [s for s in seeds if table.answer_share[arm][task][s] < 100.0 - 1e-9])
-              for arm, task, seeds in equal if (arm, task) not in flagged]
+    lines += ([""] + listed(constant)) if constant else []
+    # seeds whose score equals the majority baseline's while their answers vary (the constant ones are listed above)
+    chance = [(arm, task, [s for s in seeds if table.answer_share[arm][task][s] < 100.0 - 1e-9]) for arm, task, seeds in equal]
     chance = [cell for cell in chance if cell[2]]
     if chance:
         lines += ["", "Scores equal to the majority baseline's although the answers vary (a model near chance can land "
